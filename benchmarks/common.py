@@ -1,0 +1,51 @@
+"""Shared by the benchmarks: machine description and result writing (JSON + markdown)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as metadata
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from genctr_rec.data.writer import atomic_write_json, atomic_write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("torch", "fbgemm-gpu-cpu", "fbgemm-gpu", "torchrec", "pyarrow", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "command": " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}"] + sys.argv[1:]),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], table_md: str) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    atomic_write_json(RESULTS / f"{name}.json", {"machine": info, **payload})
+    header = (f"# {name}\n\n- command: `{info['command']}`\n- machine: {info['cpu']}, "
+              f"{info['cores']} cores\n- versions: {info['versions']}\n- date: {info['date']}\n\n")
+    atomic_write_text(RESULTS / f"{name}.md", header + table_md + "\n")
+    return RESULTS / f"{name}.md"

@@ -1,0 +1,210 @@
+"""Broken datasets get a clear error naming file, column and first bad row, from both the
+validator and the training reader; recipes that fail leave no partial output behind."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from genctr_rec.cli import main
+from genctr_rec.data import movielens, synth
+from genctr_rec.data.reader import ImpressionReader
+from genctr_rec.data.schema import DataFormatError
+from genctr_rec.data.validate import validate_dataset
+from tests.helpers import NUM_ITEMS
+
+TRAIN0 = "train/part-00000.parquet"
+
+
+def _break(root: Path, case: str) -> tuple[str, str | None, int | None]:
+    """Apply one breakage; returns (file, column, row) the error must name."""
+    path = root / TRAIN0
+    table = pq.read_table(path)
+    n = table.num_rows
+
+    def set_col(name: str, array: pa.Array) -> None:
+        t = table.set_column(table.schema.get_field_index(name), name, array)
+        pq.write_table(t, path, row_group_size=64)
+
+    if case == "missing_column":
+        pq.write_table(table.drop_columns(["query_category_id"]), path)
+        return TRAIN0, "query_category_id", None
+    if case == "wrong_type":
+        set_col("item_id", pa.array([str(v) for v in table["item_id"].to_pylist()]))
+        return TRAIN0, "item_id", None
+    if case == "id_out_of_range":
+        ids = table["item_id"].to_numpy().copy()
+        ids[77] = NUM_ITEMS
+        set_col("item_id", pa.array(ids))
+        return TRAIN0, "item_id", 77
+    if case == "negative_id":
+        ids = table["query_category_id"].to_numpy().copy()
+        ids[130] = -1
+        set_col("query_category_id", pa.array(ids))
+        return TRAIN0, "query_category_id", 130
+    if case == "history_id_out_of_range":
+        items = table["hist_item_ids"].combine_chunks().to_pylist()
+        row = next(i for i in range(200, n) if items[i])
+        items[row][-1] = 10**6
+        set_col("hist_item_ids", pa.array(items, type=pa.list_(pa.int64())))
+        return TRAIN0, "hist_item_ids", row
+    if case == "nan_label":
+        labels = table["label"].to_numpy().astype(np.float64)
+        labels[5] = np.nan
+        set_col("label", pa.array(labels))
+        return TRAIN0, "label", 5
+    if case == "label_two":
+        labels = table["label"].to_numpy().copy()
+        labels[99] = 2
+        set_col("label", pa.array(labels))
+        return TRAIN0, "label", 99
+    if case == "unequal_history":
+        cats = table["hist_category_ids"].combine_chunks().to_pylist()
+        items = table["hist_item_ids"].combine_chunks().to_pylist()
+        row = next(i for i in range(150, n) if items[i])
+        cats[row] = cats[row] + [0]
+        set_col("hist_category_ids", pa.array(cats, type=pa.list_(pa.int64())))
+        return TRAIN0, "hist_category_ids", row
+    if case == "truncated_parquet":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return TRAIN0, None, None
+    if case == "corrupt_parquet":
+        data = bytearray(path.read_bytes())
+        data[-40:-8] = b"\xff" * 32  # garbage in the footer's metadata
+        path.write_bytes(bytes(data))
+        return TRAIN0, None, None
+    if case == "meta_missing":
+        (root / "meta.json").unlink()
+        return "meta.json", None, None
+    if case == "meta_bad_value":
+        meta = json.loads((root / "meta.json").read_text())
+        meta["num_items"] = "many"
+        (root / "meta.json").write_text(json.dumps(meta))
+        return "meta.json", "num_items", None
+    if case == "meta_inconsistent":
+        # meta says fewer items than the data uses: ids beyond it are out of range
+        meta = json.loads((root / "meta.json").read_text())
+        meta["num_items"] = 10
+        (root / "meta.json").write_text(json.dumps(meta))
+        return "items.parquet", "item_id", None
+    if case == "empty_dataset":
+        for f in (root / "train").glob("*.parquet"):
+            f.unlink()
+        return "train", None, None
+    if case == "empty_file":
+        for f in (root / "train").glob("*.parquet"):
+            pq.write_table(table.slice(0, 0), f)
+        return "train", None, None
+    raise AssertionError(case)
+
+
+CASES = [
+    "missing_column", "wrong_type", "id_out_of_range", "negative_id", "history_id_out_of_range",
+    "nan_label", "label_two", "unequal_history", "truncated_parquet", "corrupt_parquet",
+    "meta_missing", "meta_bad_value", "meta_inconsistent", "empty_dataset", "empty_file",
+]
+READER_SKIPS = {"meta_inconsistent"}  # the reader reports it as an out-of-range train id
+
+
+def _assert_names(err: DataFormatError, where: str, column: str | None, row: int | None) -> None:
+    message = str(err)
+    assert where in message, message
+    if column is not None:
+        assert err.column == column and f"column '{column}'" in message, message
+    if row is not None:
+        assert err.row == row and re.search(rf"\brow {row}\b", message), message
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_validator_names_file_column_row(small_dataset: Path, case: str) -> None:
+    where, column, row = _break(small_dataset, case)
+    with pytest.raises(DataFormatError) as info:
+        validate_dataset(small_dataset)
+    _assert_names(info.value, where, column, row)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in READER_SKIPS])
+def test_reader_refuses_to_train_on_it(small_dataset: Path, case: str) -> None:
+    where, column, row = _break(small_dataset, case)
+    with pytest.raises(DataFormatError) as info:
+        reader = ImpressionReader(small_dataset, "train", batch_size=32, shuffle=False)
+        for _ in reader:
+            pass
+    _assert_names(info.value, where, column, row)
+
+
+def test_reader_reports_inconsistent_meta_as_range_error(small_dataset: Path) -> None:
+    _break(small_dataset, "meta_inconsistent")
+    with pytest.raises(DataFormatError, match=r"outside the dense range \[0, 10\)") as info:
+        for _ in ImpressionReader(small_dataset, "train", batch_size=32, shuffle=False):
+            pass
+    assert info.value.column in {"item_id", "hist_item_ids"}
+
+
+def test_cli_prints_error_and_exits_nonzero(small_dataset: Path, capsys) -> None:
+    _break(small_dataset, "label_two")
+    assert main(["data", "validate", str(small_dataset)]) == 2
+    err = capsys.readouterr().err
+    assert "column 'label'" in err and "row 99" in err and TRAIN0 in err
+
+
+def test_history_after_impression_is_rejected(small_dataset: Path) -> None:
+    path = small_dataset / TRAIN0
+    table = pq.read_table(path)
+    lengths = np.diff(table["hist_item_ids"].combine_chunks().offsets.to_numpy())
+    ts = table["timestamp"].to_numpy()
+    hist_ts = [list(range(int(t) - int(k), int(t))) for t, k in zip(ts, lengths, strict=True)]
+    row = int(np.flatnonzero(lengths)[3])
+    hist_ts[row][-1] = int(ts[row])  # same second as the impression: not strictly earlier
+    table = table.append_column("hist_timestamps", pa.array(hist_ts, type=pa.list_(pa.int64())))
+    pq.write_table(table, path)
+    with pytest.raises(DataFormatError) as info:
+        validate_dataset(small_dataset)
+    assert info.value.column == "hist_timestamps" and info.value.row == row
+
+
+def test_test_split_must_follow_train(small_dataset: Path) -> None:
+    path = small_dataset / "test" / "part-0.parquet"
+    table = pq.read_table(path)
+    ts = table["timestamp"].to_numpy().copy()
+    ts[0] = 5
+    pq.write_table(table.set_column(1, "timestamp", pa.array(ts)), path)
+    with pytest.raises(DataFormatError, match="strictly later than train"):
+        validate_dataset(small_dataset)
+
+
+def test_movielens_bad_source_leaves_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "ml-100k"
+    src.mkdir()
+    (src / "u.data").write_text("1\t10\t5\t100\n2\t11\tfive\t101\n")
+    (src / "u.item").write_text("10|A|x||u" + "|0" * 19 + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataFormatError) as info:
+        movielens.build(out, src)
+    assert info.value.column == "rating" and info.value.row == 2 and "u.data" in str(info.value)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ml-100k"], "no temporary directory left"
+
+
+def test_failed_synth_keeps_previous_dataset(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "d"
+    cfg = synth.SynthConfig.preset("toy")
+    synth.generate(cfg, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def explode(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(synth, "_sequence_table", explode)
+    with pytest.raises(OSError, match="No space"):
+        synth.generate(cfg, out, overwrite=True)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

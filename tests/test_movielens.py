@@ -1,0 +1,88 @@
+"""MovieLens in the public format: GroupLens 100k / 1M layouts and the recbole copy."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from genctr_rec.cli import main
+from genctr_rec.data import movielens
+from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.validate import validate_dataset
+
+# user, movie, rating, timestamp: user 1 clicks 10 (t=100) and 12 (t=300)
+RATINGS = [(1, 10, 5, 100), (1, 11, 2, 200), (1, 12, 4, 300), (1, 10, 3, 900),
+           (2, 11, 4, 150), (2, 12, 1, 250), (2, 10, 5, 800), (3, 12, 5, 50),
+           (3, 11, 4, 400), (3, 10, 4, 950)]
+
+
+def _write_100k(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "u.data").write_text("".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in RATINGS))
+    genres = {10: [1, 5], 11: [8], 12: []}  # Action+Comedy, Drama, none -> unknown
+    lines = []
+    for movie, flags in genres.items():
+        bits = ["1" if i in flags else "0" for i in range(19)]
+        lines.append("|".join([str(movie), f"Movie {movie}", "01-Jan-1995", "", "url"] + bits))
+    (folder / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    return folder
+
+
+def _write_1m(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in RATINGS))
+    (folder / "movies.dat").write_text(
+        "10::Movie 10 (1995)::Action|Comedy\n11::Movie 11::Drama\n12::Movie 12::Comedy\n",
+        encoding="latin-1")
+    return folder
+
+
+def test_100k_folder_mapping(tmp_path: Path) -> None:
+    src = _write_100k(tmp_path / "ml-100k")
+    meta = movielens.build(tmp_path / "out", src, max_history=5, test_fraction=0.2)
+    assert meta.extra["categories"] == ["Action", "Drama", "unknown"]
+    validate_dataset(tmp_path / "out")
+    train = pq.read_table(tmp_path / "out" / "train").to_pylist()
+    test = pq.read_table(tmp_path / "out" / "test").to_pylist()
+    assert max(r["timestamp"] for r in train) < min(r["timestamp"] for r in test)
+    assert [r["timestamp"] for r in test] == [900, 950]  # the last 20% of ratings by time
+    # user 1 (dense id 0) at t=900: history = clicks strictly before, newest last: 10 then 12
+    row = next(r for r in test if r["timestamp"] == 900)
+    assert row["hist_item_ids"] == [0, 2] and row["label"] == 0
+    assert row["hist_category_ids"] == [0, 2]
+    assert row["query_category_id"] == row["category_id"] == 0
+    labels = {(r["user_id"], r["timestamp"]): r["label"] for r in train + test}
+    assert labels[(1, 150)] == 1 and labels[(0, 200)] == 0
+    seq = {r["user_id"]: r for r in pq.read_table(tmp_path / "out" / "sequences").to_pylist()}
+    assert seq[2]["item_ids"] == [2, 1]  # user 3: clicks at 50 and 400; 950 is in test
+    assert max(max(r["timestamps"]) for r in seq.values()) < 900
+
+
+def test_1m_zip_gives_first_genre(tmp_path: Path) -> None:
+    folder = _write_1m(tmp_path / "ml-1m")
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in folder.iterdir():
+            z.write(f, f"ml-1m/{f.name}")
+    meta = movielens.build(tmp_path / "out", archive)
+    assert meta.source == "movielens-1m"
+    assert meta.extra["categories"] == ["Action", "Comedy", "Drama"]
+    assert validate_dataset(tmp_path / "out")["train"]["rows"] == 9
+
+
+@pytest.mark.slow
+def test_default_source_is_hash_checked_ml100k(tmp_path: Path, monkeypatch) -> None:
+    """No --source: MovieLens-100k from the recbole wheel, cached and SHA-256 checked."""
+    monkeypatch.setenv("GENCTR_CACHE", str(tmp_path / "cache"))
+    assert main(["data", "movielens", "--out", str(tmp_path / "ml")]) == 0
+    meta = DatasetMeta.read(tmp_path / "ml")
+    assert meta.num_items == 1682 and meta.num_categories == 19
+    report = validate_dataset(tmp_path / "ml")
+    assert report["train"]["rows"] + report["test"]["rows"] == 100_000
+    cached = tmp_path / "cache" / "ml-100k-recbole" / "ml-100k.inter"
+    cached.write_bytes(cached.read_bytes()[:-10])
+    with pytest.raises(Exception, match="SHA-256"):
+        movielens.fetch_ml100k()
