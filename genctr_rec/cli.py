@@ -87,7 +87,10 @@ def _add_pipeline_command(sub: argparse._SubParsersAction) -> None:
     pipe.set_defaults(func=_pipeline)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data_commands, _add_pipeline_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_data_commands,
+    _add_pipeline_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,8 +40,11 @@ for r in "${reqs[@]}"; do
     grep -v "^WARNING: Location" "$log" >&2; echo "[install] pip failed on $r" >&2; exit 1
   fi
 done
-"${pip[@]}" install --no-deps torchrec==1.8.0
-"${pip[@]}" install --no-deps -e .
+if ! { "${pip[@]}" install --no-deps torchrec==1.8.0 && "${pip[@]}" install --no-deps -e .; } \
+    >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" >&2; echo "[install] installing torchrec / genctr-rec failed" >&2
+  exit 1
+fi
 "$venv/bin/python" -m genctr_rec.compat
 rm -f "$venv"/.genctr-installed-*
 touch "$stamp"
