@@ -1,0 +1,1 @@
+"""The public dataset format: schemas, writers, dataset recipes, validation and readers."""

@@ -1,0 +1,288 @@
+"""MovieLens (GroupLens 100k / 1M, or RecBole's copy of 100k) in the public format.
+
+Mapping (also in ``datasets/movielens.md``): every rating is an impression, a click is a rating
+>= 4, the category is the movie's first genre, the query category is the movie's own category
+(MovieLens has no searches). Users and movies are re-indexed densely. The split is by time: the
+last ``test_fraction`` of the time range is test; histories hold only clicks strictly before the
+impression, sequences only clicks strictly before the test period.
+
+With no ``--source``, the MovieLens-100k files are taken from the ``recbole`` wheel on the
+Python package index (``recbole/dataset_example/ml-100k/``), cached, and checked by SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from genctr_rec.data.jagged import gather_ranges, lengths_to_offsets, list_array, suffix_ranges
+from genctr_rec.data.schema import (
+    IMPRESSION_SCHEMA,
+    ITEMS_FILE,
+    ITEMS_SCHEMA,
+    SEQUENCE_SCHEMA,
+    DataFormatError,
+    DatasetMeta,
+)
+from genctr_rec.data.writer import PartitionWriter, atomic_directory
+
+logger = logging.getLogger(__name__)
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+RECBOLE_FILES = {  # path inside the wheel -> sha256
+    "recbole/dataset_example/ml-100k/ml-100k.inter":
+        "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    "recbole/dataset_example/ml-100k/ml-100k.item":
+        "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+}
+# ml-100k u.item genre flags, in file order
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+    "Sci-Fi", "Thriller", "War", "Western",
+]
+IMPRESSION_WRITE_SCHEMA = IMPRESSION_SCHEMA.append(
+    pa.field("hist_timestamps", pa.list_(pa.int64()))
+).append(pa.field("rating", pa.int8()))
+
+
+@dataclass
+class Ratings:
+    """Raw ratings and the first genre of every movie, with the source's own ids."""
+
+    user: np.ndarray
+    movie: np.ndarray
+    rating: np.ndarray
+    timestamp: np.ndarray
+    movie_genre: dict[int, str]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("GENCTR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "genctr-rec"
+    )
+    return Path(root)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_ml100k(cache_dir: Path | None = None) -> Path:
+    """MovieLens-100k from the recbole wheel: downloaded once, hash-checked, cached."""
+    cache = (cache_dir or default_cache_dir()) / "ml-100k-recbole"
+    wanted = {Path(p).name: digest for p, digest in RECBOLE_FILES.items()}
+    if all((cache / name).is_file() for name in wanted):
+        for name, digest in wanted.items():
+            if _sha256((cache / name).read_bytes()) != digest:
+                raise DataFormatError(cache / name, "cached file fails its SHA-256 check; "
+                                      "delete the cache directory to fetch it again")
+        return cache
+    with tempfile.TemporaryDirectory() as tmp:
+        logger.info("downloading %s from the package index for MovieLens-100k", RECBOLE_WHEEL)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+             RECBOLE_WHEEL],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        cache.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as archive:
+            for inner, digest in RECBOLE_FILES.items():
+                data = archive.read(inner)
+                if _sha256(data) != digest:
+                    raise DataFormatError(wheel, f"{inner} fails its SHA-256 check")
+                part = cache / (Path(inner).name + ".part")
+                part.write_bytes(data)
+                os.replace(part, cache / Path(inner).name)
+    return cache
+
+
+def _read_text(source: Path, names: list[str]) -> tuple[str, str]:
+    """Returns (member name, text) of the first of ``names`` in a folder or zip archive."""
+    if source.is_file() and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            for member in archive.namelist():
+                if Path(member).name in names:
+                    return member, archive.read(member).decode("latin-1")
+    elif source.is_dir():
+        for name in names:
+            hits = sorted(source.rglob(name))
+            if hits:
+                return str(hits[0]), hits[0].read_text(encoding="latin-1")
+    raise DataFormatError(source, f"none of {names} found (expected a MovieLens folder or zip)")
+
+
+def _parse_table(name: str, text: str, sep: str, ncols: int, skip_header: bool) -> list[list[str]]:
+    rows = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines[1:] if skip_header else lines, start=1 + skip_header):
+        if not line.strip():
+            continue
+        fields = line.split(sep)
+        if len(fields) < ncols:
+            raise DataFormatError(name, f"expected {ncols} fields separated by {sep!r}, found "
+                                  f"{len(fields)}", row=number)
+        rows.append(fields)
+    if not rows:
+        raise DataFormatError(name, "file holds no rows")
+    return rows
+
+
+def _ints(name: str, rows: list[list[str]], column: int, label: str, skip_header: bool) -> np.ndarray:
+    try:
+        return np.array([int(float(r[column])) for r in rows], dtype=np.int64)
+    except ValueError:
+        for number, r in enumerate(rows, start=1 + skip_header):
+            try:
+                int(float(r[column]))
+            except ValueError:
+                raise DataFormatError(name, f"not a number: {r[column]!r}", label, number) from None
+        raise
+
+
+def load_ratings(source: Path) -> Ratings:
+    """Reads GroupLens ml-100k (u.data, u.item), ml-1m (ratings.dat, movies.dat) or RecBole."""
+    member, text = _read_text(source, ["u.data", "ratings.dat", "ml-100k.inter"])
+    base = Path(member).name
+    if base == "u.data":
+        rows, header, sep = _parse_table(member, text, "\t", 4, False), False, "\t"
+    elif base == "ratings.dat":
+        rows, header, sep = _parse_table(member, text, "::", 4, False), False, "::"
+    else:
+        rows, header, sep = _parse_table(member, text, "\t", 4, True), True, "\t"
+    del sep
+    user = _ints(member, rows, 0, "user_id", header)
+    movie = _ints(member, rows, 1, "item_id", header)
+    rating = _ints(member, rows, 2, "rating", header)
+    ts = _ints(member, rows, 3, "timestamp", header)
+    bad = (rating < 1) | (rating > 5)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(member, f"rating {rating[r]} outside 1..5", "rating", r + 1 + header)
+
+    item_member, item_text = _read_text(source, ["u.item", "movies.dat", "ml-100k.item"])
+    genres: dict[int, str] = {}
+    item_base = Path(item_member).name
+    if item_base == "u.item":
+        for fields in _parse_table(item_member, item_text, "|", 24, False):
+            flags = [i for i, f in enumerate(fields[5:24]) if f.strip() == "1"]
+            genres[int(fields[0])] = ML100K_GENRES[flags[0]] if flags else "unknown"
+    elif item_base == "movies.dat":
+        for fields in _parse_table(item_member, item_text, "::", 3, False):
+            genres[int(fields[0])] = fields[2].split("|")[0].strip() or "unknown"
+    else:
+        for fields in _parse_table(item_member, item_text, "\t", 4, True):
+            genre = fields[3].split()
+            genres[int(fields[0])] = genre[0] if genre else "unknown"
+    missing = ~np.isin(movie, np.fromiter(genres, dtype=np.int64))
+    if missing.any():
+        r = int(np.flatnonzero(missing)[0])
+        raise DataFormatError(member, f"movie {movie[r]} has no entry in {item_member}",
+                              "item_id", r + 1 + header)
+    return Ratings(user, movie, rating, ts, genres)
+
+
+def convert(
+    ratings: Ratings,
+    out: str | Path,
+    max_history: int = 50,
+    test_fraction: float = 0.1,
+    source_name: str = "movielens",
+    overwrite: bool = False,
+) -> DatasetMeta:
+    """Write ``ratings`` in the public format (atomically)."""
+    genre_names = sorted(set(ratings.movie_genre.values()))
+    genre_index = {g: i for i, g in enumerate(genre_names)}
+    movies = np.unique(ratings.movie)
+    item_of = {m: i for i, m in enumerate(movies.tolist())}
+    item_category = np.array([genre_index[ratings.movie_genre[m]] for m in movies.tolist()])
+    users = np.unique(ratings.user)
+    user_id = np.searchsorted(users, ratings.user)
+    item = np.array([item_of[m] for m in ratings.movie.tolist()], dtype=np.int64)
+    category = item_category[item]
+    label = (ratings.rating >= 4).astype(np.int8)
+    ts = ratings.timestamp
+
+    # global time split: test = the last `test_fraction` of ratings by time, on a timestamp
+    # boundary so that every test timestamp is strictly later than every train timestamp
+    order_ts = np.sort(ts)
+    split_time = int(order_ts[int(len(ts) * (1 - test_fraction))])
+    if split_time <= order_ts[0]:
+        raise DataFormatError(source_name, "cannot split by time: too few distinct timestamps")
+
+    # per user, time-ordered: clicks before each rating (strictly earlier timestamp)
+    order = np.lexsort((ts, user_id))
+    u, t, it, cat, lab = user_id[order], ts[order], item[order], category[order], label[order]
+    click = lab == 1
+    c_user, c_ts, c_item, c_cat = u[click], t[click], it[click], cat[click]
+    n_users = len(users)
+    click_start = lengths_to_offsets(np.bincount(c_user, minlength=n_users))
+    # number of the user's clicks with timestamp < t: search the (user, ts)-sorted click keys
+    key = c_user.astype(np.int64) * (1 << 34) + c_ts
+    ends = np.searchsorted(key, u.astype(np.int64) * (1 << 34) + t, side="left")
+    starts, lengths = suffix_ranges(click_start[u], ends, max_history)
+    idx = gather_ranges(starts, lengths)
+    offsets = lengths_to_offsets(lengths)
+    is_test = t >= split_time
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        pq.write_table(pa.table({"item_id": np.arange(len(movies)), "category_id": item_category},
+                                schema=ITEMS_SCHEMA), tmp / ITEMS_FILE)
+        for split, mask in (("train", ~is_test), ("test", is_test)):
+            rows = np.flatnonzero(mask)
+            sub_off = lengths_to_offsets(lengths[rows])
+            sub_idx = gather_ranges(offsets[rows], lengths[rows])
+            table = pa.table({
+                "user_id": u[rows], "timestamp": t[rows], "item_id": it[rows],
+                "category_id": cat[rows], "query_category_id": cat[rows], "label": lab[rows],
+                "hist_item_ids": list_array(sub_off, c_item[idx][sub_idx]),
+                "hist_category_ids": list_array(sub_off, c_cat[idx][sub_idx]),
+                "hist_timestamps": list_array(sub_off, c_ts[idx][sub_idx]),
+                "rating": ratings.rating[order][rows].astype(np.int8),
+            }, schema=IMPRESSION_WRITE_SCHEMA)
+            with PartitionWriter(tmp / split, IMPRESSION_WRITE_SCHEMA, 16_384) as writer:
+                writer.write(table)
+        before = c_ts < split_time
+        seq_len = np.bincount(c_user[before], minlength=n_users)
+        has = seq_len > 0
+        seq_off = lengths_to_offsets(seq_len[has])
+        seq = pa.table({
+            "user_id": np.flatnonzero(has), "item_ids": list_array(seq_off, c_item[before]),
+            "category_ids": list_array(seq_off, c_cat[before]),
+            "timestamps": list_array(seq_off, c_ts[before]),
+        }, schema=SEQUENCE_SCHEMA)
+        with PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, 16_384) as writer:
+            writer.write(seq)
+        meta = DatasetMeta(
+            num_items=len(movies), num_categories=len(genre_names), max_history=max_history,
+            source=source_name,
+            extra={"categories": genre_names, "split_time": split_time,
+                   "click_threshold": 4, "test_fraction": test_fraction,
+                   "rows": {"train": int((~is_test).sum()), "test": int(is_test.sum()),
+                            "sequences": int(has.sum())}},
+        )
+        meta.write(tmp)
+    return meta
+
+
+def build(out: str | Path, source: str | Path | None = None, max_history: int = 50,
+          test_fraction: float = 0.1, overwrite: bool = False) -> DatasetMeta:
+    """``genctr data movielens``: from ``source`` (folder or zip) or the cached ml-100k."""
+    path = Path(source) if source else fetch_ml100k()
+    if not path.exists():
+        raise DataFormatError(path, "MovieLens source does not exist")
+    name = "movielens-1m" if "1m" in path.name.lower() else "movielens-100k"
+    return convert(load_ratings(path), out, max_history, test_fraction, name, overwrite)
+

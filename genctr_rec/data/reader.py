@@ -1,0 +1,293 @@
+"""Readers from a dataset directory to TorchRec-ready batches.
+
+* :class:`ImpressionReader` (fine-tuning, evaluation): one :class:`ImpressionBatch` per step,
+  sparse features as a :class:`~torchrec.sparse.jagged_tensor.KeyedJaggedTensor`.
+* :class:`SequenceReader` (pre-training): one :class:`SequenceBatch` of per-user click sequences.
+
+Both check every row group they read (ids in range, labels 0/1, paired lists of equal length)
+and truncate lists to the newest ``max_history`` elements. Splitting across ranks, shuffling and
+resuming are :class:`~genctr_rec.data.stream.ParquetStream`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from genctr_rec.data.checks import (
+    check_range,
+    check_same_lengths,
+    label_column,
+    list_column,
+    scalar_column,
+)
+from genctr_rec.data.jagged import suffix_ranges
+from genctr_rec.data.schema import (
+    IMPRESSION_SCHEMA,
+    SEQUENCE_SCHEMA,
+    DatasetMeta,
+    split_files,
+)
+from genctr_rec.data.stream import Columns, ParquetStream
+
+# KeyedJaggedTensor keys, in order. Item-id features share the item table, category-id
+# features the category table (see genctr_rec.embeddings).
+TARGET_ITEM = "item_id"
+TARGET_CATEGORY = "category_id"
+QUERY_CATEGORY = "query_category_id"
+HIST_ITEMS = "hist_item_ids"
+HIST_CATEGORIES = "hist_category_ids"
+USER_ID = "user_id"
+IMPRESSION_KEYS = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY, HIST_ITEMS, HIST_CATEGORIES]
+SEQ_ITEMS = "seq_item_ids"
+SEQ_CATEGORIES = "seq_category_ids"
+SEQUENCE_KEYS = [SEQ_ITEMS, SEQ_CATEGORIES]
+
+
+def _decode_pairs(
+    path: Path,
+    table: pa.Table,
+    row0: int,
+    meta: DatasetMeta,
+    max_history: int,
+    items_col: str,
+    cats_col: str,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Checks a (items, categories) list pair and returns truncated (starts, lengths, values)."""
+    item_offsets, items = list_column(path, table, items_col, row0)
+    cat_offsets, cats = list_column(path, table, cats_col, row0)
+    check_same_lengths(path, items_col, item_offsets, cats_col, cat_offsets, row0)
+    check_range(path, items_col, items, meta.num_items, row0, item_offsets)
+    check_range(path, cats_col, cats, meta.num_categories, row0, cat_offsets)
+    starts, lengths = suffix_ranges(item_offsets[:-1], item_offsets[1:], max_history)
+    return starts, lengths, {items_col: items, cats_col: cats}
+
+
+@dataclass
+class ImpressionBatch:
+    """One step of fine-tuning data. Implements TorchRec's ``Pipelineable`` protocol."""
+
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor  # float32 [B]
+    user_ids: torch.Tensor  # int64 [B], for GAUC
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ImpressionBatch:
+        return ImpressionBatch(
+            self.sparse_features.to(device=device, non_blocking=non_blocking),
+            self.labels.to(device=device, non_blocking=non_blocking),
+            self.user_ids.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse_features.record_stream(stream)
+        self.labels.record_stream(stream)
+        self.user_ids.record_stream(stream)
+
+    def pin_memory(self) -> ImpressionBatch:
+        return ImpressionBatch(
+            self.sparse_features.pin_memory(), self.labels.pin_memory(), self.user_ids.pin_memory()
+        )
+
+
+@dataclass
+class SequenceBatch:
+    """One step of pre-training data: per-user click sequences, newest last."""
+
+    sparse_features: KeyedJaggedTensor  # keys SEQUENCE_KEYS, one jagged row per user
+    user_ids: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.user_ids.numel())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> SequenceBatch:
+        return SequenceBatch(
+            self.sparse_features.to(device=device, non_blocking=non_blocking),
+            self.user_ids.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse_features.record_stream(stream)
+        self.user_ids.record_stream(stream)
+
+    def pin_memory(self) -> SequenceBatch:
+        return SequenceBatch(self.sparse_features.pin_memory(), self.user_ids.pin_memory())
+
+
+def _jagged_kjt(
+    keys: list[str], block: Columns, scalar_keys: list[str], list_keys: list[str]
+) -> KeyedJaggedTensor:
+    """One KJT: scalar features have length 1 per row, list features share the block's layout."""
+    n = block.num_rows
+    flat = block.flat_index()
+    total = n * len(scalar_keys) + len(flat) * len(list_keys)
+    values = np.empty(total, dtype=np.int64)
+    pos = 0
+    for key in scalar_keys:
+        values[pos : pos + n] = block.scalars[key]
+        pos += n
+    for key in list_keys:
+        np.take(block.list_values[key], flat, out=values[pos : pos + len(flat)])
+        pos += len(flat)
+    lengths = np.concatenate(
+        [np.ones(n * len(scalar_keys), dtype=np.int32)]
+        + [block.lengths.astype(np.int32)] * len(list_keys)
+    )
+    return KeyedJaggedTensor(
+        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    )
+
+
+class _Reader:
+    """Shared plumbing: the stream, epochs and resumable state."""
+
+    stream: ParquetStream
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    @property
+    def num_rows(self) -> int:
+        return self.stream.num_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+class ImpressionReader(_Reader):
+    """Impressions of one split as :class:`ImpressionBatch` es for one rank.
+
+    Args:
+        data_dir: dataset directory (public format).
+        split: ``train`` or ``test``.
+        batch_size: impressions per batch per rank.
+        rank, world_size: which share of the rows this process reads.
+        seed: shuffle seed; ``shuffle=False`` keeps file order (evaluation).
+        max_history: truncation (newest kept); defaults to ``meta.json``'s ``max_history``.
+        include_user_id: also put ``user_id`` in the KJT (for models with a user table).
+
+    Example::
+
+        reader = ImpressionReader("data/synth", "train", batch_size=1024, rank=0, world_size=2)
+        for epoch in range(3):
+            reader.set_epoch(epoch)
+            for batch in reader:
+                loss = model(batch.sparse_features, batch.labels)
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_history: int | None = None,
+        include_user_id: bool = False,
+        shuffle_window: int = 4,
+    ) -> None:
+        self.meta = DatasetMeta.read(data_dir)
+        self.max_history = max_history or self.meta.max_history
+        self._scalar_keys = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY] + (
+            [USER_ID] if include_user_id else []
+        )
+        self.keys = self._scalar_keys + [HIST_ITEMS, HIST_CATEGORIES]
+        self.stream = ParquetStream(
+            split_files(data_dir, split),
+            IMPRESSION_SCHEMA,
+            self._decode,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            shuffle_window,
+        )
+
+    def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
+        meta = self.meta
+        scalars = {name: scalar_column(path, table, name, row0) for name in
+                   (USER_ID, TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY)}
+        check_range(path, TARGET_ITEM, scalars[TARGET_ITEM], meta.num_items, row0)
+        for name in (TARGET_CATEGORY, QUERY_CATEGORY):
+            check_range(path, name, scalars[name], meta.num_categories, row0)
+        scalars["label"] = label_column(path, table, row0)
+        starts, lengths, values = _decode_pairs(
+            path, table, row0, meta, self.max_history, HIST_ITEMS, HIST_CATEGORIES
+        )
+        return Columns(scalars, values, starts, lengths)
+
+    def __iter__(self) -> Iterator[ImpressionBatch]:
+        list_keys = [HIST_ITEMS, HIST_CATEGORIES]
+        for block in self.stream:
+            kjt = _jagged_kjt(self.keys, block, self._scalar_keys, list_keys)
+            yield ImpressionBatch(
+                kjt,
+                torch.from_numpy(block.scalars["label"]),
+                torch.from_numpy(block.scalars[USER_ID]),
+            )
+
+
+class SequenceReader(_Reader):
+    """Per-user click sequences of ``sequences/`` as :class:`SequenceBatch` es for one rank.
+
+    Args are those of :class:`ImpressionReader`; sequences are truncated to the newest
+    ``max_history`` clicks.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_history: int | None = None,
+        shuffle_window: int = 4,
+    ) -> None:
+        self.meta = DatasetMeta.read(data_dir)
+        self.max_history = max_history or self.meta.max_history
+        self.stream = ParquetStream(
+            split_files(data_dir, "sequences"),
+            SEQUENCE_SCHEMA,
+            self._decode,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            shuffle_window,
+        )
+
+    def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
+        users = scalar_column(path, table, "user_id", row0)
+        starts, lengths, values = _decode_pairs(
+            path, table, row0, self.meta, self.max_history, "item_ids", "category_ids"
+        )
+        values = {SEQ_ITEMS: values["item_ids"], SEQ_CATEGORIES: values["category_ids"]}
+        return Columns({"user_id": users}, values, starts, lengths)
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        for block in self.stream:
+            kjt = _jagged_kjt(SEQUENCE_KEYS, block, [], SEQUENCE_KEYS)
+            yield SequenceBatch(kjt, torch.from_numpy(block.scalars["user_id"]))

@@ -1,0 +1,125 @@
+"""The public dataset format (see DESIGN.md): Arrow schemas, ``meta.json`` and the error type.
+
+A dataset is a directory ``DATA/`` with ``meta.json``, ``items.parquet``, ``sequences/``,
+``train/`` and ``test/``. Other tools write this format, so every reader checks it and every
+error names the file, the column and the first offending row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+ITEMS_FILE = "items.parquet"
+META_FILE = "meta.json"
+SPLITS = ("train", "test")
+SEQUENCES_DIR = "sequences"
+
+ITEMS_SCHEMA = pa.schema([("item_id", pa.int64()), ("category_id", pa.int64())])
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_ids", pa.list_(pa.int64())),
+        ("category_ids", pa.list_(pa.int64())),
+        ("timestamps", pa.list_(pa.int64())),
+    ]
+)
+IMPRESSION_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("timestamp", pa.int64()),
+        ("item_id", pa.int64()),
+        ("category_id", pa.int64()),
+        ("query_category_id", pa.int64()),
+        ("label", pa.int8()),
+        ("hist_item_ids", pa.list_(pa.int64())),
+        ("hist_category_ids", pa.list_(pa.int64())),
+    ]
+)
+# Optional extra column our own recipes write so that `validate` can prove causality.
+HIST_TIMESTAMPS = "hist_timestamps"
+
+# Which id columns index which vocabulary, per file kind.
+ITEM_ID_COLUMNS = {"item_id", "hist_item_ids", "item_ids"}
+CATEGORY_ID_COLUMNS = {"category_id", "query_category_id", "hist_category_ids", "category_ids"}
+
+
+class DataFormatError(ValueError):
+    """A dataset breaks the public format. Names the file, the column and the first bad row."""
+
+    def __init__(
+        self, path: str | Path, message: str, column: str | None = None, row: int | None = None
+    ) -> None:
+        self.path = str(path)
+        self.column = column
+        self.row = row
+        where = self.path
+        if column is not None:
+            where += f", column '{column}'"
+        if row is not None:
+            where += f", row {row}"
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class DatasetMeta:
+    """Contents of ``meta.json``: the vocabulary sizes every reader and model is built from."""
+
+    num_items: int
+    num_categories: int
+    max_history: int
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED = ("num_items", "num_categories", "max_history", "source")
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        extra = out.pop("extra")
+        out.update(extra)
+        return out
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / META_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: str | Path) -> DatasetMeta:
+        path = Path(directory) / META_FILE
+        if not path.is_file():
+            raise DataFormatError(path, "meta.json is missing; every dataset directory needs one")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(path, f"not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise DataFormatError(path, "must hold a JSON object")
+        for key in cls.REQUIRED:
+            if key not in raw:
+                raise DataFormatError(path, "required key is missing", column=key)
+        for key in ("num_items", "num_categories", "max_history"):
+            value = raw[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise DataFormatError(path, f"must be a positive integer, got {value!r}", key)
+        extra = {k: v for k, v in raw.items() if k not in cls.REQUIRED}
+        return cls(
+            num_items=raw["num_items"],
+            num_categories=raw["num_categories"],
+            max_history=raw["max_history"],
+            source=str(raw["source"]),
+            extra=extra,
+        )
+
+
+def split_files(directory: str | Path, split: str) -> list[Path]:
+    """The Parquet files of one split (``train``, ``test`` or ``sequences``), sorted by name."""
+    split_dir = Path(directory) / split
+    if not split_dir.is_dir():
+        raise DataFormatError(split_dir, f"the '{split}' directory is missing")
+    files = sorted(split_dir.glob("*.parquet"))
+    if not files:
+        raise DataFormatError(split_dir, f"the '{split}' directory holds no .parquet file")
+    return files

@@ -1,0 +1,342 @@
+"""A seeded search-advertising simulator that writes the public dataset format.
+
+The planted structure (see ``datasets/synth.md``):
+
+* Items belong to categories (Zipf-sized) and, inside a category, to one of ``num_styles``
+  hidden *styles*. Popularity is log-normal within a category.
+* Each user has a few favourite categories and, in each favourite category, a *current style*
+  that drifts (re-drawn with probability ``style_switch_prob`` per session).
+* A session has a query category (mostly a favourite). The user first clicks one organic item
+  of the current style in that category (it enters the history), then sees ``ads_per_session``
+  ads, mostly from the query category, picked by popularity with no regard to style.
+* Click probability rises with position, query relevance, popularity, a static user-item
+  affinity, interest in the ad's category and, most strongly, with **the ad's style matching
+  the user's current style in the ad's category**. That style is visible only through the
+  user's recent clicks *in the same category*: a model that reads the history conditioned on
+  the ad's category (GenCTR's conditional decoder, target attention) can use it; the target
+  ad's own features cannot.
+
+Users are simulated in chunks, vectorised over users, so memory stays flat as size grows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from genctr_rec.data.jagged import gather_ranges, lengths_to_offsets, list_array, suffix_ranges
+from genctr_rec.data.schema import (
+    IMPRESSION_SCHEMA,
+    ITEMS_FILE,
+    ITEMS_SCHEMA,
+    SEQUENCE_SCHEMA,
+    DatasetMeta,
+)
+from genctr_rec.data.writer import PartitionWriter, atomic_directory
+
+logger = logging.getLogger(__name__)
+
+DAY = 86_400
+IMPRESSION_WRITE_SCHEMA = (
+    IMPRESSION_SCHEMA.append(pa.field("position", pa.int8())).append(
+        pa.field("hist_timestamps", pa.list_(pa.int64()))
+    )
+)
+
+
+@dataclass
+class SynthConfig:
+    """Simulator knobs. Defaults give the pipeline's default dataset (~400k impressions).
+
+    Args:
+        num_users: users simulated (impressions ~= users * mean sessions * ads_per_session).
+        num_items: catalogue size.
+        num_categories: number of categories (side information).
+        num_styles: hidden styles per category: the within-category signal.
+        favourite_categories: favourite categories per user.
+        min_sessions / max_sessions: sessions per user, uniform.
+        ads_per_session: ads shown per search.
+        days: days covered; the last day is the test split (paper: 3 train days + 1 test day).
+        max_history: histories kept in impression rows (written to meta.json).
+        style_switch_prob: per-session chance that a user's style in a category is re-drawn.
+        style_weight: logit added when the ad's style matches the user's current style.
+        seed: everything is a function of this seed.
+        users_per_chunk: users simulated at once (bounds memory).
+    """
+
+    num_users: int = 8_000
+    num_items: int = 20_000
+    num_categories: int = 100
+    num_styles: int = 4
+    favourite_categories: int = 4
+    min_sessions: int = 8
+    max_sessions: int = 24
+    ads_per_session: int = 4
+    days: int = 4
+    max_history: int = 50
+    style_switch_prob: float = 0.08
+    style_weight: float = 1.6
+    seed: int = 2025
+    users_per_chunk: int = 8_192
+    row_group_size: int = 65_536
+
+    @classmethod
+    def preset(cls, name: str) -> SynthConfig:
+        """Named sizes: toy (seconds), default, 1m and 10m impressions (1M items)."""
+        presets = {
+            "toy": cls(num_users=600, num_items=2_000, num_categories=20),
+            "default": cls(),
+            "1m": cls(num_users=15_625, num_items=1_000_000, num_categories=2_000),
+            "10m": cls(num_users=156_250, num_items=1_000_000, num_categories=2_000),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown synth preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]
+
+
+class _Catalogue:
+    """Items with categories, styles and popularity, and vectorised samplers over them."""
+
+    def __init__(self, cfg: SynthConfig, rng: np.random.Generator) -> None:
+        n_items, n_cat, n_sty = cfg.num_items, cfg.num_categories, cfg.num_styles
+        if n_items < n_cat:
+            raise ValueError("num_items must be at least num_categories")
+        cat_weight = 1.0 / np.arange(1, n_cat + 1) ** 0.8
+        self.category_prob = cat_weight / cat_weight.sum()
+        # every category gets at least one item; the rest follow the Zipf weights
+        category = np.concatenate(
+            [np.arange(n_cat), rng.choice(n_cat, size=n_items - n_cat, p=self.category_prob)]
+        )
+        self.category = rng.permutation(category).astype(np.int64)
+        self.style = rng.integers(0, n_sty, size=n_items)
+        self.popularity = rng.normal(0.0, 1.0, size=n_items)
+        self.vector = rng.normal(0.0, 1.0, size=(n_items, 8)).astype(np.float32)
+        weight = np.exp(self.popularity)
+        self._cat_sampler = _GroupSampler(self.category, weight, n_cat)
+        self._style_sampler = _GroupSampler(self.category * n_sty + self.style, weight, n_cat * n_sty)
+        self.num_styles = n_sty
+
+    def sample_in_category(self, rng: np.random.Generator, category: np.ndarray) -> np.ndarray:
+        return self._cat_sampler.sample(rng, category)
+
+    def sample_in_style(
+        self, rng: np.random.Generator, category: np.ndarray, style: np.ndarray
+    ) -> np.ndarray:
+        group = category * self.num_styles + style
+        items = self._style_sampler.sample(rng, group)
+        empty = items < 0  # a (category, style) group with no item: fall back to the category
+        if empty.any():
+            items[empty] = self._cat_sampler.sample(rng, category[empty])
+        return items
+
+
+class _GroupSampler:
+    """Draws an item from a group (category, or category x style) weighted by popularity."""
+
+    def __init__(self, group: np.ndarray, weight: np.ndarray, num_groups: int) -> None:
+        self.order = np.argsort(group, kind="stable")
+        sorted_weight = weight[self.order]
+        self.cum = np.cumsum(sorted_weight)
+        totals = np.bincount(group, weights=weight, minlength=num_groups)
+        self.base = np.concatenate([[0.0], np.cumsum(totals)[:-1]])
+        self.total = totals
+
+    def sample(self, rng: np.random.Generator, group: np.ndarray) -> np.ndarray:
+        target = self.base[group] + rng.random(len(group)) * self.total[group]
+        pos = np.minimum(np.searchsorted(self.cum, target, side="right"), len(self.cum) - 1)
+        items = self.order[pos].astype(np.int64)
+        items[self.total[group] <= 0] = -1
+        return items
+
+
+def _simulate_chunk(
+    cfg: SynthConfig, cat: _Catalogue, rng: np.random.Generator, first_user: int, n: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Simulate ``n`` users. Returns (impression columns + history ranges, click stream)."""
+    S, A, F = cfg.max_sessions, cfg.ads_per_session, cfg.favourite_categories
+    favourites = np.stack(
+        [rng.choice(cfg.num_categories, size=F, replace=False, p=cat.category_prob) for _ in range(n)]
+    ) if n else np.zeros((0, F), dtype=np.int64)
+    fav_weight = rng.dirichlet(np.ones(F), size=n)
+    style = rng.integers(0, cfg.num_styles, size=(n, F))
+    user_vec = rng.normal(0.0, 1.0, size=(n, 8)).astype(np.float32)
+    n_sessions = rng.integers(cfg.min_sessions, cfg.max_sessions + 1, size=n)
+    span = cfg.days * DAY - 4 * S
+    times = np.sort(rng.integers(0, span, size=(n, S)), axis=1) + 4 * np.arange(S)  # strictly up
+    # a random subset of the (time-sorted) session slots is active, so activity stays uniform in time
+    active = np.argsort(np.argsort(rng.random((n, S)), axis=1), axis=1) < n_sessions[:, None]
+    rows = np.arange(n)
+    pos_bias = -0.35 * np.arange(A)
+
+    # events per session: slot 0 = organic click (at t-1), slots 1..A = ad clicks (at t)
+    ev_item = np.zeros((n, S, 1 + A), dtype=np.int64)
+    ev_cat = np.zeros((n, S, 1 + A), dtype=np.int64)
+    ev_time = np.zeros((n, S, 1 + A), dtype=np.int64)
+    ev_valid = np.zeros((n, S, 1 + A), dtype=bool)
+    imp = {k: np.zeros((n, S, A), dtype=np.int64) for k in ("item", "cat", "query", "label", "pos")}
+
+    for s in range(S):
+        switch = rng.random((n, F)) < cfg.style_switch_prob
+        style = np.where(switch, rng.integers(0, cfg.num_styles, size=(n, F)), style)
+        slot = (rng.random((n, 1)) < fav_weight.cumsum(axis=1)).argmax(axis=1)
+        from_fav = rng.random(n) < 0.85
+        query = np.where(
+            from_fav,
+            favourites[rows, slot],
+            rng.choice(cfg.num_categories, size=n, p=cat.category_prob),
+        )
+        q_is_fav = favourites == query[:, None]
+        q_style = np.where(
+            q_is_fav.any(axis=1),
+            style[rows, q_is_fav.argmax(axis=1)],
+            rng.integers(0, cfg.num_styles, size=n),
+        )
+        organic = rng.random(n) < 0.75
+        ev_item[:, s, 0] = cat.sample_in_style(rng, query, q_style)
+        ev_cat[:, s, 0] = query
+        ev_time[:, s, 0] = times[:, s] - 1
+        ev_valid[:, s, 0] = organic & active[:, s]
+
+        ad_cat = np.where(
+            rng.random((n, A)) < 0.7,
+            query[:, None],
+            rng.choice(cfg.num_categories, size=(n, A), p=cat.category_prob),
+        )
+        ad_item = cat.sample_in_category(rng, ad_cat.reshape(-1)).reshape(n, A)
+        is_fav = favourites[:, None, :] == ad_cat[:, :, None]  # (n, A, F)
+        fav_style = np.take_along_axis(style, is_fav.argmax(axis=2), axis=1)
+        match = is_fav.any(axis=2) & (fav_style == cat.style[ad_item])
+        affinity = (cat.vector[ad_item] * user_vec[:, None, :]).sum(axis=2) / np.sqrt(8.0)
+        logit = (
+            -2.4
+            + pos_bias[None, :]
+            + 0.6 * (ad_cat == query[:, None])
+            + 0.5 * is_fav.any(axis=2)
+            + 0.35 * cat.popularity[ad_item]
+            + 0.5 * affinity
+            + cfg.style_weight * match
+        )
+        label = rng.random((n, A)) < 1.0 / (1.0 + np.exp(-logit))
+        imp["item"][:, s], imp["cat"][:, s], imp["query"][:, s] = ad_item, ad_cat, query[:, None]
+        imp["label"][:, s], imp["pos"][:, s] = label, np.arange(A)[None, :]
+        ev_item[:, s, 1:], ev_cat[:, s, 1:] = ad_item, ad_cat
+        ev_time[:, s, 1:] = times[:, s, None]
+        ev_valid[:, s, 1:] = label & active[:, s, None]
+
+    # click stream per user, time-ordered (session order, organic before ads)
+    valid_flat = ev_valid.reshape(n, -1)
+    clicks_per_user = valid_flat.sum(axis=1)
+    user_click_start = lengths_to_offsets(clicks_per_user)[:-1]
+    clicks = {
+        "item": ev_item.reshape(n, -1)[valid_flat],
+        "cat": ev_cat.reshape(n, -1)[valid_flat],
+        "time": ev_time.reshape(n, -1)[valid_flat],
+        "count": clicks_per_user,
+        "user": first_user + np.arange(n, dtype=np.int64),
+    }
+    # clicks strictly before each session's ads = valid events up to and including its organic
+    before = np.cumsum(valid_flat, axis=1).reshape(n, S, 1 + A)[:, :, 0]
+    imp_active = np.broadcast_to(active[:, :, None], (n, S, A))
+    users = np.broadcast_to(rows[:, None, None], (n, S, A))[imp_active]
+    ends = user_click_start[users] + np.broadcast_to(before[:, :, None], (n, S, A))[imp_active]
+    impressions = {
+        "user_id": first_user + users,
+        "timestamp": np.broadcast_to(times[:, :, None], (n, S, A))[imp_active],
+        "item_id": imp["item"][imp_active],
+        "category_id": imp["cat"][imp_active],
+        "query_category_id": imp["query"][imp_active],
+        "label": imp["label"][imp_active],
+        "position": imp["pos"][imp_active],
+        "hist_end": ends,
+        "hist_user_start": user_click_start[users],
+    }
+    return impressions, clicks
+
+
+def _impression_table(imp: dict[str, np.ndarray], clicks: dict[str, np.ndarray], mask: np.ndarray,
+                      max_history: int) -> pa.Table:
+    starts, lengths = suffix_ranges(imp["hist_user_start"][mask], imp["hist_end"][mask], max_history)
+    idx = gather_ranges(starts, lengths)
+    offsets = lengths_to_offsets(lengths)
+    columns = {k: imp[k][mask] for k in ("user_id", "timestamp", "item_id", "category_id",
+                                         "query_category_id", "label", "position")}
+    columns["label"] = columns["label"].astype(np.int8)
+    columns["position"] = columns["position"].astype(np.int8)
+    columns["hist_item_ids"] = list_array(offsets, clicks["item"][idx])
+    columns["hist_category_ids"] = list_array(offsets, clicks["cat"][idx])
+    columns["hist_timestamps"] = list_array(offsets, clicks["time"][idx])
+    return pa.table(columns, schema=IMPRESSION_WRITE_SCHEMA)
+
+
+def _sequence_table(clicks: dict[str, np.ndarray], split_time: int) -> pa.Table:
+    """Per-user clicks before the test day, oldest first (the pre-training corpus)."""
+    keep = clicks["time"] < split_time
+    owner = np.repeat(np.arange(len(clicks["count"])), clicks["count"])
+    lengths = np.bincount(owner[keep], minlength=len(clicks["count"]))
+    has = lengths > 0
+    offsets = lengths_to_offsets(lengths[has])
+    return pa.table(
+        {
+            "user_id": clicks["user"][has],
+            "item_ids": list_array(offsets, clicks["item"][keep]),
+            "category_ids": list_array(offsets, clicks["cat"][keep]),
+            "timestamps": list_array(offsets, clicks["time"][keep]),
+        },
+        schema=SEQUENCE_SCHEMA,
+    )
+
+
+def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> DatasetMeta:
+    """Simulate and write a dataset directory atomically. Returns its metadata."""
+    rng = np.random.default_rng(cfg.seed)
+    catalogue = _Catalogue(cfg, rng)
+    split_time = (cfg.days - 1) * DAY
+    counts = {"train": 0, "test": 0, "sequences": 0, "clicks": 0}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        items = pa.table(
+            {"item_id": np.arange(cfg.num_items, dtype=np.int64), "category_id": catalogue.category},
+            schema=ITEMS_SCHEMA,
+        )
+        import pyarrow.parquet as pq
+
+        pq.write_table(items, tmp / ITEMS_FILE, compression="zstd")
+        writers = {
+            "train": PartitionWriter(tmp / "train", IMPRESSION_WRITE_SCHEMA, cfg.row_group_size),
+            "test": PartitionWriter(tmp / "test", IMPRESSION_WRITE_SCHEMA, cfg.row_group_size),
+            "sequences": PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, cfg.row_group_size),
+        }
+        try:
+            for first in range(0, cfg.num_users, cfg.users_per_chunk):
+                n = min(cfg.users_per_chunk, cfg.num_users - first)
+                chunk_rng = np.random.default_rng([cfg.seed, first])
+                imp, clicks = _simulate_chunk(cfg, catalogue, chunk_rng, first, n)
+                is_test = imp["timestamp"] >= split_time
+                for split, mask in (("train", ~is_test), ("test", is_test)):
+                    if mask.any():
+                        writers[split].write(_impression_table(imp, clicks, mask, cfg.max_history))
+                        counts[split] += int(mask.sum())
+                seq = _sequence_table(clicks, split_time)
+                writers["sequences"].write(seq)
+                counts["sequences"] += seq.num_rows
+                counts["clicks"] += int(clicks["count"].sum())
+                logger.info("simulated users %d..%d", first, first + n)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        meta = DatasetMeta(
+            num_items=cfg.num_items,
+            num_categories=cfg.num_categories,
+            max_history=cfg.max_history,
+            source="synth",
+            extra={
+                "synth_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                "split_time": split_time,
+                "rows": counts,
+            },
+        )
+        meta.write(tmp)
+    return meta

@@ -1,0 +1,225 @@
+"""``genctr data validate``: check a dataset directory against the contract and summarise it.
+
+Streams every row group once (memory stays flat), runs the same column checks the readers run,
+and adds the checks that need the whole dataset: dense item table, histories no longer than
+``max_history`` and strictly earlier than their impression (when ``hist_timestamps`` is
+present), impression categories matching the item table, test strictly after train, and no
+pre-training sequence reaching into the test period.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from genctr_rec.data.checks import (
+    check_range,
+    check_same_lengths,
+    check_schema,
+    label_column,
+    list_column,
+    scalar_column,
+)
+from genctr_rec.data.schema import (
+    HIST_TIMESTAMPS,
+    IMPRESSION_SCHEMA,
+    ITEMS_FILE,
+    ITEMS_SCHEMA,
+    SEQUENCE_SCHEMA,
+    DataFormatError,
+    DatasetMeta,
+    split_files,
+)
+
+
+def _row_groups(path: Path, expected: pa.Schema, extra: list[str] = ()):
+    """Yields (table, first row) per row group after checking the file opens and has the schema."""
+    try:
+        handle = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(path, f"not a readable Parquet file ({exc})") from exc
+    check_schema(path, handle.schema_arrow, expected)
+    columns = expected.names + [c for c in extra if c in handle.schema_arrow.names]
+    row0 = 0
+    for rg in range(handle.metadata.num_row_groups):
+        try:
+            table = handle.read_row_group(rg, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(path, f"cannot read row group {rg} ({exc})", row=row0) from exc
+        yield table, row0
+        row0 += table.num_rows
+
+
+@dataclass
+class SplitSummary:
+    rows: int = 0
+    clicks: int = 0
+    users: set[int] = field(default_factory=set)
+    items: set[int] = field(default_factory=set)
+    hist_lengths: list[np.ndarray] = field(default_factory=list)
+    min_ts: int | None = None
+    max_ts: int | None = None
+    causality_checked: bool = False
+
+    def report(self) -> dict[str, Any]:
+        lengths = np.concatenate(self.hist_lengths) if self.hist_lengths else np.zeros(1)
+        pct = np.percentile(lengths, [50, 90, 99]).tolist()
+        return {
+            "rows": self.rows,
+            "users": len(self.users),
+            "items": len(self.items),
+            "click_rate": round(self.clicks / max(self.rows, 1), 5),
+            "history_length": {"p50": pct[0], "p90": pct[1], "p99": pct[2],
+                               "max": int(lengths.max())},
+            "timestamps": [self.min_ts, self.max_ts],
+            "history_causality": "checked" if self.causality_checked
+            else "not checked (no hist_timestamps column)",
+        }
+
+
+def _track_time(summary: SplitSummary, ts: np.ndarray) -> None:
+    if ts.size:
+        lo, hi = int(ts.min()), int(ts.max())
+        summary.min_ts = lo if summary.min_ts is None else min(summary.min_ts, lo)
+        summary.max_ts = hi if summary.max_ts is None else max(summary.max_ts, hi)
+
+
+def _validate_items(data_dir: Path, meta: DatasetMeta) -> np.ndarray:
+    path = data_dir / ITEMS_FILE
+    if not path.is_file():
+        raise DataFormatError(path, "items.parquet is missing")
+    item_category = np.full(meta.num_items, -1, dtype=np.int64)
+    seen = 0
+    for table, row0 in _row_groups(path, ITEMS_SCHEMA):
+        items = scalar_column(path, table, "item_id", row0)
+        cats = scalar_column(path, table, "category_id", row0)
+        check_range(path, "item_id", items, meta.num_items, row0)
+        check_range(path, "category_id", cats, meta.num_categories, row0)
+        dup = item_category[items] >= 0
+        if dup.any() or len(np.unique(items)) != len(items):
+            first = int(np.flatnonzero(dup)[0]) if dup.any() else 0
+            raise DataFormatError(path, "item_id appears more than once", "item_id", row0 + first)
+        item_category[items] = cats
+        seen += len(items)
+    if seen != meta.num_items:
+        raise DataFormatError(
+            path, f"holds {seen} items but meta.json says num_items={meta.num_items}", "item_id"
+        )
+    return item_category
+
+
+def _validate_impressions(
+    path: Path, meta: DatasetMeta, item_category: np.ndarray, summary: SplitSummary
+) -> None:
+    for table, row0 in _row_groups(path, IMPRESSION_SCHEMA, [HIST_TIMESTAMPS]):
+        items = scalar_column(path, table, "item_id", row0)
+        check_range(path, "item_id", items, meta.num_items, row0)
+        cats = scalar_column(path, table, "category_id", row0)
+        check_range(path, "category_id", cats, meta.num_categories, row0)
+        mismatch = item_category[items] != cats
+        if mismatch.any():
+            r = int(np.flatnonzero(mismatch)[0])
+            raise DataFormatError(
+                path, f"item {items[r]} has category {item_category[items[r]]} in items.parquet, "
+                f"not {cats[r]}", "category_id", row0 + r)
+        query = scalar_column(path, table, "query_category_id", row0)
+        check_range(path, "query_category_id", query, meta.num_categories, row0)
+        labels = label_column(path, table, row0)
+        users = scalar_column(path, table, "user_id", row0)
+        ts = scalar_column(path, table, "timestamp", row0)
+        h_off, h_items = list_column(path, table, "hist_item_ids", row0)
+        c_off, h_cats = list_column(path, table, "hist_category_ids", row0)
+        check_same_lengths(path, "hist_item_ids", h_off, "hist_category_ids", c_off, row0)
+        check_range(path, "hist_item_ids", h_items, meta.num_items, row0, h_off)
+        check_range(path, "hist_category_ids", h_cats, meta.num_categories, row0, c_off)
+        lengths = np.diff(h_off)
+        too_long = lengths > meta.max_history
+        if too_long.any():
+            r = int(np.flatnonzero(too_long)[0])
+            raise DataFormatError(path, f"history of {lengths[r]} exceeds max_history="
+                                  f"{meta.max_history} from meta.json", "hist_item_ids", row0 + r)
+        if HIST_TIMESTAMPS in table.column_names:
+            t_off, h_ts = list_column(path, table, HIST_TIMESTAMPS, row0)
+            check_same_lengths(path, "hist_item_ids", h_off, HIST_TIMESTAMPS, t_off, row0)
+            late = h_ts >= np.repeat(ts, lengths)
+            if late.any():
+                r = int(np.searchsorted(h_off, np.flatnonzero(late)[0], side="right") - 1)
+                raise DataFormatError(path, "history holds behaviour at or after the impression's "
+                                      "timestamp", HIST_TIMESTAMPS, row0 + r)
+            summary.causality_checked = True
+        summary.rows += len(items)
+        summary.clicks += int(labels.sum())
+        summary.users.update(np.unique(users).tolist())
+        summary.items.update(np.unique(items).tolist())
+        summary.hist_lengths.append(lengths.astype(np.int32))
+        _track_time(summary, ts)
+
+
+def _validate_sequences(path: Path, meta: DatasetMeta, summary: SplitSummary) -> None:
+    for table, row0 in _row_groups(path, SEQUENCE_SCHEMA):
+        users = scalar_column(path, table, "user_id", row0)
+        i_off, items = list_column(path, table, "item_ids", row0)
+        c_off, cats = list_column(path, table, "category_ids", row0)
+        t_off, ts = list_column(path, table, "timestamps", row0)
+        check_same_lengths(path, "item_ids", i_off, "category_ids", c_off, row0)
+        check_same_lengths(path, "item_ids", i_off, "timestamps", t_off, row0)
+        check_range(path, "item_ids", items, meta.num_items, row0, i_off)
+        check_range(path, "category_ids", cats, meta.num_categories, row0, c_off)
+        # oldest first: timestamps non-decreasing within each row
+        step_back = np.diff(ts) < 0
+        inside = np.ones(len(step_back), dtype=bool)
+        inside[i_off[1:-1] - 1] = False  # differences that cross a row boundary don't count
+        bad = step_back & inside
+        if bad.any():
+            r = int(np.searchsorted(i_off, np.flatnonzero(bad)[0] + 1, side="right") - 1)
+            raise DataFormatError(path, "timestamps must be oldest first", "timestamps", row0 + r)
+        dup = summary.users.intersection(users.tolist()) if summary.rows else set()
+        if dup or len(np.unique(users)) != len(users):
+            raise DataFormatError(path, "user_id appears in more than one sequence row", "user_id")
+        summary.rows += len(users)
+        summary.users.update(users.tolist())
+        summary.items.update(np.unique(items).tolist())
+        summary.hist_lengths.append(np.diff(i_off).astype(np.int32))
+        _track_time(summary, ts)
+
+
+def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
+    """Check ``data_dir`` against the public format. Returns a summary; raises DataFormatError."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataFormatError(data_dir, "dataset directory does not exist")
+    meta = DatasetMeta.read(data_dir)
+    item_category = _validate_items(data_dir, meta)
+    report: dict[str, Any] = {"meta": meta.to_json(), "categories_used": int(
+        len(np.unique(item_category)))}
+    summaries: dict[str, SplitSummary] = {}
+    for split in ("train", "test"):
+        summary = SplitSummary()
+        for path in split_files(data_dir, split):
+            _validate_impressions(path, meta, item_category, summary)
+        if summary.rows == 0:
+            raise DataFormatError(data_dir / split, f"the '{split}' split holds no rows")
+        summaries[split] = summary
+    seq = SplitSummary()
+    for path in split_files(data_dir, "sequences"):
+        _validate_sequences(path, meta, seq)
+    if seq.rows == 0:
+        raise DataFormatError(data_dir / "sequences", "the pre-training corpus holds no rows")
+    train, test = summaries["train"], summaries["test"]
+    if train.max_ts >= test.min_ts:
+        raise DataFormatError(
+            data_dir / "test", f"test must be strictly later than train: earliest test timestamp "
+            f"{test.min_ts} <= latest train timestamp {train.max_ts}", "timestamp")
+    if seq.max_ts is not None and seq.max_ts >= test.min_ts:
+        raise DataFormatError(
+            data_dir / "sequences", f"pre-training sequences reach into the test period "
+            f"(timestamp {seq.max_ts} >= first test timestamp {test.min_ts})", "timestamps")
+    report.update({"train": train.report(), "test": test.report(), "sequences": seq.report()})
+    report["sequences"].pop("click_rate")
+    report["sequences"].pop("history_causality")
+    return report
