@@ -45,7 +45,9 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
     atomic_write_json(RESULTS / f"{name}.json", {"machine": info, **payload})
-    header = (f"# {name}\n\n- command: `{info['command']}`\n- machine: {info['cpu']}, "
-              f"{info['cores']} cores\n- versions: {info['versions']}\n- date: {info['date']}\n\n")
+    header = (
+        f"# {name}\n\n- command: `{info['command']}`\n- machine: {info['cpu']}, "
+        f"{info['cores']} cores\n- versions: {info['versions']}\n- date: {info['date']}\n\n"
+    )
     atomic_write_text(RESULTS / f"{name}.md", header + table_md + "\n")
     return RESULTS / f"{name}.md"

@@ -39,15 +39,20 @@ def make_dataset(root: Path, rows: int, history: int) -> Path:
             n = min(100_000, rows - start)
             offsets = lengths_to_offsets(np.full(n, history))
             hist = rng.integers(0, NUM_ITEMS, n * history)
-            writer.write(pa.table({
-                "user_id": np.arange(start, start + n), "timestamp": np.arange(n),
-                "item_id": rng.integers(0, NUM_ITEMS, n),
-                "category_id": rng.integers(0, NUM_CATEGORIES, n),
-                "query_category_id": rng.integers(0, NUM_CATEGORIES, n),
-                "label": (rng.random(n) < 0.2).astype(np.int8),
-                "hist_item_ids": list_array(offsets, hist),
-                "hist_category_ids": list_array(offsets, hist % NUM_CATEGORIES),
-            }))
+            writer.write(
+                pa.table(
+                    {
+                        "user_id": np.arange(start, start + n),
+                        "timestamp": np.arange(n),
+                        "item_id": rng.integers(0, NUM_ITEMS, n),
+                        "category_id": rng.integers(0, NUM_CATEGORIES, n),
+                        "query_category_id": rng.integers(0, NUM_CATEGORIES, n),
+                        "label": (rng.random(n) < 0.2).astype(np.int8),
+                        "hist_item_ids": list_array(offsets, hist),
+                        "hist_category_ids": list_array(offsets, hist % NUM_CATEGORIES),
+                    }
+                )
+            )
     return root
 
 
@@ -106,26 +111,34 @@ def main() -> None:
                 "history": history,
                 "rows": args.rows,
                 "genctr_shuffled": median_rate(
-                    lambda root=root: time_genctr(root, args.batch_size, True)),
+                    lambda root=root: time_genctr(root, args.batch_size, True)
+                ),
                 "genctr_in_order": median_rate(
-                    lambda root=root: time_genctr(root, args.batch_size, False)),
+                    lambda root=root: time_genctr(root, args.batch_size, False)
+                ),
                 "pyarrow_decode_only": median_rate(lambda root=root: time_raw_decode(root)),
                 "hand_written_baseline": median_rate(
-                    lambda root=root: time_naive(root, args.batch_size, 100_000), repeats=1),
+                    lambda root=root: time_naive(root, args.batch_size, 100_000), repeats=1
+                ),
             }
             results.append(row)
             print(json.dumps(row))
-    lines = ["| history | genctr reader, shuffled | genctr reader, in order | pyarrow decode only "
-             "(ceiling) | hand-written reader (baseline) | speed-up over baseline |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| history | genctr reader, shuffled | genctr reader, in order | pyarrow decode only "
+        "(ceiling) | hand-written reader (baseline) | speed-up over baseline |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
             f"| {r['history']} | {r['genctr_shuffled']:,.0f} | {r['genctr_in_order']:,.0f} | "
             f"{r['pyarrow_decode_only']:,.0f} | {r['hand_written_baseline']:,.0f} | "
-            f"{r['genctr_shuffled'] / r['hand_written_baseline']:.1f}x |")
-    table = ("Impressions per second (median of 3 passes after a warm-up), one process, one torch "
-             "thread, Parquet with lz4 as the recipes write it, batch "
-             f"{args.batch_size}, {args.rows:,} rows, 1M items.\n\n" + "\n".join(lines))
+            f"{r['genctr_shuffled'] / r['hand_written_baseline']:.1f}x |"
+        )
+    table = (
+        "Impressions per second (median of 3 passes after a warm-up), one process, one torch "
+        "thread, Parquet with lz4 as the recipes write it, batch "
+        f"{args.batch_size}, {args.rows:,} rows, 1M items.\n\n" + "\n".join(lines)
+    )
     print(write_results("reader_throughput", {"results": results, "args": vars(args)}, table))
 
 

@@ -30,8 +30,9 @@ def _data_synth(args: argparse.Namespace) -> int:
 def _data_movielens(args: argparse.Namespace) -> int:
     from genctr_rec.data import movielens
 
-    meta = movielens.build(args.out, args.source, args.max_history, args.test_fraction,
-                           overwrite=args.overwrite)
+    meta = movielens.build(
+        args.out, args.source, args.max_history, args.test_fraction, overwrite=args.overwrite
+    )
     print(json.dumps({"out": str(args.out), "source": meta.source, **meta.extra["rows"]}))
     return 0
 
@@ -52,16 +53,27 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     synth = data_sub.add_parser("synth", help="simulate a search-advertising dataset")
     synth.add_argument("--out", required=True, help="dataset directory to write")
     synth.add_argument("--preset", default="default", choices=["toy", "default", "1m", "10m"])
-    for name in ("num_users", "num_items", "num_categories", "num_styles", "max_history",
-                 "max_sessions", "min_sessions", "seed"):
+    for name in (
+        "num_users",
+        "num_items",
+        "num_categories",
+        "num_styles",
+        "max_history",
+        "max_sessions",
+        "min_sessions",
+        "seed",
+    ):
         synth.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None)
     synth.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     synth.set_defaults(func=_data_synth)
 
     ml = data_sub.add_parser("movielens", help="MovieLens 100k / 1M in the public format")
     ml.add_argument("--out", required=True)
-    ml.add_argument("--source", default=None,
-                    help="GroupLens ml-100k or ml-1m folder or zip (default: cached ml-100k)")
+    ml.add_argument(
+        "--source",
+        default=None,
+        help="GroupLens ml-100k or ml-1m folder or zip (default: cached ml-100k)",
+    )
     ml.add_argument("--max-history", type=int, default=50)
     ml.add_argument("--test-fraction", type=float, default=0.1)
     ml.add_argument("--overwrite", action="store_true")

@@ -25,8 +25,10 @@ def prepare_data(workdir: Path, preset: str) -> Path:
         logger.info("simulating the %s dataset into %s", preset, data)
         generate(SynthConfig.preset(preset), data)
     report = validate_dataset(data)
-    logger.info("dataset valid: %s", json.dumps({k: report[k]["rows"] for k in
-                                                 ("train", "test", "sequences")}))
+    logger.info(
+        "dataset valid: %s",
+        json.dumps({k: report[k]["rows"] for k in ("train", "test", "sequences")}),
+    )
     return data
 
 

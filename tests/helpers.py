@@ -49,32 +49,58 @@ def write_dataset(
 ) -> Path:
     """A valid dataset with several train files of several row groups each."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "meta.json").write_text(json.dumps({
-        "num_items": NUM_ITEMS, "num_categories": NUM_CATEGORIES,
-        "max_history": MAX_HISTORY, "source": "test"}))
-    pq.write_table(pa.table({"item_id": np.arange(NUM_ITEMS),
-                             "category_id": np.arange(NUM_ITEMS) % NUM_CATEGORIES},
-                            schema=ITEMS_SCHEMA), root / "items.parquet")
+    (root / "meta.json").write_text(
+        json.dumps(
+            {
+                "num_items": NUM_ITEMS,
+                "num_categories": NUM_CATEGORIES,
+                "max_history": MAX_HISTORY,
+                "source": "test",
+            }
+        )
+    )
+    pq.write_table(
+        pa.table(
+            {"item_id": np.arange(NUM_ITEMS), "category_id": np.arange(NUM_ITEMS) % NUM_CATEGORIES},
+            schema=ITEMS_SCHEMA,
+        ),
+        root / "items.parquet",
+    )
     (root / "train").mkdir()
     first = 0
     for i, n in enumerate(train_files):
-        pq.write_table(impression_table(n, first), root / "train" / f"part-{i:05d}.parquet",
-                       row_group_size=row_group_size)
+        pq.write_table(
+            impression_table(n, first),
+            root / "train" / f"part-{i:05d}.parquet",
+            row_group_size=row_group_size,
+        )
         first += n
     (root / "test").mkdir()
-    pq.write_table(impression_table(test_rows, first, ts0=10_000), root / "test" / "part-0.parquet",
-                   row_group_size=row_group_size)
+    pq.write_table(
+        impression_table(test_rows, first, ts0=10_000),
+        root / "test" / "part-0.parquet",
+        row_group_size=row_group_size,
+    )
     rng = np.random.default_rng(7)
     lengths = rng.integers(1, 15, num_sequences)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     items = rng.integers(0, NUM_ITEMS, int(lengths.sum()))
     (root / "sequences").mkdir()
-    pq.write_table(pa.table({
-        "user_id": np.arange(num_sequences, dtype=np.int64),
-        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
-        "category_ids": pa.ListArray.from_arrays(offsets, pa.array(items % NUM_CATEGORIES)),
-        "timestamps": pa.ListArray.from_arrays(offsets, pa.array(np.arange(int(lengths.sum())))),
-    }, schema=SEQUENCE_SCHEMA), root / "sequences" / "part-0.parquet", row_group_size=32)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": np.arange(num_sequences, dtype=np.int64),
+                "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
+                "category_ids": pa.ListArray.from_arrays(offsets, pa.array(items % NUM_CATEGORIES)),
+                "timestamps": pa.ListArray.from_arrays(
+                    offsets, pa.array(np.arange(int(lengths.sum())))
+                ),
+            },
+            schema=SEQUENCE_SCHEMA,
+        ),
+        root / "sequences" / "part-0.parquet",
+        row_group_size=32,
+    )
     return root
 
 

@@ -106,9 +106,21 @@ def _break(root: Path, case: str) -> tuple[str, str | None, int | None]:
 
 
 CASES = [
-    "missing_column", "wrong_type", "id_out_of_range", "negative_id", "history_id_out_of_range",
-    "nan_label", "label_two", "unequal_history", "truncated_parquet", "corrupt_parquet",
-    "meta_missing", "meta_bad_value", "meta_inconsistent", "empty_dataset", "empty_file",
+    "missing_column",
+    "wrong_type",
+    "id_out_of_range",
+    "negative_id",
+    "history_id_out_of_range",
+    "nan_label",
+    "label_two",
+    "unequal_history",
+    "truncated_parquet",
+    "corrupt_parquet",
+    "meta_missing",
+    "meta_bad_value",
+    "meta_inconsistent",
+    "empty_dataset",
+    "empty_file",
 ]
 READER_SKIPS = {"meta_inconsistent"}  # the reader reports it as an out-of-range train id
 

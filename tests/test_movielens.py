@@ -14,9 +14,18 @@ from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.validate import validate_dataset
 
 # user, movie, rating, timestamp: user 1 clicks 10 (t=100) and 12 (t=300)
-RATINGS = [(1, 10, 5, 100), (1, 11, 2, 200), (1, 12, 4, 300), (1, 10, 3, 900),
-           (2, 11, 4, 150), (2, 12, 1, 250), (2, 10, 5, 800), (3, 12, 5, 50),
-           (3, 11, 4, 400), (3, 10, 4, 950)]
+RATINGS = [
+    (1, 10, 5, 100),
+    (1, 11, 2, 200),
+    (1, 12, 4, 300),
+    (1, 10, 3, 900),
+    (2, 11, 4, 150),
+    (2, 12, 1, 250),
+    (2, 10, 5, 800),
+    (3, 12, 5, 50),
+    (3, 11, 4, 400),
+    (3, 10, 4, 950),
+]
 
 
 def _write_100k(folder: Path) -> Path:
@@ -36,7 +45,8 @@ def _write_1m(folder: Path) -> Path:
     (folder / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in RATINGS))
     (folder / "movies.dat").write_text(
         "10::Movie 10 (1995)::Action|Comedy\n11::Movie 11::Drama\n12::Movie 12::Comedy\n",
-        encoding="latin-1")
+        encoding="latin-1",
+    )
     return folder
 
 

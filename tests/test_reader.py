@@ -33,8 +33,9 @@ def _epoch_ids(reader: ImpressionReader) -> list[int]:
 
 def test_batches_match_the_parquet_rows(small_dataset: Path) -> None:
     rows = _rows_by_user(small_dataset, "train")
-    reader = ImpressionReader(small_dataset, "train", batch_size=50, seed=3, max_history=4,
-                              include_user_id=True)
+    reader = ImpressionReader(
+        small_dataset, "train", batch_size=50, seed=3, max_history=4, include_user_id=True
+    )
     seen = 0
     for batch in reader:
         kjt = batch.sparse_features

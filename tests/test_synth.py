@@ -13,8 +13,10 @@ from genctr_rec.data.validate import validate_dataset
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.parquet"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.parquet"))
+    }
 
 
 def test_valid_and_split_by_time(toy_synth: Path) -> None:
@@ -43,8 +45,12 @@ def test_history_in_the_ads_category_predicts_clicks(toy_synth: Path) -> None:
     table = pq.read_table(toy_synth / "train").to_pydict()
     clicks = {True: [0, 0], False: [0, 0]}
     for item, cat, label, h_items, h_cats in zip(
-        table["item_id"], table["category_id"], table["label"], table["hist_item_ids"],
-        table["hist_category_ids"], strict=True,
+        table["item_id"],
+        table["category_id"],
+        table["label"],
+        table["hist_item_ids"],
+        table["hist_category_ids"],
+        strict=True,
     ):
         same_cat = [i for i, c in zip(h_items, h_cats, strict=True) if c == cat]
         if not same_cat:

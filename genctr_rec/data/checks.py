@@ -26,7 +26,9 @@ def check_schema(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
     for field in expected:
         if field.name not in schema.names:
             raise DataFormatError(
-                path, f"required column is missing (file has: {', '.join(schema.names)})", field.name
+                path,
+                f"required column is missing (file has: {', '.join(schema.names)})",
+                field.name,
             )
         actual = schema.field(field.name).type
         if pa.types.is_list(field.type):
@@ -114,11 +116,17 @@ def label_column(path: Path, table: pa.Table, row0: int) -> np.ndarray:
 
 
 def check_same_lengths(
-    path: Path, first: str, first_offsets: np.ndarray, second: str, second_offsets: np.ndarray,
+    path: Path,
+    first: str,
+    first_offsets: np.ndarray,
+    second: str,
+    second_offsets: np.ndarray,
     row0: int,
 ) -> None:
     """Paired list columns (items and their categories) must have equal lengths row by row."""
-    if first_offsets.shape == second_offsets.shape and np.array_equal(first_offsets, second_offsets):
+    if first_offsets.shape == second_offsets.shape and np.array_equal(
+        first_offsets, second_offsets
+    ):
         return
     a, b = np.diff(first_offsets), np.diff(second_offsets)
     row = int(np.flatnonzero(a != b)[0])

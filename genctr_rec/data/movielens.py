@@ -40,17 +40,32 @@ from genctr_rec.data.writer import PartitionWriter, atomic_directory
 logger = logging.getLogger(__name__)
 
 RECBOLE_WHEEL = "recbole==1.2.1"
+RBD = "recbole/dataset_example/ml-100k"  # inside the wheel
 RECBOLE_FILES = {  # path inside the wheel -> sha256
-    "recbole/dataset_example/ml-100k/ml-100k.inter":
-        "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-    "recbole/dataset_example/ml-100k/ml-100k.item":
-        "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+    f"{RBD}/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    f"{RBD}/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
 }
 # ml-100k u.item genre flags, in file order
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 IMPRESSION_WRITE_SCHEMA = IMPRESSION_SCHEMA.append(
     pa.field("hist_timestamps", pa.list_(pa.int64()))
@@ -86,14 +101,26 @@ def fetch_ml100k(cache_dir: Path | None = None) -> Path:
     if all((cache / name).is_file() for name in wanted):
         for name, digest in wanted.items():
             if _sha256((cache / name).read_bytes()) != digest:
-                raise DataFormatError(cache / name, "cached file fails its SHA-256 check; "
-                                      "delete the cache directory to fetch it again")
+                raise DataFormatError(
+                    cache / name,
+                    "cached file fails its SHA-256 check; "
+                    "delete the cache directory to fetch it again",
+                )
         return cache
     with tempfile.TemporaryDirectory() as tmp:
         logger.info("downloading %s from the package index for MovieLens-100k", RECBOLE_WHEEL)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
-             RECBOLE_WHEEL],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "-d",
+                tmp,
+                RECBOLE_WHEEL,
+            ],
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
@@ -132,15 +159,20 @@ def _parse_table(name: str, text: str, sep: str, ncols: int, skip_header: bool) 
             continue
         fields = line.split(sep)
         if len(fields) < ncols:
-            raise DataFormatError(name, f"expected {ncols} fields separated by {sep!r}, found "
-                                  f"{len(fields)}", row=number)
+            raise DataFormatError(
+                name,
+                f"expected {ncols} fields separated by {sep!r}, found {len(fields)}",
+                row=number,
+            )
         rows.append(fields)
     if not rows:
         raise DataFormatError(name, "file holds no rows")
     return rows
 
 
-def _ints(name: str, rows: list[list[str]], column: int, label: str, skip_header: bool) -> np.ndarray:
+def _ints(
+    name: str, rows: list[list[str]], column: int, label: str, skip_header: bool
+) -> np.ndarray:
     try:
         return np.array([int(float(r[column])) for r in rows], dtype=np.int64)
     except ValueError:
@@ -189,8 +221,9 @@ def load_ratings(source: Path) -> Ratings:
     missing = ~np.isin(movie, np.fromiter(genres, dtype=np.int64))
     if missing.any():
         r = int(np.flatnonzero(missing)[0])
-        raise DataFormatError(member, f"movie {movie[r]} has no entry in {item_member}",
-                              "item_id", r + 1 + header)
+        raise DataFormatError(
+            member, f"movie {movie[r]} has no entry in {item_member}", "item_id", r + 1 + header
+        )
     return Ratings(user, movie, rating, ts, genres)
 
 
@@ -238,51 +271,80 @@ def convert(
     is_test = t >= split_time
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        pq.write_table(pa.table({"item_id": np.arange(len(movies)), "category_id": item_category},
-                                schema=ITEMS_SCHEMA), tmp / ITEMS_FILE)
+        pq.write_table(
+            pa.table(
+                {"item_id": np.arange(len(movies)), "category_id": item_category},
+                schema=ITEMS_SCHEMA,
+            ),
+            tmp / ITEMS_FILE,
+        )
         for split, mask in (("train", ~is_test), ("test", is_test)):
             rows = np.flatnonzero(mask)
             sub_off = lengths_to_offsets(lengths[rows])
             sub_idx = gather_ranges(offsets[rows], lengths[rows])
-            table = pa.table({
-                "user_id": u[rows], "timestamp": t[rows], "item_id": it[rows],
-                "category_id": cat[rows], "query_category_id": cat[rows], "label": lab[rows],
-                "hist_item_ids": list_array(sub_off, c_item[idx][sub_idx]),
-                "hist_category_ids": list_array(sub_off, c_cat[idx][sub_idx]),
-                "hist_timestamps": list_array(sub_off, c_ts[idx][sub_idx]),
-                "rating": ratings.rating[order][rows].astype(np.int8),
-            }, schema=IMPRESSION_WRITE_SCHEMA)
+            table = pa.table(
+                {
+                    "user_id": u[rows],
+                    "timestamp": t[rows],
+                    "item_id": it[rows],
+                    "category_id": cat[rows],
+                    "query_category_id": cat[rows],
+                    "label": lab[rows],
+                    "hist_item_ids": list_array(sub_off, c_item[idx][sub_idx]),
+                    "hist_category_ids": list_array(sub_off, c_cat[idx][sub_idx]),
+                    "hist_timestamps": list_array(sub_off, c_ts[idx][sub_idx]),
+                    "rating": ratings.rating[order][rows].astype(np.int8),
+                },
+                schema=IMPRESSION_WRITE_SCHEMA,
+            )
             with PartitionWriter(tmp / split, IMPRESSION_WRITE_SCHEMA, 16_384) as writer:
                 writer.write(table)
         before = c_ts < split_time
         seq_len = np.bincount(c_user[before], minlength=n_users)
         has = seq_len > 0
         seq_off = lengths_to_offsets(seq_len[has])
-        seq = pa.table({
-            "user_id": np.flatnonzero(has), "item_ids": list_array(seq_off, c_item[before]),
-            "category_ids": list_array(seq_off, c_cat[before]),
-            "timestamps": list_array(seq_off, c_ts[before]),
-        }, schema=SEQUENCE_SCHEMA)
+        seq = pa.table(
+            {
+                "user_id": np.flatnonzero(has),
+                "item_ids": list_array(seq_off, c_item[before]),
+                "category_ids": list_array(seq_off, c_cat[before]),
+                "timestamps": list_array(seq_off, c_ts[before]),
+            },
+            schema=SEQUENCE_SCHEMA,
+        )
         with PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, 16_384) as writer:
             writer.write(seq)
         meta = DatasetMeta(
-            num_items=len(movies), num_categories=len(genre_names), max_history=max_history,
+            num_items=len(movies),
+            num_categories=len(genre_names),
+            max_history=max_history,
             source=source_name,
-            extra={"categories": genre_names, "split_time": split_time,
-                   "click_threshold": 4, "test_fraction": test_fraction,
-                   "rows": {"train": int((~is_test).sum()), "test": int(is_test.sum()),
-                            "sequences": int(has.sum())}},
+            extra={
+                "categories": genre_names,
+                "split_time": split_time,
+                "click_threshold": 4,
+                "test_fraction": test_fraction,
+                "rows": {
+                    "train": int((~is_test).sum()),
+                    "test": int(is_test.sum()),
+                    "sequences": int(has.sum()),
+                },
+            },
         )
         meta.write(tmp)
     return meta
 
 
-def build(out: str | Path, source: str | Path | None = None, max_history: int = 50,
-          test_fraction: float = 0.1, overwrite: bool = False) -> DatasetMeta:
+def build(
+    out: str | Path,
+    source: str | Path | None = None,
+    max_history: int = 50,
+    test_fraction: float = 0.1,
+    overwrite: bool = False,
+) -> DatasetMeta:
     """``genctr data movielens``: from ``source`` (folder or zip) or the cached ml-100k."""
     path = Path(source) if source else fetch_ml100k()
     if not path.exists():
         raise DataFormatError(path, "MovieLens source does not exist")
     name = "movielens-1m" if "1m" in path.name.lower() else "movielens-100k"
     return convert(load_ratings(path), out, max_history, test_fraction, name, overwrite)
-

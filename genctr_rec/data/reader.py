@@ -225,8 +225,10 @@ class ImpressionReader(_Reader):
 
     def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
         meta = self.meta
-        scalars = {name: scalar_column(path, table, name, row0) for name in
-                   (USER_ID, TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY)}
+        scalars = {
+            name: scalar_column(path, table, name, row0)
+            for name in (USER_ID, TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY)
+        }
         check_range(path, TARGET_ITEM, scalars[TARGET_ITEM], meta.num_items, row0)
         for name in (TARGET_CATEGORY, QUERY_CATEGORY):
             check_range(path, name, scalars[name], meta.num_categories, row0)

@@ -194,7 +194,9 @@ class ParquetStream:
 
     # ---- epoch layout -------------------------------------------------------------------
     def _rank_rows(self, rank: int) -> tuple[int, int]:
-        return rank * self.num_rows // self.world_size, (rank + 1) * self.num_rows // self.world_size
+        return rank * self.num_rows // self.world_size, (
+            rank + 1
+        ) * self.num_rows // self.world_size
 
     def __len__(self) -> int:
         """Batches per epoch, identical on every rank."""
@@ -228,7 +230,9 @@ class ParquetStream:
     def _read(self, piece: _Piece) -> Columns:
         path = self.files[piece.file_index]
         try:
-            table = self._open(piece.file_index).read_row_group(piece.row_group, columns=self.columns)
+            table = self._open(piece.file_index).read_row_group(
+                piece.row_group, columns=self.columns
+            )
         except (pa.ArrowException, OSError) as exc:
             raise DataFormatError(
                 path, f"cannot read row group {piece.row_group} ({exc})", row=piece.file_row0
@@ -301,8 +305,13 @@ class ParquetStream:
             logger.warning(
                 "reader state was saved with world_size=%s rows=%s seed=%s; now %s/%s/%s: "
                 "restarting epoch %d from its beginning",
-                state.get("world_size"), state.get("num_rows"), state.get("seed"),
-                self.world_size, self.num_rows, self.seed, self.epoch,
+                state.get("world_size"),
+                state.get("num_rows"),
+                state.get("seed"),
+                self.world_size,
+                self.num_rows,
+                self.seed,
+                self.epoch,
             )
             self._batches_done = 0
             return

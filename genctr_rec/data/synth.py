@@ -41,10 +41,8 @@ from genctr_rec.data.writer import PartitionWriter, atomic_directory
 logger = logging.getLogger(__name__)
 
 DAY = 86_400
-IMPRESSION_WRITE_SCHEMA = (
-    IMPRESSION_SCHEMA.append(pa.field("position", pa.int8())).append(
-        pa.field("hist_timestamps", pa.list_(pa.int64()))
-    )
+IMPRESSION_WRITE_SCHEMA = IMPRESSION_SCHEMA.append(pa.field("position", pa.int8())).append(
+    pa.field("hist_timestamps", pa.list_(pa.int64()))
 )
 
 
@@ -117,7 +115,9 @@ class _Catalogue:
         self.vector = rng.normal(0.0, 1.0, size=(n_items, 8)).astype(np.float32)
         weight = np.exp(self.popularity)
         self._cat_sampler = _GroupSampler(self.category, weight, n_cat)
-        self._style_sampler = _GroupSampler(self.category * n_sty + self.style, weight, n_cat * n_sty)
+        self._style_sampler = _GroupSampler(
+            self.category * n_sty + self.style, weight, n_cat * n_sty
+        )
         self.num_styles = n_sty
 
     def sample_in_category(self, rng: np.random.Generator, category: np.ndarray) -> np.ndarray:
@@ -158,16 +158,23 @@ def _simulate_chunk(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Simulate ``n`` users. Returns (impression columns + history ranges, click stream)."""
     S, A, F = cfg.max_sessions, cfg.ads_per_session, cfg.favourite_categories
-    favourites = np.stack(
-        [rng.choice(cfg.num_categories, size=F, replace=False, p=cat.category_prob) for _ in range(n)]
-    ) if n else np.zeros((0, F), dtype=np.int64)
+    favourites = (
+        np.stack(
+            [
+                rng.choice(cfg.num_categories, size=F, replace=False, p=cat.category_prob)
+                for _ in range(n)
+            ]
+        )
+        if n
+        else np.zeros((0, F), dtype=np.int64)
+    )
     fav_weight = rng.dirichlet(np.ones(F), size=n)
     style = rng.integers(0, cfg.num_styles, size=(n, F))
     user_vec = rng.normal(0.0, 1.0, size=(n, 8)).astype(np.float32)
     n_sessions = rng.integers(cfg.min_sessions, cfg.max_sessions + 1, size=n)
     span = cfg.days * DAY - 4 * S
     times = np.sort(rng.integers(0, span, size=(n, S)), axis=1) + 4 * np.arange(S)  # strictly up
-    # a random subset of the (time-sorted) session slots is active, so activity stays uniform in time
+    # a random subset of the time-sorted session slots is active: activity stays uniform in time
     active = np.argsort(np.argsort(rng.random((n, S)), axis=1), axis=1) < n_sessions[:, None]
     rows = np.arange(n)
     pos_bias = -0.35 * np.arange(A)
@@ -257,13 +264,26 @@ def _simulate_chunk(
     return impressions, clicks
 
 
-def _impression_table(imp: dict[str, np.ndarray], clicks: dict[str, np.ndarray], mask: np.ndarray,
-                      max_history: int) -> pa.Table:
-    starts, lengths = suffix_ranges(imp["hist_user_start"][mask], imp["hist_end"][mask], max_history)
+def _impression_table(
+    imp: dict[str, np.ndarray], clicks: dict[str, np.ndarray], mask: np.ndarray, max_history: int
+) -> pa.Table:
+    starts, lengths = suffix_ranges(
+        imp["hist_user_start"][mask], imp["hist_end"][mask], max_history
+    )
     idx = gather_ranges(starts, lengths)
     offsets = lengths_to_offsets(lengths)
-    columns = {k: imp[k][mask] for k in ("user_id", "timestamp", "item_id", "category_id",
-                                         "query_category_id", "label", "position")}
+    columns = {
+        k: imp[k][mask]
+        for k in (
+            "user_id",
+            "timestamp",
+            "item_id",
+            "category_id",
+            "query_category_id",
+            "label",
+            "position",
+        )
+    }
     columns["label"] = columns["label"].astype(np.int8)
     columns["position"] = columns["position"].astype(np.int8)
     columns["hist_item_ids"] = list_array(offsets, clicks["item"][idx])
@@ -298,7 +318,10 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
     counts = {"train": 0, "test": 0, "sequences": 0, "clicks": 0}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         items = pa.table(
-            {"item_id": np.arange(cfg.num_items, dtype=np.int64), "category_id": catalogue.category},
+            {
+                "item_id": np.arange(cfg.num_items, dtype=np.int64),
+                "category_id": catalogue.category,
+            },
             schema=ITEMS_SCHEMA,
         )
         import pyarrow.parquet as pq

@@ -74,10 +74,15 @@ class SplitSummary:
             "users": len(self.users),
             "items": len(self.items),
             "click_rate": round(self.clicks / max(self.rows, 1), 5),
-            "history_length": {"p50": pct[0], "p90": pct[1], "p99": pct[2],
-                               "max": int(lengths.max())},
+            "history_length": {
+                "p50": pct[0],
+                "p90": pct[1],
+                "p99": pct[2],
+                "max": int(lengths.max()),
+            },
             "timestamps": [self.min_ts, self.max_ts],
-            "history_causality": "checked" if self.causality_checked
+            "history_causality": "checked"
+            if self.causality_checked
             else "not checked (no hist_timestamps column)",
         }
 
@@ -125,8 +130,12 @@ def _validate_impressions(
         if mismatch.any():
             r = int(np.flatnonzero(mismatch)[0])
             raise DataFormatError(
-                path, f"item {items[r]} has category {item_category[items[r]]} in items.parquet, "
-                f"not {cats[r]}", "category_id", row0 + r)
+                path,
+                f"item {items[r]} has category {item_category[items[r]]} in items.parquet, "
+                f"not {cats[r]}",
+                "category_id",
+                row0 + r,
+            )
         query = scalar_column(path, table, "query_category_id", row0)
         check_range(path, "query_category_id", query, meta.num_categories, row0)
         labels = label_column(path, table, row0)
@@ -141,16 +150,24 @@ def _validate_impressions(
         too_long = lengths > meta.max_history
         if too_long.any():
             r = int(np.flatnonzero(too_long)[0])
-            raise DataFormatError(path, f"history of {lengths[r]} exceeds max_history="
-                                  f"{meta.max_history} from meta.json", "hist_item_ids", row0 + r)
+            raise DataFormatError(
+                path,
+                f"history of {lengths[r]} exceeds max_history={meta.max_history} from meta.json",
+                "hist_item_ids",
+                row0 + r,
+            )
         if HIST_TIMESTAMPS in table.column_names:
             t_off, h_ts = list_column(path, table, HIST_TIMESTAMPS, row0)
             check_same_lengths(path, "hist_item_ids", h_off, HIST_TIMESTAMPS, t_off, row0)
             late = h_ts >= np.repeat(ts, lengths)
             if late.any():
                 r = int(np.searchsorted(h_off, np.flatnonzero(late)[0], side="right") - 1)
-                raise DataFormatError(path, "history holds behaviour at or after the impression's "
-                                      "timestamp", HIST_TIMESTAMPS, row0 + r)
+                raise DataFormatError(
+                    path,
+                    "history holds behaviour at or after the impression's timestamp",
+                    HIST_TIMESTAMPS,
+                    row0 + r,
+                )
             summary.causality_checked = True
         summary.rows += len(items)
         summary.clicks += int(labels.sum())
@@ -195,8 +212,10 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
         raise DataFormatError(data_dir, "dataset directory does not exist")
     meta = DatasetMeta.read(data_dir)
     item_category = _validate_items(data_dir, meta)
-    report: dict[str, Any] = {"meta": meta.to_json(), "categories_used": int(
-        len(np.unique(item_category)))}
+    report: dict[str, Any] = {
+        "meta": meta.to_json(),
+        "categories_used": int(len(np.unique(item_category))),
+    }
     summaries: dict[str, SplitSummary] = {}
     for split in ("train", "test"):
         summary = SplitSummary()
@@ -213,12 +232,18 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
     train, test = summaries["train"], summaries["test"]
     if train.max_ts >= test.min_ts:
         raise DataFormatError(
-            data_dir / "test", f"test must be strictly later than train: earliest test timestamp "
-            f"{test.min_ts} <= latest train timestamp {train.max_ts}", "timestamp")
+            data_dir / "test",
+            f"test must be strictly later than train: earliest test timestamp "
+            f"{test.min_ts} <= latest train timestamp {train.max_ts}",
+            "timestamp",
+        )
     if seq.max_ts is not None and seq.max_ts >= test.min_ts:
         raise DataFormatError(
-            data_dir / "sequences", f"pre-training sequences reach into the test period "
-            f"(timestamp {seq.max_ts} >= first test timestamp {test.min_ts})", "timestamps")
+            data_dir / "sequences",
+            f"pre-training sequences reach into the test period "
+            f"(timestamp {seq.max_ts} >= first test timestamp {test.min_ts})",
+            "timestamps",
+        )
     report.update({"train": train.report(), "test": test.report(), "sequences": seq.report()})
     report["sequences"].pop("click_rate")
     report["sequences"].pop("history_causality")

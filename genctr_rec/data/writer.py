@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # Low-cardinality columns only: dictionary pages for million-item id columns cost decode time.
-DICTIONARY_COLUMNS = ["category_id", "query_category_id", "label", "hist_category_ids", "category_ids"]
+DICTIONARY_COLUMNS = [
+    "category_id",
+    "query_category_id",
+    "label",
+    "hist_category_ids",
+    "category_ids",
+]
 
 
 @contextmanager
