@@ -1,0 +1,64 @@
+"""Evaluation metrics: AUC (torchmetrics), GAUC (per-user AUC weighted by impressions), LogLoss,
+and next-item HR@K / NDCG@K. Inputs are gathered from every rank first."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc
+
+
+def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate each array over ranks (every rank gets the result)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return arrays
+    parts: list[dict[str, np.ndarray] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def _group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray):
+    """Per-group Mann-Whitney AUC with tied scores sharing their average rank.
+
+    Returns (auc per group, impressions per group, mask of groups with both labels)."""
+    order = np.lexsort((scores, groups))
+    s, y, g = scores[order], labels[order], groups[order]
+    group_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    group_id = np.cumsum(np.r_[True, g[1:] != g[:-1]]) - 1
+    # average rank within (group, score) ties, ranks starting at 1 inside each group
+    tie_start = np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])]
+    tie_id = np.cumsum(tie_start) - 1
+    position = np.arange(len(s)) - group_start[group_id] + 1
+    tie_last = np.zeros(tie_id[-1] + 1)
+    tie_first = np.full(tie_id[-1] + 1, np.inf)
+    np.minimum.at(tie_first, tie_id, position)
+    np.maximum.at(tie_last, tie_id, position)
+    rank = (tie_first[tie_id] + tie_last[tie_id]) / 2
+    n = np.bincount(group_id)
+    pos = np.bincount(group_id, weights=y)
+    neg = n - pos
+    rank_sum = np.bincount(group_id, weights=rank * y)
+    valid = (pos > 0) & (neg > 0)
+    auc = np.where(valid, (rank_sum - pos * (pos + 1) / 2) / np.maximum(pos * neg, 1), 0.0)
+    return auc, n, valid
+
+
+def ctr_metrics(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
+    """AUC, GAUC and LogLoss of click probabilities ``scores`` against 0/1 ``labels``."""
+    p = torch.from_numpy(scores.astype(np.float64))
+    y = torch.from_numpy(labels.astype(np.float64))
+    auc = float(binary_auroc(p, y.long()))
+    logloss = float(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
+    group_auc, n, valid = _group_auc(scores, labels, users)
+    gauc = float((group_auc * n)[valid].sum() / n[valid].sum()) if valid.any() else float("nan")
+    return {"auc": auc, "gauc": gauc, "logloss": logloss, "rows": int(len(scores))}
+
+
+def ranking_metrics(scores: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """HR@k and NDCG@k where column 0 of ``scores`` [B, C] is the true item."""
+    rank = (scores[:, 1:] > scores[:, :1]).sum(dim=1)  # 0 = ranked first
+    hit = rank < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), torch.zeros(()).double())
+    return {f"hr@{k}": float(hit.double().mean()), f"ndcg@{k}": float(ndcg.mean())}

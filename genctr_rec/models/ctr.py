@@ -1,0 +1,137 @@
+"""The two stage models, both built on one :class:`SharedEmbeddings`.
+
+* :class:`PretrainModel`: embeddings + decoder, sampled-softmax next-item loss.
+* :class:`CTRModel`: embeddings + backbone (+ decoder for model integration), click logits.
+
+State-dict keys are shared on purpose: ``embeddings.*`` (parameter sharing) and ``decoder.*``
+(model integration) of a pre-training checkpoint load straight into the CTR model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from genctr_rec.data.reader import (
+    HIST_CATEGORIES,
+    HIST_ITEMS,
+    QUERY_CATEGORY,
+    SEQ_CATEGORIES,
+    SEQ_ITEMS,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
+)
+from genctr_rec.embeddings import SharedEmbeddings
+from genctr_rec.models.backbones import BACKBONES, DCNv2TA
+from genctr_rec.models.decoder import GenerativeDecoder
+from genctr_rec.models.jagged import mean_pool, row_positions, to_padded
+
+
+class PretrainModel(nn.Module):
+    """Stage 1: next-item prediction over click sequences.
+
+    ``forward(sequences, negatives)`` returns the mean sampled-softmax cross-entropy over every
+    predicted position: logits are dot products of g against the true item's and ``K``
+    negatives' item embeddings.
+    """
+
+    def __init__(self, embeddings: SharedEmbeddings, decoder: GenerativeDecoder) -> None:
+        super().__init__()
+        self.embeddings = embeddings
+        self.decoder = decoder
+
+    def forward(self, sequences: KeyedJaggedTensor, negatives: torch.Tensor) -> torch.Tensor:
+        """sequences: KJT (seq_item_ids, seq_category_ids); negatives [N_targets, K] where the
+        targets are the sequence elements in order, every element a target."""
+        items_jt, cats_jt = sequences[SEQ_ITEMS], sequences[SEQ_CATEGORIES]
+        lengths = items_jt.lengths().long()
+        item_ids = items_jt.values()
+        n, k = item_ids.numel(), negatives.shape[1]
+        item_emb, cat_emb = self.embeddings(
+            torch.cat([item_ids, negatives.reshape(-1)]), cats_jt.values()
+        )
+        seq_emb, neg_emb = item_emb[:n], item_emb[n:].view(n, k, -1)
+        g = self.decoder.forward_sequence(to_padded(seq_emb, lengths), to_padded(cat_emb, lengths))
+        rows, positions = row_positions(lengths)
+        g = g[rows, positions]  # [N, D], one per target
+        pos_logit = (g * seq_emb).sum(-1, keepdim=True)
+        neg_logit = torch.einsum("nd,nkd->nk", g, neg_emb)
+        logits = torch.cat([pos_logit, neg_logit], dim=1)
+        return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=logits.device))
+
+    @torch.no_grad()
+    def score_next(
+        self, sequences: KeyedJaggedTensor, target_categories: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores [B, C] of candidate items [B, C] as the next item after each sequence, given
+        the next item's category [B] (the held-out evaluation: HR@10, NDCG@10)."""
+        items_jt, cats_jt = sequences[SEQ_ITEMS], sequences[SEQ_CATEGORIES]
+        lengths = items_jt.lengths().long()
+        n = items_jt.values().numel()
+        item_emb, cat_emb = self.embeddings(
+            torch.cat([items_jt.values(), candidates.reshape(-1)]),
+            torch.cat([cats_jt.values(), target_categories]),
+        )
+        hist_cat, target_cat = cat_emb[:n], cat_emb[n:]
+        g = self.decoder.forward_target(
+            to_padded(item_emb[:n], lengths), to_padded(hist_cat, lengths), lengths, target_cat
+        )
+        cand = item_emb[n:].view(candidates.shape[0], candidates.shape[1], -1)
+        return torch.einsum("bd,bcd->bc", g, cand)
+
+
+class CTRModel(nn.Module):
+    """Stage 2: click-through-rate prediction for (history, search context, ad) impressions.
+
+    Args:
+        embeddings: the shared tables.
+        backbone: ``dnn``, ``dcnv2`` or ``dcnv2_ta``.
+        decoder: GenCTR's decoder for model integration (its g(s, c) enters before the final
+            layer), or None for the backbone alone.
+    """
+
+    NUM_FIELDS = 5  # target item, target category, query category, pooled history items / cats
+
+    def __init__(
+        self, embeddings: SharedEmbeddings, backbone: str, decoder: GenerativeDecoder | None = None
+    ) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+        dim = embeddings.dim
+        self.embeddings = embeddings
+        extra = dim if decoder is not None else 0
+        kwargs = {"dim": dim} if backbone == "dcnv2_ta" else {}
+        self.backbone = BACKBONES[backbone](self.NUM_FIELDS * dim, extra, **kwargs)
+        self.decoder = decoder
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Click logits [B]."""
+        target = features[TARGET_ITEM].values()
+        target_cat = features[TARGET_CATEGORY].values()
+        query_cat = features[QUERY_CATEGORY].values()
+        hist_items_jt = features[HIST_ITEMS]
+        lengths = hist_items_jt.lengths().long()
+        b = target.numel()
+        item_emb, cat_emb = self.embeddings(
+            torch.cat([target, hist_items_jt.values()]),
+            torch.cat([target_cat, query_cat, features[HIST_CATEGORIES].values()]),
+        )
+        t_item, h_item = item_emb[:b], item_emb[b:]
+        t_cat, q_cat, h_cat = cat_emb[:b], cat_emb[b : 2 * b], cat_emb[2 * b :]
+        x0 = torch.cat(
+            [t_item, t_cat, q_cat, mean_pool(h_item, lengths), mean_pool(h_cat, lengths)], dim=1
+        )
+        needs_padded = self.decoder is not None or isinstance(self.backbone, DCNv2TA)
+        padded_items = to_padded(h_item, lengths) if needs_padded else None
+        padded_cats = to_padded(h_cat, lengths) if needs_padded else None
+        g = None
+        if self.decoder is not None:
+            g = self.decoder.forward_target(padded_items, padded_cats, lengths, t_cat)
+        if isinstance(self.backbone, DCNv2TA):
+            return self.backbone(
+                x0, g, target=t_item + t_cat, history=padded_items + padded_cats, lengths=lengths
+            )
+        return self.backbone(x0, g)

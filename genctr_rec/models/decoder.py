@@ -1,0 +1,149 @@
+"""GenCTR's conditional self-attention decoder (CD) and the SASRec-style ablation (SD).
+
+At position t the decoder predicts item t from the items before it:
+
+* **keys / values**: a learned BOS token, then one token per earlier item
+  ``item_emb + category_emb + position_emb`` (causal: the query at t sees BOS and items < t);
+* **query** (CD): ``category_emb(item t) + position_emb(t)``: the side information of the item
+  being predicted, never its id; (SD): the token of item t-1, the most recent one.
+
+The BOS key keeps every query's attention well defined (t = 0, empty histories). With more than
+one layer the item stream is refined by causal self-attention before each further layer.
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query [B, Q, D], memory [B, K, D], mask bool [B or 1, Q, K] (True = may attend)."""
+        b, nq, d = query.shape
+        h = self.heads
+        q = self.q(query).view(b, nq, h, d // h).transpose(1, 2)
+        k, v = self.kv(memory).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(out.transpose(1, 2).reshape(b, nq, d))
+
+
+class _Block(nn.Module):
+    """Pre-norm attention + feed-forward block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attention = _Attention(dim, heads, dropout)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm_q(x), self.norm_kv(memory), mask)
+        return x + self.ff(self.norm_ff(x))
+
+
+class GenerativeDecoder(nn.Module):
+    """g(s, c): the conditional (``conditional=True``) or SASRec-style decoder.
+
+    Args:
+        dim: token width (= embedding width, 16 in the paper).
+        max_len: positions (history length + 1: the predicted item has a position too).
+        num_layers: decoder layers (paper: 1).
+        num_heads: attention heads (not given by the paper; default 2).
+        conditional: CD (query from the predicted item's category) or SD.
+        dropout: attention dropout.
+    """
+
+    def __init__(
+        self,
+        dim: int = 16,
+        max_len: int = 51,
+        num_layers: int = 1,
+        num_heads: int = 2,
+        conditional: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_len = max_len
+        self.conditional = conditional
+        self.position = nn.Embedding(max_len, dim)
+        self.bos = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, dropout) for _ in range(num_layers))
+        self.item_blocks = nn.ModuleList(
+            _Block(dim, num_heads, dropout) for _ in range(num_layers - 1)
+        )
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.position.weight, std=0.02)
+        nn.init.normal_(self.bos, std=0.02)
+
+    def _tokens(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+        """Key/value tokens [B, 1 + L, D]: BOS, then item + category + position per item."""
+        b, length, _ = items.shape
+        pos = self.position.weight[:length].unsqueeze(0)
+        return torch.cat([self.bos.expand(b, 1, self.dim), items + cats + pos], dim=1)
+
+    def _run(self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        length = memory.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=memory.device).tril()
+        for i, block in enumerate(self.blocks):
+            queries = block(queries, memory, mask)
+            if i < len(self.item_blocks):
+                memory = self.item_blocks[i](memory, memory, causal.unsqueeze(0))
+        return self.norm(queries)
+
+    def forward_sequence(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+        """Pre-training: g for every position. items, cats [B, L, D] (padded) -> [B, L, D].
+
+        Output t predicts item t from items < t; outputs at padded positions are meaningless.
+        """
+        b, length, _ = items.shape
+        memory = self._tokens(items, cats)
+        pos = self.position.weight[:length].unsqueeze(0)
+        if self.conditional:
+            queries = cats + pos
+        else:  # SD: the most recent item's token (BOS at t = 0)
+            queries = memory[:, :length]
+        # query t may attend to key k (k = 0 is BOS, k = j + 1 is item j) iff k <= t
+        mask = torch.ones(length, length + 1, dtype=torch.bool, device=items.device).tril()
+        return self._run(queries, memory, mask.unsqueeze(0))
+
+    def forward_target(
+        self,
+        items: torch.Tensor,
+        cats: torch.Tensor,
+        lengths: torch.Tensor,
+        target_cats: torch.Tensor,
+    ) -> torch.Tensor:
+        """Fine-tuning / serving: g(s, c) for the next position only.
+
+        items, cats [B, L, D] padded histories (newest last), lengths [B], target_cats [B, D]
+        (the candidate's category) -> [B, D].
+        """
+        b, length, _ = items.shape
+        lengths = lengths.long().clamp(max=self.max_len - 1)
+        memory = self._tokens(items, cats)
+        if self.conditional:
+            queries = target_cats + self.position(lengths)
+        else:
+            queries = memory[torch.arange(b, device=items.device), lengths]  # token of item L-1
+        queries = queries.unsqueeze(1)
+        keys = torch.arange(length + 1, device=items.device)
+        mask = (keys.unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [B, 1, 1 + L]
+        return self._run(queries, memory, mask).squeeze(1)

@@ -1,0 +1,31 @@
+"""Jagged <-> padded conversions for flat per-row embeddings (differentiable)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, position within row) of every element of a jagged batch."""
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(len(rows), device=lengths.device) - offsets[rows]
+    return rows, positions
+
+
+def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """[N, D] jagged values -> [B, L, D] zero-padded, L = max length (or ``max_len``)."""
+    lengths = lengths.long()
+    width = int(lengths.max()) if max_len is None and len(lengths) else (max_len or 0)
+    out = values.new_zeros((len(lengths), max(width, 1)) + tuple(values.shape[1:]))
+    rows, positions = row_positions(lengths)
+    out[rows, positions] = values
+    return out
+
+
+def mean_pool(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean of each row's [N, D] values; rows with no element give zeros."""
+    lengths = lengths.long()
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    total = values.new_zeros(len(lengths), values.shape[1]).index_add_(0, rows, values)
+    return total / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)

@@ -1,0 +1,1 @@
+"""Distributed set-up, sharding, the training loop and the stage commands."""

@@ -1,0 +1,45 @@
+"""``genctr evaluate``: AUC, GAUC and LogLoss on the test split, over all ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genctr_rec.checkpoint import load_model
+from genctr_rec.config import RunConfig
+from genctr_rec.data.reader import ImpressionReader
+from genctr_rec.metrics import ctr_metrics, gather_arrays
+from genctr_rec.training.build import build_model
+from genctr_rec.training.distributed import DistContext, init_distributed
+
+
+@torch.no_grad()  # not inference_mode: gloo collectives fail inside it (pytorch #86830)
+def evaluate_ctr(dmp, data: str | Path, ctx: DistContext, batch_size: int, max_history: int,
+                 split: str = "test") -> dict[str, float]:
+    model = dmp.module
+    model.eval()
+    reader = ImpressionReader(data, split, batch_size, ctx.rank, ctx.world_size, shuffle=False,
+                              max_history=max_history)
+    scores, labels, users = [], [], []
+    for batch in reader:
+        logits = dmp(batch.sparse_features.to(ctx.device))
+        scores.append(torch.sigmoid(logits).double().cpu().numpy())
+        labels.append(batch.labels.numpy())
+        users.append(batch.user_ids.numpy())
+    model.train()
+    gathered = gather_arrays({"scores": np.concatenate(scores), "labels": np.concatenate(labels),
+                              "users": np.concatenate(users)})
+    return ctr_metrics(gathered["scores"], gathered["labels"], gathered["users"])
+
+
+def evaluate_run(data: str | Path, run: str | Path, batch_size: int | None = None) -> dict:
+    """Rebuild a fine-tuning run's model from its config, load its checkpoint, evaluate."""
+    cfg = RunConfig.load(run)
+    if cfg.stage != "finetune":
+        raise ValueError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
+    ctx = init_distributed()
+    built = build_model(cfg, ctx)
+    load_model(built.dmp, Path(run) / "checkpoint")
+    return evaluate_ctr(built.dmp, data, ctx, batch_size or cfg.train.batch_size, cfg.max_history)

@@ -1,0 +1,99 @@
+"""``genctr finetune``: stage 2, CTR training with the transfer modes of the paper's Table 1.
+
+| transfer | decoder in the model | loaded from ``--init-from`` |
+|---|---|---|
+| ``none`` | no | nothing (the backbone alone) |
+| ``ps`` | no | ``embeddings.*`` (parameter sharing) |
+| ``decoder`` | yes, from scratch | nothing |
+| ``ps_decoder`` | yes, from scratch | ``embeddings.*`` |
+| ``ps_mi`` | yes | ``embeddings.*`` and ``decoder.*`` (GenCTR: PS + model integration) |
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch.nn.functional as F
+
+from genctr_rec.checkpoint import load_model, save_model
+from genctr_rec.config import TRANSFERS, RunConfig
+from genctr_rec.data.reader import ImpressionReader
+from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.writer import atomic_write_json
+from genctr_rec.training.build import build_model
+from genctr_rec.training.distributed import init_distributed
+from genctr_rec.training.evaluate import evaluate_ctr
+from genctr_rec.training.loop import train_epochs
+from genctr_rec.training.sharding import sharding_summary
+
+logger = logging.getLogger(__name__)
+TRANSFER_PREFIXES = {"ps": ["embeddings."], "ps_decoder": ["embeddings."],
+                     "ps_mi": ["embeddings.", "decoder."]}
+
+
+def _inherit_from_pretraining(cfg: RunConfig) -> None:
+    """Transfers need the pre-training run, whose model shape the CTR model must match."""
+    if cfg.transfer not in TRANSFERS:
+        raise ValueError(f"--transfer must be one of {TRANSFERS}, got {cfg.transfer!r}")
+    if cfg.transfer in TRANSFER_PREFIXES:
+        if not cfg.init_from:
+            raise ValueError(f"--transfer {cfg.transfer} needs --init-from PRETRAIN_RUN")
+        pre = RunConfig.load(cfg.init_from)
+        if pre.stage != "pretrain":
+            raise ValueError(f"--init-from {cfg.init_from} is not a pre-training run")
+        if (pre.num_items, pre.num_categories) != (cfg.num_items, cfg.num_categories):
+            raise ValueError(f"--init-from {cfg.init_from} was trained on tables of "
+                             f"{pre.num_items} items / {pre.num_categories} categories, the data "
+                             f"has {cfg.num_items} / {cfg.num_categories}")
+        cfg.model = pre.model
+        cfg.max_history = pre.max_history
+
+
+def finetune(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    """Train stage 2, evaluate on test, write ``out/``. Returns the metrics."""
+    out = Path(out)
+    meta = DatasetMeta.read(cfg.data)
+    cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
+    cfg.max_history = cfg.train.max_history or meta.max_history
+    _inherit_from_pretraining(cfg)
+    ctx = init_distributed()
+    built = build_model(cfg, ctx)
+    dmp = built.dmp
+    loaded: list[str] = []
+    if cfg.transfer in TRANSFER_PREFIXES:
+        loaded = load_model(dmp, Path(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer])
+    reader = ImpressionReader(cfg.data, "train", cfg.train.batch_size, ctx.rank, ctx.world_size,
+                              seed=cfg.train.seed, max_history=cfg.max_history)
+
+    def step(batch):
+        batch = batch.to(ctx.device)
+        return F.binary_cross_entropy_with_logits(dmp(batch.sparse_features), batch.labels)
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out)
+    history = train_epochs(reader, step, built.dense_optimizer, cfg.train.epochs, ctx, out,
+                           f"finetune[{cfg.backbone},{cfg.transfer}]")
+    test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history)
+    save_model(dmp, out / "checkpoint")
+    metrics = {
+        "stage": "finetune",
+        "backbone": cfg.backbone,
+        "transfer": cfg.transfer,
+        "init_from": cfg.init_from,
+        "loaded_tensors": len(loaded),
+        "epoch_loss": history["epoch_loss"],
+        "examples_per_s": history["examples_per_s"],
+        "embedding_optimizer": built.embedding_optimizer,
+        "embedding_lr": built.embedding_lr,
+        "sharding": sharding_summary(dmp),
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+        "test": test,
+    }
+    if ctx.is_main:
+        atomic_write_json(out / "metrics.json", metrics)
+    logger.info("finetune done: %s", test)
+    return metrics

@@ -1,0 +1,96 @@
+"""Sharding the shared tables with TorchRec's planner and wrapping the model in DMP.
+
+TorchRec's ``EmbeddingBagCollectionSharder`` offers row-wise and table-row-wise sharding only
+for CUDA; on CPU they run fine over gloo (tested here), so :class:`BagSharder` allows them
+there too. The plan is computed on every rank from the same inputs (deterministic), instead of
+``collective_plan``, which raises on rank 0 only and leaves the other ranks waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+import torchrec.optim as trec_optim
+from genctr_rec.training.distributed import DistContext
+
+logger = logging.getLogger(__name__)
+
+SHARDING_TYPES = {t.value for t in ShardingType}
+FUSED_OPTIMIZERS: dict[str, Any] = {
+    "adam": torch.optim.Adam,
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+
+
+class BagSharder(EmbeddingBagCollectionSharder):
+    """The EmbeddingBagCollection sharder with row-wise layouts enabled on CPU as well."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        extra = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
+        return types + [t for t in extra if t not in types]
+
+
+def sharders() -> list:
+    return [BagSharder(), EmbeddingCollectionSharder()]
+
+
+def apply_fused_optimizer(tables: nn.Module, name: str, lr: float) -> None:
+    """Register the tables' optimizer so DMP fuses it into the embedding backward."""
+    if name not in FUSED_OPTIMIZERS:
+        raise ValueError(f"embedding optimizer must be one of {sorted(FUSED_OPTIMIZERS)}")
+    apply_optimizer_in_backward(FUSED_OPTIMIZERS[name], tables.parameters(), {"lr": lr})
+
+
+def plan_sharding(
+    model: nn.Module, ctx: DistContext, batch_size: int, overrides: dict[str, str]
+) -> ShardingPlan:
+    """TorchRec's planner, with per-table sharding types forced by ``overrides``."""
+    for table, sharding in overrides.items():
+        if sharding not in SHARDING_TYPES:
+            raise ValueError(f"table {table}: unknown sharding type {sharding!r}; "
+                             f"choose from {sorted(SHARDING_TYPES)}")
+    topology = Topology(
+        world_size=ctx.world_size,
+        local_world_size=ctx.local_world_size,
+        compute_device=ctx.device.type,
+    )
+    constraints = {t: ParameterConstraints(sharding_types=[s]) for t, s in overrides.items()}
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
+                                       constraints=constraints, debug=False)
+    return planner.plan(model, sharders())
+
+
+def shard_model(
+    model: nn.Module, ctx: DistContext, batch_size: int, overrides: dict[str, str]
+) -> DistributedModelParallel:
+    """Plan and wrap: embedding tables sharded, the dense part data-parallel."""
+    plan = plan_sharding(model, ctx, batch_size, overrides)
+    dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders())
+    if ctx.is_main:
+        for module_path, module_plan in plan.plan.items():
+            for table, spec in module_plan.items():
+                logger.info("table %s.%s: %s on ranks %s", module_path, table,
+                            spec.sharding_type, spec.ranks)
+    return dmp
+
+
+def sharding_summary(dmp: DistributedModelParallel) -> dict[str, str]:
+    """Table name -> sharding type actually used."""
+    return {
+        table: spec.sharding_type
+        for module_plan in dmp.plan.plan.values()
+        for table, spec in module_plan.items()
+    }
