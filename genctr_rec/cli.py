@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
+from genctr_rec.config import EMBEDDING_OPTIMIZERS, TRANSFERS, ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data.schema import DataFormatError
 
 logger = logging.getLogger("genctr")
@@ -84,10 +85,97 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     val.set_defaults(func=_data_validate)
 
 
+STAGE_DEFAULTS = {"pretrain": {"epochs": 3, "batch_size": 128}, "finetune": {"epochs": 1}}
+CHOICES = {"decoder": ["conditional", "sasrec"], "lookup": ["pooled", "sequence"],
+           "negatives": ["category", "random"], "embedding_optimizer": list(EMBEDDING_OPTIMIZERS)}
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per ModelConfig / TrainConfig field, help from the dataclass docstrings."""
+    for cls in (ModelConfig, TrainConfig):
+        for f in fields(cls):
+            if f.name == "sharding":
+                continue
+            flag = f"--{f.name.replace('_', '-')}"
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "bool":
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=None)
+            else:
+                cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+                parser.add_argument(flag, dest=f.name, type=cast, default=None,
+                                    choices=CHOICES.get(f.name))
+    parser.add_argument("--sharding", default="", metavar="TABLE=TYPE[,TABLE=TYPE]",
+                        help="force a table's sharding, e.g. item=row_wise,category=data_parallel")
+
+
+def _run_config(args: argparse.Namespace, stage: str) -> RunConfig:
+    model, train = ModelConfig(), TrainConfig(**STAGE_DEFAULTS[stage])
+    for obj in (model, train):
+        for f in fields(obj):
+            value = getattr(args, f.name, None)
+            if value is not None and f.name != "sharding":
+                setattr(obj, f.name, value)
+    for item in filter(None, args.sharding.split(",")):
+        table, _, kind = item.partition("=")
+        train.sharding[table.strip()] = kind.strip()
+    return RunConfig(stage=stage, data=args.data, model=model, train=train,
+                     backbone=getattr(args, "backbone", None),
+                     transfer=getattr(args, "transfer", "none"),
+                     init_from=getattr(args, "init_from", None))
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from genctr_rec.training.pretrain import pretrain
+
+    metrics = pretrain(_run_config(args, "pretrain"), args.out)
+    print(json.dumps({k: v for k, v in metrics.items() if "@" in k or k == "epoch_loss"}))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from genctr_rec.training.finetune import finetune
+
+    metrics = finetune(_run_config(args, "finetune"), args.out)
+    print(json.dumps(metrics["test"]))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from genctr_rec.training.evaluate import evaluate_run
+
+    print(json.dumps(evaluate_run(args.data, args.run, args.batch_size)))
+    return 0
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    pre = sub.add_parser("pretrain", help="stage 1: generative pre-training")
+    pre.add_argument("--data", required=True)
+    pre.add_argument("--out", required=True, help="run directory to write")
+    _add_config_options(pre)
+    pre.set_defaults(func=_pretrain)
+
+    fine = sub.add_parser("finetune", help="stage 2: CTR fine-tuning")
+    fine.add_argument("--data", required=True)
+    fine.add_argument("--out", required=True)
+    fine.add_argument("--backbone", required=True, choices=["dnn", "dcnv2", "dcnv2_ta"])
+    fine.add_argument("--transfer", default="none", choices=list(TRANSFERS),
+                      help="none | ps | decoder | ps_decoder | ps_mi (GenCTR)")
+    fine.add_argument("--init-from", default=None, help="pre-training run directory")
+    _add_config_options(fine)
+    fine.set_defaults(func=_finetune)
+
+    ev = sub.add_parser("evaluate", help="AUC, GAUC, LogLoss of a finetune run on test")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.set_defaults(func=_evaluate)
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from genctr_rec.pipeline import run_pipeline
 
-    run_pipeline(args.workdir, preset=args.preset, seed=args.seed)
+    run_pipeline(args.workdir, preset=args.preset, seed=args.seed, backbone=args.backbone)
     return 0
 
 
@@ -96,11 +184,13 @@ def _add_pipeline_command(sub: argparse._SubParsersAction) -> None:
     pipe.add_argument("--workdir", default="runs/pipeline", help="where data and runs go")
     pipe.add_argument("--preset", default="default", help="synth preset for the data")
     pipe.add_argument("--seed", type=int, default=0)
+    pipe.add_argument("--backbone", default="dnn", choices=["dnn", "dcnv2", "dcnv2_ta"])
     pipe.set_defaults(func=_pipeline)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data_commands,
+    _add_training_commands,
     _add_pipeline_command,
 ]
 
@@ -123,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_stack()
         return args.func(args)
-    except (DataFormatError, StackError, FileExistsError) as exc:
+    except (DataFormatError, StackError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"genctr: error: {exc}", file=sys.stderr)
         return 2
 

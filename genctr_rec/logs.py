@@ -10,6 +10,8 @@ import logging
 import os
 
 OUR_LOGGERS = ("genctr", "genctr_rec")
+# TorchRec's planner warns about dry-run estimates and prints large stats tables at INFO
+QUIET_LOGGERS = ("torchrec.distributed.planner",)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -19,5 +21,7 @@ def setup_logging(verbose: bool = False) -> None:
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)

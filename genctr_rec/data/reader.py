@@ -244,8 +244,8 @@ class ImpressionReader(_Reader):
             kjt = _jagged_kjt(self.keys, block, self._scalar_keys, list_keys)
             yield ImpressionBatch(
                 kjt,
-                torch.from_numpy(block.scalars["label"]),
-                torch.from_numpy(block.scalars[USER_ID]),
+                torch.tensor(block.scalars["label"]),  # copies: Arrow's arrays are read-only
+                torch.tensor(block.scalars[USER_ID]),
             )
 
 
@@ -292,4 +292,4 @@ class SequenceReader(_Reader):
     def __iter__(self) -> Iterator[SequenceBatch]:
         for block in self.stream:
             kjt = _jagged_kjt(SEQUENCE_KEYS, block, [], SEQUENCE_KEYS)
-            yield SequenceBatch(kjt, torch.from_numpy(block.scalars["user_id"]))
+            yield SequenceBatch(kjt, torch.tensor(block.scalars["user_id"]))

@@ -4,6 +4,7 @@ progress on rank 0 (tqdm), TensorBoard scalars, and the loss history."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +47,9 @@ def train_epochs(
         reader.set_epoch(epoch)
         total, count, examples = 0.0, 0, 0
         start = time.perf_counter()
-        bar = tqdm(reader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not ctx.is_main,
-                   leave=False, mininterval=2.0)
+        show = ctx.is_main and sys.stderr.isatty()  # a bar in a log file is noise
+        bar = tqdm(reader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not show,
+                   leave=False, mininterval=1.0)
         for batch in bar:
             dense_optimizer.zero_grad(set_to_none=True)
             loss = step(batch)

@@ -16,7 +16,8 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
@@ -62,10 +63,11 @@ def plan_sharding(
         if sharding not in SHARDING_TYPES:
             raise ValueError(f"table {table}: unknown sharding type {sharding!r}; "
                              f"choose from {sorted(SHARDING_TYPES)}")
-    topology = Topology(
-        world_size=ctx.world_size,
-        local_world_size=ctx.local_world_size,
-        compute_device=ctx.device.type,
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=ctx.world_size, local_world_size=ctx.local_world_size
+        ),
+        kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
     constraints = {t: ParameterConstraints(sharding_types=[s]) for t, s in overrides.items()}
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,

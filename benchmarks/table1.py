@@ -1,0 +1,144 @@
+"""Reproduce the layout of the paper's Table 1: eight configurations x three backbones, test AUC
+and LogLoss as mean +- std over seeds, on the synthetic data and on MovieLens-100k.
+
+    python -m benchmarks.table1 [--seeds 0 1 2] [--datasets synth movielens]
+
+Rows (as in the paper): 1 backbone; 2 backbone + PS (CS+CD); 3 +decoder from scratch;
+4 +decoder with PS; 5 +decoder PS+MI (GenCTR); 6 PS+MI with CS+SD; 7 RS+CD; 8 RS+SD.
+Every run is a full pre-training (3 epochs) or fine-tuning (1 epoch) with a fixed seed; runs
+already finished under --workdir are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_results
+from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+from genctr_rec.data import movielens
+from genctr_rec.data.schema import META_FILE
+from genctr_rec.data.synth import SynthConfig, generate
+
+ROWS = [  # (row, label, transfer, pre-training variant)
+    (1, "Backbone", "none", None),
+    (2, "Backbone + PS (CS+CD)", "ps", "cs_cd"),
+    (3, "+Decoder (no pre-training)", "decoder", None),
+    (4, "+Decoder, PS (CS+CD)", "ps_decoder", "cs_cd"),
+    (5, "+Decoder, PS+MI (CS+CD) = GenCTR", "ps_mi", "cs_cd"),
+    (6, "+Decoder, PS+MI (CS+SD)", "ps_mi", "cs_sd"),
+    (7, "+Decoder, PS+MI (RS+CD)", "ps_mi", "rs_cd"),
+    (8, "+Decoder, PS+MI (RS+SD)", "ps_mi", "rs_sd"),
+]
+VARIANTS = {"cs_cd": ("category", "conditional"), "cs_sd": ("category", "sasrec"),
+            "rs_cd": ("random", "conditional"), "rs_sd": ("random", "sasrec")}
+BACKBONES = ["dnn", "dcnv2", "dcnv2_ta"]
+CLAIMS = [  # (claim, better row, worse row)
+    ("GenCTR beats the backbone", 5, 1),
+    ("PS alone helps", 2, 1),
+    ("PS helps with a decoder", 4, 3),
+    ("MI adds to PS", 5, 4),
+    ("CS beats RS (CD)", 5, 7),
+    ("CS beats RS (SD)", 6, 8),
+    ("CD beats SD (CS)", 5, 6),
+    ("CD beats SD (RS)", 7, 8),
+]
+
+
+def prepare(name: str, workdir: Path) -> Path:
+    data = workdir / f"data-{name}"
+    if not (data / META_FILE).is_file():
+        if name == "synth":
+            generate(SynthConfig.preset("default"), data)
+        else:
+            movielens.build(data)
+    return data
+
+
+def metrics_of(run: Path) -> dict | None:
+    path = run / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_dataset(name: str, workdir: Path, seeds: list[int], backbones: list[str]) -> dict:
+    from genctr_rec.training.finetune import finetune
+    from genctr_rec.training.pretrain import pretrain
+
+    data = prepare(name, workdir)
+    results: dict = {"auc": {}, "logloss": {}, "pretrain": {}}
+    for seed in seeds:
+        for variant, (negatives, decoder) in VARIANTS.items():
+            run = workdir / name / f"pretrain-{variant}-s{seed}"
+            cfg = RunConfig("pretrain", str(data), ModelConfig(decoder=decoder),
+                            TrainConfig(epochs=3, batch_size=128, seed=seed, negatives=negatives))
+            m = metrics_of(run) or pretrain(cfg, run)
+            results["pretrain"].setdefault(variant, []).append(
+                {k: v for k, v in m.items() if "@" in k})
+        for backbone in backbones:
+            for row, _, transfer, variant in ROWS:
+                run = workdir / name / f"ft-{backbone}-row{row}-s{seed}"
+                init = str(workdir / name / f"pretrain-{variant}-s{seed}") if variant else None
+                cfg = RunConfig("finetune", str(data), ModelConfig(), TrainConfig(seed=seed),
+                                backbone=backbone, transfer=transfer, init_from=init)
+                test = (metrics_of(run) or finetune(cfg, run))["test"]
+                key = f"{backbone}/{row}"
+                results["auc"].setdefault(key, []).append(test["auc"])
+                results["logloss"].setdefault(key, []).append(test["logloss"])
+                print(json.dumps({"dataset": name, "seed": seed, "backbone": backbone,
+                                  "row": row, **test}), flush=True)
+    return results
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> str:
+    head = "| # | Model | " + " | ".join(f"{b} AUC | {b} LogLoss" for b in backbones) + " |"
+    lines = [f"### {name} (test split, mean ± std over seeds {seeds})", "", head,
+             "|---|---|" + "---|---|" * len(backbones)]
+    for row, label, _, _ in ROWS:
+        cells = [f"{_fmt(res['auc'][f'{b}/{row}'])} | {_fmt(res['logloss'][f'{b}/{row}'])}"
+                 for b in backbones]
+        lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| paper's claim | rows | " + " | ".join(f"{b} ΔAUC" for b in backbones)
+              + " | holds on |", "|---|---|" + "---|" * len(backbones) + "---|"]
+    for claim, better, worse in CLAIMS:
+        deltas = [np.mean(res["auc"][f"{b}/{better}"]) - np.mean(res["auc"][f"{b}/{worse}"])
+                  for b in backbones]
+        holds = sum(d > 0 for d in deltas)
+        lines.append(f"| {claim} | {better} vs {worse} | "
+                     + " | ".join(f"{d:+.4f}" for d in deltas) + f" | {holds}/{len(deltas)} |")
+    pre = res["pretrain"]
+    lines += ["", "Pre-training, next-item HR@10 of the held-out last click (100 random / 100 "
+              "same-category negatives):", "", "| variant | HR@10 random | HR@10 category |",
+              "|---|---|---|"]
+    for variant, runs in pre.items():
+        lines.append(f"| {variant} | {_fmt([r['hr@10_random'] for r in runs])} | "
+                     f"{_fmt([r['hr@10_category'] for r in runs])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--datasets", nargs="+", default=["synth", "movielens"])
+    parser.add_argument("--backbones", nargs="+", default=BACKBONES)
+    parser.add_argument("--workdir", default="runs/table1")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    workdir = Path(args.workdir)
+    all_results, sections = {}, []
+    for name in args.datasets:
+        all_results[name] = run_dataset(name, workdir, args.seeds, args.backbones)
+        sections.append(markdown(name, all_results[name], args.backbones, args.seeds))
+    print(write_results("table1", {"results": all_results, "args": vars(args)},
+                        "\n\n".join(sections)))
+
+
+if __name__ == "__main__":
+    main()
