@@ -34,8 +34,12 @@ ROWS = [  # (row, label, transfer, pre-training variant)
     (7, "+Decoder, PS+MI (RS+CD)", "ps_mi", "rs_cd"),
     (8, "+Decoder, PS+MI (RS+SD)", "ps_mi", "rs_sd"),
 ]
-VARIANTS = {"cs_cd": ("category", "conditional"), "cs_sd": ("category", "sasrec"),
-            "rs_cd": ("random", "conditional"), "rs_sd": ("random", "sasrec")}
+VARIANTS = {
+    "cs_cd": ("category", "conditional"),
+    "cs_sd": ("category", "sasrec"),
+    "rs_cd": ("random", "conditional"),
+    "rs_sd": ("random", "sasrec"),
+}
 BACKBONES = ["dnn", "dcnv2", "dcnv2_ta"]
 CLAIMS = [  # (claim, better row, worse row)
     ("GenCTR beats the backbone", 5, 1),
@@ -73,23 +77,39 @@ def run_dataset(name: str, workdir: Path, seeds: list[int], backbones: list[str]
     for seed in seeds:
         for variant, (negatives, decoder) in VARIANTS.items():
             run = workdir / name / f"pretrain-{variant}-s{seed}"
-            cfg = RunConfig("pretrain", str(data), ModelConfig(decoder=decoder),
-                            TrainConfig(epochs=3, batch_size=128, seed=seed, negatives=negatives))
+            cfg = RunConfig(
+                "pretrain",
+                str(data),
+                ModelConfig(decoder=decoder),
+                TrainConfig(epochs=3, batch_size=128, seed=seed, negatives=negatives),
+            )
             m = metrics_of(run) or pretrain(cfg, run)
             results["pretrain"].setdefault(variant, []).append(
-                {k: v for k, v in m.items() if "@" in k})
+                {k: v for k, v in m.items() if "@" in k}
+            )
         for backbone in backbones:
             for row, _, transfer, variant in ROWS:
                 run = workdir / name / f"ft-{backbone}-row{row}-s{seed}"
                 init = str(workdir / name / f"pretrain-{variant}-s{seed}") if variant else None
-                cfg = RunConfig("finetune", str(data), ModelConfig(), TrainConfig(seed=seed),
-                                backbone=backbone, transfer=transfer, init_from=init)
+                cfg = RunConfig(
+                    "finetune",
+                    str(data),
+                    ModelConfig(),
+                    TrainConfig(seed=seed),
+                    backbone=backbone,
+                    transfer=transfer,
+                    init_from=init,
+                )
                 test = (metrics_of(run) or finetune(cfg, run))["test"]
                 key = f"{backbone}/{row}"
                 results["auc"].setdefault(key, []).append(test["auc"])
                 results["logloss"].setdefault(key, []).append(test["logloss"])
-                print(json.dumps({"dataset": name, "seed": seed, "backbone": backbone,
-                                  "row": row, **test}), flush=True)
+                print(
+                    json.dumps(
+                        {"dataset": name, "seed": seed, "backbone": backbone, "row": row, **test}
+                    ),
+                    flush=True,
+                )
     return results
 
 
@@ -99,27 +119,48 @@ def _fmt(values: list[float]) -> str:
 
 def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> str:
     head = "| # | Model | " + " | ".join(f"{b} AUC | {b} LogLoss" for b in backbones) + " |"
-    lines = [f"### {name} (test split, mean ± std over seeds {seeds})", "", head,
-             "|---|---|" + "---|---|" * len(backbones)]
+    lines = [
+        f"### {name} (test split, mean ± std over seeds {seeds})",
+        "",
+        head,
+        "|---|---|" + "---|---|" * len(backbones),
+    ]
     for row, label, _, _ in ROWS:
-        cells = [f"{_fmt(res['auc'][f'{b}/{row}'])} | {_fmt(res['logloss'][f'{b}/{row}'])}"
-                 for b in backbones]
+        cells = [
+            f"{_fmt(res['auc'][f'{b}/{row}'])} | {_fmt(res['logloss'][f'{b}/{row}'])}"
+            for b in backbones
+        ]
         lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| paper's claim | rows | " + " | ".join(f"{b} ΔAUC" for b in backbones)
-              + " | holds on |", "|---|---|" + "---|" * len(backbones) + "---|"]
+    lines += [
+        "",
+        "| paper's claim | rows | " + " | ".join(f"{b} ΔAUC" for b in backbones) + " | holds on |",
+        "|---|---|" + "---|" * len(backbones) + "---|",
+    ]
     for claim, better, worse in CLAIMS:
-        deltas = [np.mean(res["auc"][f"{b}/{better}"]) - np.mean(res["auc"][f"{b}/{worse}"])
-                  for b in backbones]
+        deltas = [
+            np.mean(res["auc"][f"{b}/{better}"]) - np.mean(res["auc"][f"{b}/{worse}"])
+            for b in backbones
+        ]
         holds = sum(d > 0 for d in deltas)
-        lines.append(f"| {claim} | {better} vs {worse} | "
-                     + " | ".join(f"{d:+.4f}" for d in deltas) + f" | {holds}/{len(deltas)} |")
+        lines.append(
+            f"| {claim} | {better} vs {worse} | "
+            + " | ".join(f"{d:+.4f}" for d in deltas)
+            + f" | {holds}/{len(deltas)} |"
+        )
     pre = res["pretrain"]
-    lines += ["", "Pre-training, next-item HR@10 of the held-out last click (100 random / 100 "
-              "same-category negatives):", "", "| variant | HR@10 random | HR@10 category |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        "Pre-training, next-item HR@10 of the held-out last click (100 random / 100 "
+        "same-category negatives):",
+        "",
+        "| variant | HR@10 random | HR@10 category |",
+        "|---|---|---|",
+    ]
     for variant, runs in pre.items():
-        lines.append(f"| {variant} | {_fmt([r['hr@10_random'] for r in runs])} | "
-                     f"{_fmt([r['hr@10_category'] for r in runs])} |")
+        lines.append(
+            f"| {variant} | {_fmt([r['hr@10_random'] for r in runs])} | "
+            f"{_fmt([r['hr@10_category'] for r in runs])} |"
+        )
     return "\n".join(lines)
 
 
@@ -136,8 +177,9 @@ def main() -> None:
     for name in args.datasets:
         all_results[name] = run_dataset(name, workdir, args.seeds, args.backbones)
         sections.append(markdown(name, all_results[name], args.backbones, args.seeds))
-    print(write_results("table1", {"results": all_results, "args": vars(args)},
-                        "\n\n".join(sections)))
+    print(
+        write_results("table1", {"results": all_results, "args": vars(args)}, "\n\n".join(sections))
+    )
 
 
 if __name__ == "__main__":

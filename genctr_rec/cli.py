@@ -86,8 +86,12 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 STAGE_DEFAULTS = {"pretrain": {"epochs": 3, "batch_size": 128}, "finetune": {"epochs": 1}}
-CHOICES = {"decoder": ["conditional", "sasrec"], "lookup": ["pooled", "sequence"],
-           "negatives": ["category", "random"], "embedding_optimizer": list(EMBEDDING_OPTIMIZERS)}
+CHOICES = {
+    "decoder": ["conditional", "sasrec"],
+    "lookup": ["pooled", "sequence"],
+    "negatives": ["category", "random"],
+    "embedding_optimizer": list(EMBEDDING_OPTIMIZERS),
+}
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -99,14 +103,20 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             flag = f"--{f.name.replace('_', '-')}"
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             if kind == "bool":
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                    default=None)
+                parser.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None
+                )
             else:
                 cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-                parser.add_argument(flag, dest=f.name, type=cast, default=None,
-                                    choices=CHOICES.get(f.name))
-    parser.add_argument("--sharding", default="", metavar="TABLE=TYPE[,TABLE=TYPE]",
-                        help="force a table's sharding, e.g. item=row_wise,category=data_parallel")
+                parser.add_argument(
+                    flag, dest=f.name, type=cast, default=None, choices=CHOICES.get(f.name)
+                )
+    parser.add_argument(
+        "--sharding",
+        default="",
+        metavar="TABLE=TYPE[,TABLE=TYPE]",
+        help="force a table's sharding, e.g. item=row_wise,category=data_parallel",
+    )
 
 
 def _run_config(args: argparse.Namespace, stage: str) -> RunConfig:
@@ -119,10 +129,15 @@ def _run_config(args: argparse.Namespace, stage: str) -> RunConfig:
     for item in filter(None, args.sharding.split(",")):
         table, _, kind = item.partition("=")
         train.sharding[table.strip()] = kind.strip()
-    return RunConfig(stage=stage, data=args.data, model=model, train=train,
-                     backbone=getattr(args, "backbone", None),
-                     transfer=getattr(args, "transfer", "none"),
-                     init_from=getattr(args, "init_from", None))
+    return RunConfig(
+        stage=stage,
+        data=args.data,
+        model=model,
+        train=train,
+        backbone=getattr(args, "backbone", None),
+        transfer=getattr(args, "transfer", "none"),
+        init_from=getattr(args, "init_from", None),
+    )
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -159,8 +174,12 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     fine.add_argument("--data", required=True)
     fine.add_argument("--out", required=True)
     fine.add_argument("--backbone", required=True, choices=["dnn", "dcnv2", "dcnv2_ta"])
-    fine.add_argument("--transfer", default="none", choices=list(TRANSFERS),
-                      help="none | ps | decoder | ps_decoder | ps_mi (GenCTR)")
+    fine.add_argument(
+        "--transfer",
+        default="none",
+        choices=list(TRANSFERS),
+        help="none | ps | decoder | ps_decoder | ps_mi (GenCTR)",
+    )
     fine.add_argument("--init-from", default=None, help="pre-training run directory")
     _add_config_options(fine)
     fine.set_defaults(func=_finetune)

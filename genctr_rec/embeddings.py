@@ -16,6 +16,7 @@ cuts the work on popularity-skewed ids and changes no value or gradient.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import (
     EmbeddingBagCollection,
@@ -29,6 +30,16 @@ from torchrec import (
 ITEM_TABLE = "item"
 CATEGORY_TABLE = "category"
 TABLES = (ITEM_TABLE, CATEGORY_TABLE)
+
+
+def _common_stride(stride: int, device: torch.device) -> int:
+    """The largest stride over ranks: sharded pooled lookups need one batch size on every rank
+    (row-wise reduce-scatter, table-wise all-to-all); shorter ranks pad with empty bags."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([stride], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
+    return stride
 
 
 class SharedEmbeddings(nn.Module):
@@ -84,7 +95,10 @@ class SharedEmbeddings(nn.Module):
             self.tables = EmbeddingCollection(
                 tables=[
                     EmbeddingConfig(
-                        name=name, embedding_dim=dim, num_embeddings=sizes[name], feature_names=[name]
+                        name=name,
+                        embedding_dim=dim,
+                        num_embeddings=sizes[name],
+                        feature_names=[name],
                     )
                     for name in TABLES
                 ],
@@ -104,7 +118,7 @@ class SharedEmbeddings(nn.Module):
         values = torch.cat([ids[name] for name in TABLES])
         if self.lookup == "pooled":
             # one bag per id; the shorter table's feature is padded with empty bags
-            stride = max(max(counts), 1)
+            stride = _common_stride(max(max(counts), 1), values.device)
             lengths = torch.zeros(len(TABLES) * stride, dtype=torch.int32, device=values.device)
             for i, n in enumerate(counts):
                 lengths[i * stride : i * stride + n] = 1

@@ -29,8 +29,10 @@ def prepare_data(workdir: Path, preset: str) -> Path:
         logger.info("simulating the %s dataset into %s", preset, data)
         generate(SynthConfig.preset(preset), data)
     report = validate_dataset(data)
-    logger.info("dataset valid: %s", json.dumps({k: report[k]["rows"] for k in
-                                                 ("train", "test", "sequences")}))
+    logger.info(
+        "dataset valid: %s",
+        json.dumps({k: report[k]["rows"] for k in ("train", "test", "sequences")}),
+    )
     return data
 
 
@@ -39,8 +41,9 @@ def _done(run: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_pipeline(workdir: str | Path, preset: str = "default", seed: int = 0,
-                 backbone: str = "dnn") -> dict[str, Any]:
+def run_pipeline(
+    workdir: str | Path, preset: str = "default", seed: int = 0, backbone: str = "dnn"
+) -> dict[str, Any]:
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
 
@@ -48,13 +51,23 @@ def run_pipeline(workdir: str | Path, preset: str = "default", seed: int = 0,
     data = prepare_data(workdir, preset)
     pre_dir = workdir / f"pretrain-s{seed}"
     pre = _done(pre_dir) or pretrain(
-        RunConfig("pretrain", str(data), ModelConfig(), TrainConfig(epochs=3, batch_size=128,
-                                                                    seed=seed)), pre_dir)
+        RunConfig(
+            "pretrain", str(data), ModelConfig(), TrainConfig(epochs=3, batch_size=128, seed=seed)
+        ),
+        pre_dir,
+    )
     results = {}
     for name, transfer in (("backbone", "none"), ("genctr", "ps_mi")):
         run = workdir / f"finetune-{backbone}-{transfer}-s{seed}"
-        cfg = RunConfig("finetune", str(data), ModelConfig(), TrainConfig(epochs=1, seed=seed),
-                        backbone=backbone, transfer=transfer, init_from=str(pre_dir))
+        cfg = RunConfig(
+            "finetune",
+            str(data),
+            ModelConfig(),
+            TrainConfig(epochs=1, seed=seed),
+            backbone=backbone,
+            transfer=transfer,
+            init_from=str(pre_dir),
+        )
         results[name] = (_done(run) or finetune(cfg, run))["test"]
     summary = {
         "data": str(data),
@@ -69,6 +82,8 @@ def run_pipeline(workdir: str | Path, preset: str = "default", seed: int = 0,
         r = results[name]
         rows.append(f"| {label} | {r['auc']:.4f} | {r['gauc']:.4f} | {r['logloss']:.4f} |")
     print("\n".join(rows))
-    print(f"pre-training next-item HR@10 (100 random negatives): "
-          f"{pre['hr@10_random']:.3f}; AUC gain: {summary['auc_gain']:+.4f}")
+    print(
+        f"pre-training next-item HR@10 (100 random negatives): "
+        f"{pre['hr@10_random']:.3f}; AUC gain: {summary['auc_gain']:+.4f}"
+    )
     return summary

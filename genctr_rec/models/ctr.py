@@ -63,7 +63,10 @@ class PretrainModel(nn.Module):
 
     @torch.no_grad()
     def score_next(
-        self, sequences: KeyedJaggedTensor, target_categories: torch.Tensor, candidates: torch.Tensor
+        self,
+        sequences: KeyedJaggedTensor,
+        target_categories: torch.Tensor,
+        candidates: torch.Tensor,
     ) -> torch.Tensor:
         """Scores [B, C] of candidate items [B, C] as the next item after each sequence, given
         the next item's category [B] (the held-out evaluation: HR@10, NDCG@10)."""

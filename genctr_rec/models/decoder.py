@@ -30,7 +30,9 @@ class _Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """query [B, Q, D], memory [B, K, D], mask bool [B or 1, Q, K] (True = may attend)."""
         b, nq, d = query.shape
         h = self.heads

@@ -13,7 +13,9 @@ def row_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, positions
 
 
-def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+def to_padded(
+    values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
+) -> torch.Tensor:
     """[N, D] jagged values -> [B, L, D] zero-padded, L = max length (or ``max_len``)."""
     lengths = lengths.long()
     width = int(lengths.max()) if max_len is None and len(lengths) else (max_len or 0)

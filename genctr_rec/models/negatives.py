@@ -67,8 +67,9 @@ class NegativeSampler:
         pos = torch.where(pos < 0, len(self.items), pos)  # not a training item: nothing to skip
         n_items = torch.tensor(len(self.items))
         random = self.items[
-            self._skip_target(torch.zeros_like(pos), n_items.expand_as(pos), pos, k)
-            .clamp(max=len(self.items) - 1)
+            self._skip_target(torch.zeros_like(pos), n_items.expand_as(pos), pos, k).clamp(
+                max=len(self.items) - 1
+            )
         ]
         if self.mode == "random":
             return random
@@ -89,8 +90,12 @@ class NegativeSampler:
             items["category_id"].to_numpy()
         )
         seen = [
-            np.unique(pq.read_table(p, columns=["item_ids"])["item_ids"].combine_chunks()
-                      .flatten().to_numpy())
+            np.unique(
+                pq.read_table(p, columns=["item_ids"])["item_ids"]
+                .combine_chunks()
+                .flatten()
+                .to_numpy()
+            )
             for p in split_files(data_dir, "sequences")
         ]
         train_items = torch.from_numpy(np.unique(np.concatenate(seen)))

@@ -16,12 +16,14 @@ from genctr_rec.training.distributed import DistContext, init_distributed
 
 
 @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (pytorch #86830)
-def evaluate_ctr(dmp, data: str | Path, ctx: DistContext, batch_size: int, max_history: int,
-                 split: str = "test") -> dict[str, float]:
+def evaluate_ctr(
+    dmp, data: str | Path, ctx: DistContext, batch_size: int, max_history: int, split: str = "test"
+) -> dict[str, float]:
     model = dmp.module
     model.eval()
-    reader = ImpressionReader(data, split, batch_size, ctx.rank, ctx.world_size, shuffle=False,
-                              max_history=max_history)
+    reader = ImpressionReader(
+        data, split, batch_size, ctx.rank, ctx.world_size, shuffle=False, max_history=max_history
+    )
     scores, labels, users = [], [], []
     for batch in reader:
         logits = dmp(batch.sparse_features.to(ctx.device))
@@ -29,8 +31,13 @@ def evaluate_ctr(dmp, data: str | Path, ctx: DistContext, batch_size: int, max_h
         labels.append(batch.labels.numpy())
         users.append(batch.user_ids.numpy())
     model.train()
-    gathered = gather_arrays({"scores": np.concatenate(scores), "labels": np.concatenate(labels),
-                              "users": np.concatenate(users)})
+    gathered = gather_arrays(
+        {
+            "scores": np.concatenate(scores),
+            "labels": np.concatenate(labels),
+            "users": np.concatenate(users),
+        }
+    )
     return ctr_metrics(gathered["scores"], gathered["labels"], gathered["users"])
 
 

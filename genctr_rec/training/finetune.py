@@ -29,8 +29,11 @@ from genctr_rec.training.loop import train_epochs
 from genctr_rec.training.sharding import sharding_summary
 
 logger = logging.getLogger(__name__)
-TRANSFER_PREFIXES = {"ps": ["embeddings."], "ps_decoder": ["embeddings."],
-                     "ps_mi": ["embeddings.", "decoder."]}
+TRANSFER_PREFIXES = {
+    "ps": ["embeddings."],
+    "ps_decoder": ["embeddings."],
+    "ps_mi": ["embeddings.", "decoder."],
+}
 
 
 def _inherit_from_pretraining(cfg: RunConfig) -> None:
@@ -44,9 +47,11 @@ def _inherit_from_pretraining(cfg: RunConfig) -> None:
         if pre.stage != "pretrain":
             raise ValueError(f"--init-from {cfg.init_from} is not a pre-training run")
         if (pre.num_items, pre.num_categories) != (cfg.num_items, cfg.num_categories):
-            raise ValueError(f"--init-from {cfg.init_from} was trained on tables of "
-                             f"{pre.num_items} items / {pre.num_categories} categories, the data "
-                             f"has {cfg.num_items} / {cfg.num_categories}")
+            raise ValueError(
+                f"--init-from {cfg.init_from} was trained on tables of "
+                f"{pre.num_items} items / {pre.num_categories} categories, the data "
+                f"has {cfg.num_items} / {cfg.num_categories}"
+            )
         cfg.model = pre.model
         cfg.max_history = pre.max_history
 
@@ -63,9 +68,18 @@ def finetune(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     dmp = built.dmp
     loaded: list[str] = []
     if cfg.transfer in TRANSFER_PREFIXES:
-        loaded = load_model(dmp, Path(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer])
-    reader = ImpressionReader(cfg.data, "train", cfg.train.batch_size, ctx.rank, ctx.world_size,
-                              seed=cfg.train.seed, max_history=cfg.max_history)
+        loaded = load_model(
+            dmp, Path(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer]
+        )
+    reader = ImpressionReader(
+        cfg.data,
+        "train",
+        cfg.train.batch_size,
+        ctx.rank,
+        ctx.world_size,
+        seed=cfg.train.seed,
+        max_history=cfg.max_history,
+    )
 
     def step(batch):
         batch = batch.to(ctx.device)
@@ -74,8 +88,15 @@ def finetune(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
-    history = train_epochs(reader, step, built.dense_optimizer, cfg.train.epochs, ctx, out,
-                           f"finetune[{cfg.backbone},{cfg.transfer}]")
+    history = train_epochs(
+        reader,
+        step,
+        built.dense_optimizer,
+        cfg.train.epochs,
+        ctx,
+        out,
+        f"finetune[{cfg.backbone},{cfg.transfer}]",
+    )
     test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history)
     save_model(dmp, out / "checkpoint")
     metrics = {

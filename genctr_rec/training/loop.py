@@ -48,8 +48,13 @@ def train_epochs(
         total, count, examples = 0.0, 0, 0
         start = time.perf_counter()
         show = ctx.is_main and sys.stderr.isatty()  # a bar in a log file is noise
-        bar = tqdm(reader, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not show,
-                   leave=False, mininterval=1.0)
+        bar = tqdm(
+            reader,
+            desc=f"{desc} epoch {epoch + 1}/{epochs}",
+            disable=not show,
+            leave=False,
+            mininterval=1.0,
+        )
         for batch in bar:
             dense_optimizer.zero_grad(set_to_none=True)
             loss = step(batch)
@@ -57,7 +62,9 @@ def train_epochs(
             dense_optimizer.step()
             value = float(loss.detach())
             if not torch.isfinite(torch.tensor(value)):
-                raise FloatingPointError(f"loss became {value} at epoch {epoch}, step {global_step}")
+                raise FloatingPointError(
+                    f"loss became {value} at epoch {epoch}, step {global_step}"
+                )
             total += value
             count += 1
             examples += batch.batch_size
@@ -70,8 +77,14 @@ def train_epochs(
         seconds = time.perf_counter() - start
         history["epoch_loss"].append(total / max(count, 1))
         history["examples_per_s"].append(examples * ctx.world_size / max(seconds, 1e-9))
-        logger.info("%s epoch %d: loss %.4f, %.0f examples/s over %d ranks", desc, epoch + 1,
-                    history["epoch_loss"][-1], history["examples_per_s"][-1], ctx.world_size)
+        logger.info(
+            "%s epoch %d: loss %.4f, %.0f examples/s over %d ranks",
+            desc,
+            epoch + 1,
+            history["epoch_loss"][-1],
+            history["examples_per_s"][-1],
+            ctx.world_size,
+        )
     if writer is not None:
         writer.close()
     return history

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 EVAL_CANDIDATES = 100
 
 
-def split_last(sequences: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
+def split_last(
+    sequences: KeyedJaggedTensor,
+) -> tuple[KeyedJaggedTensor, torch.Tensor, torch.Tensor]:
     """(sequences without their last click, last item ids, last categories) per row.
 
     Rows with a single click keep nothing; their "last" entries are -1."""
@@ -63,11 +65,18 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
     """HR@k / NDCG@k of the held-out last clicks, over all ranks."""
     model = dmp.module
     model.eval()
-    reader = SequenceReader(cfg.data, cfg.train.batch_size, ctx.rank, ctx.world_size, shuffle=False,
-                            max_history=cfg.max_history + 1)
+    reader = SequenceReader(
+        cfg.data,
+        cfg.train.batch_size,
+        ctx.rank,
+        ctx.world_size,
+        shuffle=False,
+        max_history=cfg.max_history + 1,
+    )
     random_sampler = NegativeSampler.from_dataset(cfg.data, "random", cfg.train.seed + 7, ctx.rank)
-    category_sampler = NegativeSampler.from_dataset(cfg.data, "category", cfg.train.seed + 7,
-                                                    ctx.rank)
+    category_sampler = NegativeSampler.from_dataset(
+        cfg.data, "category", cfg.train.seed + 7, ctx.rank
+    )
     ranks: dict[str, list[np.ndarray]] = {"random": [], "category": []}
     for batch in reader:
         context, last_items, last_cats = split_last(batch.sparse_features)
@@ -76,8 +85,9 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
             negatives = sampler.sample(last_items.clamp(min=0), EVAL_CANDIDATES)
             candidates = torch.cat([last_items.clamp(min=0).unsqueeze(1), negatives], dim=1)
             scores = dmp.module.score_next(
-                context.to(ctx.device), last_cats.clamp(min=0).to(ctx.device),
-                candidates.to(ctx.device)
+                context.to(ctx.device),
+                last_cats.clamp(min=0).to(ctx.device),
+                candidates.to(ctx.device),
             ).cpu()
             ranks[name].append(_rank_of_true(scores)[valid.numpy()])
     model.train()
@@ -102,8 +112,14 @@ def pretrain(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     sampler = NegativeSampler.from_dataset(cfg.data, cfg.train.negatives, cfg.train.seed, ctx.rank)
     # one more than the history so that, after holding out the last click, the predicted
     # positions cover 0..max_history, the positions fine-tuning queries
-    reader = SequenceReader(cfg.data, cfg.train.batch_size, ctx.rank, ctx.world_size,
-                            seed=cfg.train.seed, max_history=cfg.max_history + 2)
+    reader = SequenceReader(
+        cfg.data,
+        cfg.train.batch_size,
+        ctx.rank,
+        ctx.world_size,
+        seed=cfg.train.seed,
+        max_history=cfg.max_history + 2,
+    )
     k = cfg.train.num_negatives
 
     def step(batch) -> torch.Tensor:
@@ -114,8 +130,9 @@ def pretrain(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
-    history = train_epochs(reader, step, built.dense_optimizer, cfg.train.epochs, ctx, out,
-                           "pretrain")
+    history = train_epochs(
+        reader, step, built.dense_optimizer, cfg.train.epochs, ctx, out, "pretrain"
+    )
     quality = evaluate_next_item(dmp, cfg, ctx)
     save_model(dmp, out / "checkpoint")
     metrics = {

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import torch
+import torchrec.optim as trec_optim
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -21,7 +22,6 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-import torchrec.optim as trec_optim
 from genctr_rec.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ def plan_sharding(
     """TorchRec's planner, with per-table sharding types forced by ``overrides``."""
     for table, sharding in overrides.items():
         if sharding not in SHARDING_TYPES:
-            raise ValueError(f"table {table}: unknown sharding type {sharding!r}; "
-                             f"choose from {sorted(SHARDING_TYPES)}")
+            raise ValueError(
+                f"table {table}: unknown sharding type {sharding!r}; "
+                f"choose from {sorted(SHARDING_TYPES)}"
+            )
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
             world_size=ctx.world_size, local_world_size=ctx.local_world_size
@@ -70,8 +72,9 @@ def plan_sharding(
         kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
     constraints = {t: ParameterConstraints(sharding_types=[s]) for t, s in overrides.items()}
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
-                                       constraints=constraints, debug=False)
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints, debug=False
+    )
     return planner.plan(model, sharders())
 
 
@@ -84,8 +87,13 @@ def shard_model(
     if ctx.is_main:
         for module_path, module_plan in plan.plan.items():
             for table, spec in module_plan.items():
-                logger.info("table %s.%s: %s on ranks %s", module_path, table,
-                            spec.sharding_type, spec.ranks)
+                logger.info(
+                    "table %s.%s: %s on ranks %s",
+                    module_path,
+                    table,
+                    spec.sharding_type,
+                    spec.ranks,
+                )
     return dmp
 
 
