@@ -81,7 +81,7 @@ def run_dataset(name: str, workdir: Path, seeds: list[int], backbones: list[str]
                 "pretrain",
                 str(data),
                 ModelConfig(decoder=decoder),
-                TrainConfig(epochs=3, batch_size=128, seed=seed, negatives=negatives),
+                TrainConfig(epochs=3, batch_size=32, seed=seed, negatives=negatives),
             )
             m = metrics_of(run) or pretrain(cfg, run)
             results["pretrain"].setdefault(variant, []).append(

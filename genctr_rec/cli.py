@@ -85,7 +85,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     val.set_defaults(func=_data_validate)
 
 
-STAGE_DEFAULTS = {"pretrain": {"epochs": 3, "batch_size": 128}, "finetune": {"epochs": 1}}
+STAGE_DEFAULTS = {"pretrain": {"epochs": 3, "batch_size": 32}, "finetune": {"epochs": 1}}
 CHOICES = {
     "decoder": ["conditional", "sasrec"],
     "lookup": ["pooled", "sequence"],
@@ -186,7 +186,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("evaluate", help="AUC, GAUC, LogLoss of a finetune run on test")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--run", required=True)
+    # --run-dir: the same option under torchrun, whose own parser claims "--run" as an
+    # abbreviation of its --run-path
+    ev.add_argument("--run", "--run-dir", dest="run", required=True)
     ev.add_argument("--batch-size", type=int, default=None)
     ev.set_defaults(func=_evaluate)
 

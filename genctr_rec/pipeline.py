@@ -52,7 +52,7 @@ def run_pipeline(
     pre_dir = workdir / f"pretrain-s{seed}"
     pre = _done(pre_dir) or pretrain(
         RunConfig(
-            "pretrain", str(data), ModelConfig(), TrainConfig(epochs=3, batch_size=128, seed=seed)
+            "pretrain", str(data), ModelConfig(), TrainConfig(epochs=3, batch_size=32, seed=seed)
         ),
         pre_dir,
     )

@@ -191,7 +191,7 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     """pretrain -> finetune (GenCTR) -> evaluate on two ranks: pre-training loss falls, test AUC
     is well above chance, and evaluate reproduces the fine-tuning run's metrics."""
     data = tmp_path / "data"
-    generate(SynthConfig(num_users=2500, num_items=4000, num_categories=40), data)
+    generate(SynthConfig(num_users=2500, num_items=1500, num_categories=30), data)
     _torchrun(
         ["pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), "--epochs", "3"], tmp_path
     )
@@ -212,12 +212,14 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
             "ps_mi",
             "--init-from",
             str(tmp_path / "pre"),
+            "--batch-size",
+            "256",
         ],
         tmp_path,
     )
     test = json.loads((tmp_path / "ft" / "metrics.json").read_text())["test"]
     assert test["auc"] > 0.6 and test["rows"] > 10_000
-    out = _torchrun(["evaluate", "--data", str(data), "--run", str(tmp_path / "ft")], tmp_path)
+    out = _torchrun(["evaluate", "--data", str(data), "--run-dir", str(tmp_path / "ft")], tmp_path)
     last = json.loads(out.strip().splitlines()[-1])
     assert set(last) == {"auc", "gauc", "logloss", "rows"}
     assert last["auc"] == pytest.approx(test["auc"], abs=1e-6)

@@ -62,12 +62,14 @@ class SynthConfig:
         max_history: histories kept in impression rows (written to meta.json).
         style_switch_prob: per-session chance that a user's style in a category is re-drawn.
         style_weight: logit added when the ad's style matches the user's current style.
+        organic_clicks: organic click slots per session (1..3), each taken with
+            ``organic_prob``; the last is in the query category, the others in favourites.
         seed: everything is a function of this seed.
         users_per_chunk: users simulated at once (bounds memory).
     """
 
     num_users: int = 8_000
-    num_items: int = 20_000
+    num_items: int = 5_000
     num_categories: int = 100
     num_styles: int = 4
     favourite_categories: int = 4
@@ -78,6 +80,8 @@ class SynthConfig:
     max_history: int = 50
     style_switch_prob: float = 0.08
     style_weight: float = 1.6
+    organic_clicks: int = 3
+    organic_prob: float = 0.7
     seed: int = 2025
     users_per_chunk: int = 8_192
     row_group_size: int = 65_536
@@ -101,6 +105,8 @@ class _Catalogue:
 
     def __init__(self, cfg: SynthConfig, rng: np.random.Generator) -> None:
         n_items, n_cat, n_sty = cfg.num_items, cfg.num_categories, cfg.num_styles
+        if not 1 <= cfg.organic_clicks <= 3:
+            raise ValueError("organic_clicks must be 1, 2 or 3")
         if n_items < n_cat:
             raise ValueError("num_items must be at least num_categories")
         cat_weight = 1.0 / np.arange(1, n_cat + 1) ** 0.8
@@ -179,11 +185,12 @@ def _simulate_chunk(
     rows = np.arange(n)
     pos_bias = -0.35 * np.arange(A)
 
-    # events per session: slot 0 = organic click (at t-1), slots 1..A = ad clicks (at t)
-    ev_item = np.zeros((n, S, 1 + A), dtype=np.int64)
-    ev_cat = np.zeros((n, S, 1 + A), dtype=np.int64)
-    ev_time = np.zeros((n, S, 1 + A), dtype=np.int64)
-    ev_valid = np.zeros((n, S, 1 + A), dtype=bool)
+    # events per session: G organic clicks (at t-G..t-1), then A ad clicks (at t)
+    G = cfg.organic_clicks
+    ev_item = np.zeros((n, S, G + A), dtype=np.int64)
+    ev_cat = np.zeros((n, S, G + A), dtype=np.int64)
+    ev_time = np.zeros((n, S, G + A), dtype=np.int64)
+    ev_valid = np.zeros((n, S, G + A), dtype=bool)
     imp = {k: np.zeros((n, S, A), dtype=np.int64) for k in ("item", "cat", "query", "label", "pos")}
 
     for s in range(S):
@@ -202,11 +209,18 @@ def _simulate_chunk(
             style[rows, q_is_fav.argmax(axis=1)],
             rng.integers(0, cfg.num_styles, size=n),
         )
-        organic = rng.random(n) < 0.75
-        ev_item[:, s, 0] = cat.sample_in_style(rng, query, q_style)
-        ev_cat[:, s, 0] = query
-        ev_time[:, s, 0] = times[:, s] - 1
-        ev_valid[:, s, 0] = organic & active[:, s]
+        for j in range(G):
+            # the last organic click is in the query category; earlier ones browse another
+            # favourite category: histories interleave categories
+            if j == G - 1:
+                o_cat, o_style = query, q_style
+            else:
+                o_slot = (rng.random((n, 1)) < fav_weight.cumsum(axis=1)).argmax(axis=1)
+                o_cat, o_style = favourites[rows, o_slot], style[rows, o_slot]
+            ev_item[:, s, j] = cat.sample_in_style(rng, o_cat, o_style)
+            ev_cat[:, s, j] = o_cat
+            ev_time[:, s, j] = times[:, s] - G + j
+            ev_valid[:, s, j] = (rng.random(n) < cfg.organic_prob) & active[:, s]
 
         ad_cat = np.where(
             rng.random((n, A)) < 0.7,
@@ -230,9 +244,9 @@ def _simulate_chunk(
         label = rng.random((n, A)) < 1.0 / (1.0 + np.exp(-logit))
         imp["item"][:, s], imp["cat"][:, s], imp["query"][:, s] = ad_item, ad_cat, query[:, None]
         imp["label"][:, s], imp["pos"][:, s] = label, np.arange(A)[None, :]
-        ev_item[:, s, 1:], ev_cat[:, s, 1:] = ad_item, ad_cat
-        ev_time[:, s, 1:] = times[:, s, None]
-        ev_valid[:, s, 1:] = label & active[:, s, None]
+        ev_item[:, s, G:], ev_cat[:, s, G:] = ad_item, ad_cat
+        ev_time[:, s, G:] = times[:, s, None]
+        ev_valid[:, s, G:] = label & active[:, s, None]
 
     # click stream per user, time-ordered (session order, organic before ads)
     valid_flat = ev_valid.reshape(n, -1)
@@ -245,8 +259,8 @@ def _simulate_chunk(
         "count": clicks_per_user,
         "user": first_user + np.arange(n, dtype=np.int64),
     }
-    # clicks strictly before each session's ads = valid events up to and including its organic
-    before = np.cumsum(valid_flat, axis=1).reshape(n, S, 1 + A)[:, :, 0]
+    # clicks strictly before each session's ads = valid events up to its last organic slot
+    before = np.cumsum(valid_flat, axis=1).reshape(n, S, G + A)[:, :, G - 1]
     imp_active = np.broadcast_to(active[:, :, None], (n, S, A))
     users = np.broadcast_to(rows[:, None, None], (n, S, A))[imp_active]
     ends = user_click_start[users] + np.broadcast_to(before[:, :, None], (n, S, A))[imp_active]

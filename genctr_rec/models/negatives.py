@@ -86,7 +86,7 @@ class NegativeSampler:
         """Build the sampling table from items.parquet and the pre-training sequences."""
         items = pq.read_table(Path(data_dir) / "items.parquet")
         item_category = torch.zeros(len(items), dtype=torch.long)
-        item_category[torch.from_numpy(items["item_id"].to_numpy())] = torch.from_numpy(
+        item_category[torch.tensor(items["item_id"].to_numpy())] = torch.tensor(
             items["category_id"].to_numpy()
         )
         seen = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,13 @@ def init_distributed(timeout_s: int = 1800) -> DistContext:
         device=device,
         backend=backend,
     )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown_distributed() -> None:
