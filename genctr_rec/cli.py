@@ -9,7 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
-from genctr_rec.config import EMBEDDING_OPTIMIZERS, TRANSFERS, ModelConfig, RunConfig, TrainConfig
+from genctr_rec.config import (
+    EMBEDDING_OPTIMIZERS,
+    TRANSFERS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
 from genctr_rec.data.schema import DataFormatError
 
 logger = logging.getLogger("genctr")
@@ -234,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_stack()
         return args.func(args)
-    except (DataFormatError, StackError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (DataFormatError, StackError, ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"genctr: error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 
+
+class ConfigError(ValueError):
+    """A run was asked for something inconsistent (the CLI prints it without a traceback)."""
+
+
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "rowwise_adagrad", "adagrad", "sgd")
 TRANSFERS = ("none", "ps", "decoder", "ps_decoder", "ps_mi")
 

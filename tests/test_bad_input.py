@@ -220,3 +220,22 @@ def test_failed_synth_keeps_previous_dataset(tmp_path: Path, monkeypatch) -> Non
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_finetune_refuses_inconsistent_transfer(toy_synth: Path, tmp_path: Path, capsys) -> None:
+    args = [
+        "finetune",
+        "--data",
+        str(toy_synth),
+        "--out",
+        str(tmp_path / "ft"),
+        "--backbone",
+        "dnn",
+        "--transfer",
+        "ps_mi",
+    ]
+    assert main(args) == 2
+    assert "needs --init-from" in capsys.readouterr().err
+    assert main(args[:-2] + ["--transfer", "none", "--sharding", "item=diagonal"]) == 2
+    assert "unknown sharding type 'diagonal'" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()

@@ -150,9 +150,37 @@ def _jagged_kjt(
 
 
 class _Reader:
-    """Shared plumbing: the stream, epochs and resumable state."""
+    """Shared plumbing: metadata, the stream, epochs and resumable state."""
 
-    stream: ParquetStream
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        schema: pa.Schema,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        max_history: int | None,
+        shuffle_window: int,
+    ) -> None:
+        self.meta = DatasetMeta.read(data_dir)
+        self.max_history = max_history or self.meta.max_history
+        self.stream = ParquetStream(
+            split_files(data_dir, split),
+            schema,
+            self._decode,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            shuffle_window,
+        )
+
+    def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -205,21 +233,20 @@ class ImpressionReader(_Reader):
         include_user_id: bool = False,
         shuffle_window: int = 4,
     ) -> None:
-        self.meta = DatasetMeta.read(data_dir)
-        self.max_history = max_history or self.meta.max_history
         self._scalar_keys = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY] + (
             [USER_ID] if include_user_id else []
         )
         self.keys = self._scalar_keys + [HIST_ITEMS, HIST_CATEGORIES]
-        self.stream = ParquetStream(
-            split_files(data_dir, split),
+        super().__init__(
+            data_dir,
+            split,
             IMPRESSION_SCHEMA,
-            self._decode,
             batch_size,
             rank,
             world_size,
             seed,
             shuffle,
+            max_history,
             shuffle_window,
         )
 
@@ -267,17 +294,16 @@ class SequenceReader(_Reader):
         max_history: int | None = None,
         shuffle_window: int = 4,
     ) -> None:
-        self.meta = DatasetMeta.read(data_dir)
-        self.max_history = max_history or self.meta.max_history
-        self.stream = ParquetStream(
-            split_files(data_dir, "sequences"),
+        super().__init__(
+            data_dir,
+            "sequences",
             SEQUENCE_SCHEMA,
-            self._decode,
             batch_size,
             rank,
             world_size,
             seed,
             shuffle,
+            max_history,
             shuffle_window,
         )
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from genctr_rec.checkpoint import load_model
-from genctr_rec.config import RunConfig
+from genctr_rec.config import ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.metrics import ctr_metrics, gather_arrays
 from genctr_rec.training.build import build_model
@@ -45,7 +45,7 @@ def evaluate_run(data: str | Path, run: str | Path, batch_size: int | None = Non
     """Rebuild a fine-tuning run's model from its config, load its checkpoint, evaluate."""
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
-        raise ValueError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
+        raise ConfigError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
     ctx = init_distributed()
     built = build_model(cfg, ctx)
     load_model(built.dmp, Path(run) / "checkpoint")

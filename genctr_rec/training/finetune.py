@@ -18,15 +18,14 @@ from typing import Any
 import torch.nn.functional as F
 
 from genctr_rec.checkpoint import load_model, save_model
-from genctr_rec.config import TRANSFERS, RunConfig
+from genctr_rec.config import TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
 from genctr_rec.training.evaluate import evaluate_ctr
-from genctr_rec.training.loop import train_epochs
-from genctr_rec.training.sharding import sharding_summary
+from genctr_rec.training.loop import run_metrics, train_epochs
 
 logger = logging.getLogger(__name__)
 TRANSFER_PREFIXES = {
@@ -39,15 +38,15 @@ TRANSFER_PREFIXES = {
 def _inherit_from_pretraining(cfg: RunConfig) -> None:
     """Transfers need the pre-training run, whose model shape the CTR model must match."""
     if cfg.transfer not in TRANSFERS:
-        raise ValueError(f"--transfer must be one of {TRANSFERS}, got {cfg.transfer!r}")
+        raise ConfigError(f"--transfer must be one of {TRANSFERS}, got {cfg.transfer!r}")
     if cfg.transfer in TRANSFER_PREFIXES:
         if not cfg.init_from:
-            raise ValueError(f"--transfer {cfg.transfer} needs --init-from PRETRAIN_RUN")
+            raise ConfigError(f"--transfer {cfg.transfer} needs --init-from PRETRAIN_RUN")
         pre = RunConfig.load(cfg.init_from)
         if pre.stage != "pretrain":
-            raise ValueError(f"--init-from {cfg.init_from} is not a pre-training run")
+            raise ConfigError(f"--init-from {cfg.init_from} is not a pre-training run")
         if (pre.num_items, pre.num_categories) != (cfg.num_items, cfg.num_categories):
-            raise ValueError(
+            raise ConfigError(
                 f"--init-from {cfg.init_from} was trained on tables of "
                 f"{pre.num_items} items / {pre.num_categories} categories, the data "
                 f"has {cfg.num_items} / {cfg.num_categories}"
@@ -100,18 +99,11 @@ def finetune(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history)
     save_model(dmp, out / "checkpoint")
     metrics = {
-        "stage": "finetune",
+        **run_metrics("finetune", history, built, ctx),
         "backbone": cfg.backbone,
         "transfer": cfg.transfer,
         "init_from": cfg.init_from,
         "loaded_tensors": len(loaded),
-        "epoch_loss": history["epoch_loss"],
-        "examples_per_s": history["examples_per_s"],
-        "embedding_optimizer": built.embedding_optimizer,
-        "embedding_lr": built.embedding_lr,
-        "sharding": sharding_summary(dmp),
-        "world_size": ctx.world_size,
-        "device": str(ctx.device),
         "test": test,
     }
     if ctx.is_main:

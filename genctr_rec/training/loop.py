@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from genctr_rec.training.distributed import DistContext
+from genctr_rec.training.sharding import sharding_summary
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +89,17 @@ def train_epochs(
     if writer is not None:
         writer.close()
     return history
+
+
+def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContext) -> dict:
+    """What every run's metrics.json records besides its quality figures."""
+    return {
+        "stage": stage,
+        "epoch_loss": history["epoch_loss"],
+        "examples_per_s": history["examples_per_s"],
+        "embedding_optimizer": built.embedding_optimizer,
+        "embedding_lr": built.embedding_lr,
+        "sharding": sharding_summary(built.dmp),
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+    }

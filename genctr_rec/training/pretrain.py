@@ -24,8 +24,7 @@ from genctr_rec.metrics import gather_arrays
 from genctr_rec.models.negatives import NegativeSampler
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
-from genctr_rec.training.loop import train_epochs
-from genctr_rec.training.sharding import sharding_summary
+from genctr_rec.training.loop import run_metrics, train_epochs
 
 logger = logging.getLogger(__name__)
 EVAL_CANDIDATES = 100
@@ -136,16 +135,9 @@ def pretrain(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     quality = evaluate_next_item(dmp, cfg, ctx)
     save_model(dmp, out / "checkpoint")
     metrics = {
-        "stage": "pretrain",
+        **run_metrics("pretrain", history, built, ctx),
         "decoder": cfg.model.decoder,
         "negatives": cfg.train.negatives,
-        "epoch_loss": history["epoch_loss"],
-        "examples_per_s": history["examples_per_s"],
-        "embedding_optimizer": built.embedding_optimizer,
-        "embedding_lr": built.embedding_lr,
-        "sharding": sharding_summary(dmp),
-        "world_size": ctx.world_size,
-        "device": str(ctx.device),
         **quality,
     }
     if ctx.is_main:

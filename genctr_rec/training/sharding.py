@@ -22,6 +22,7 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from genctr_rec.config import ConfigError
 from genctr_rec.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def sharders() -> list:
 def apply_fused_optimizer(tables: nn.Module, name: str, lr: float) -> None:
     """Register the tables' optimizer so DMP fuses it into the embedding backward."""
     if name not in FUSED_OPTIMIZERS:
-        raise ValueError(f"embedding optimizer must be one of {sorted(FUSED_OPTIMIZERS)}")
+        raise ConfigError(f"embedding optimizer must be one of {sorted(FUSED_OPTIMIZERS)}")
     apply_optimizer_in_backward(FUSED_OPTIMIZERS[name], tables.parameters(), {"lr": lr})
 
 
@@ -61,7 +62,7 @@ def plan_sharding(
     """TorchRec's planner, with per-table sharding types forced by ``overrides``."""
     for table, sharding in overrides.items():
         if sharding not in SHARDING_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"table {table}: unknown sharding type {sharding!r}; "
                 f"choose from {sorted(SHARDING_TYPES)}"
             )
