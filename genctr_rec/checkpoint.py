@@ -1,4 +1,4 @@
-"""Model checkpoints with ``torch.distributed.checkpoint``: sharded, reshardable, atomic.
+"""Checkpoints with ``torch.distributed.checkpoint``: sharded, reshardable, atomic, verified.
 
 Every rank writes its own shards; the directory becomes visible under its final name only
 after all ranks finished (written as ``NAME.tmp``, renamed by rank 0 after a barrier). Loading
@@ -9,15 +9,21 @@ pre-training run).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 logger = logging.getLogger(__name__)
 MODEL_KEY = "model"
@@ -68,3 +74,162 @@ def load_model(
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), path)
     return sorted(state)
+
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+STEP_DIR = re.compile(r"^step-(\d{9})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is damaged or could not be written; the message says which and why."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff ``ok`` on every rank (a failed rank makes all ranks fail)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    tmp = directory / (MANIFEST + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump({"files": entries}, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify_manifest(directory: Path, checksums: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, resized or altered file."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
+    for name, entry in entries.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CheckpointError(
+                f"{directory}: {name} has {path.stat().st_size} bytes, "
+                f"the manifest says {entry['bytes']}"
+            )
+        if checksums and _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{directory}: {name} fails its SHA-256 check")
+
+
+class CheckpointManager:
+    """Training checkpoints under ``RUN/checkpoints/step-NNNNNNNNN``, the last ``keep`` kept.
+
+    A checkpoint holds the model (sharded tables and dense part), the fused and dense optimizer
+    states (all through DCP, so any world size or plan can load them), and per run the
+    progress (epoch, step, reader position, running loss) and per rank the RNG states. It is
+    written under ``.step-N.tmp``, given a manifest of sizes and SHA-256 sums, and renamed
+    only when every rank finished: a run killed mid-save leaves the previous one intact.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int = 2, every_steps: int = 0) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+        self.every_steps = every_steps
+
+    def checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if STEP_DIR.match(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(
+        self, step: int, app_state: dict[str, Any], progress: dict[str, Any], rng: dict[str, Any]
+    ) -> Path:
+        """Collective. Returns the committed directory; raises CheckpointError on any rank's
+        failure, leaving earlier checkpoints untouched."""
+        final = self.root / f"step-{step:09d}"
+        tmp = self.root / f".step-{step:09d}.tmp"
+        rank = _rank()
+        error: BaseException | None = None
+        try:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as exc:
+            error = exc
+        if not _all_ok(error is None):
+            raise CheckpointError(f"cannot create {tmp}: {error or 'failed on rank 0'}")
+        try:
+            dcp.save(app_state, checkpoint_id=str(tmp))
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
+        except (Exception, CheckpointException) as exc:  # every failure must reach every rank
+            error = exc
+        if _all_ok(error is None) and rank == 0:
+            try:
+                (tmp / PROGRESS).write_text(json.dumps(progress, indent=1, sort_keys=True))
+                write_manifest(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                error = exc
+        if not _all_ok(error is None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"saving checkpoint step {step} under {self.root} failed: "
+                f"{error or 'another rank failed'}; the previous checkpoint is untouched"
+            ) from error
+        if rank == 0:
+            for old in self.checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        logger.info("checkpoint %s written", final)
+        return final
+
+    def load(self, path: Path, app_state: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+        """Collective: verify, load ``app_state`` in place; returns (progress, this rank's RNG
+        states or None when the world size changed)."""
+        verify_manifest(path)
+        try:
+            dcp.load(app_state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as exc:
+            raise CheckpointError(f"{path}: cannot load ({exc})") from exc
+        progress = json.loads((path / PROGRESS).read_text())
+        rng_file = path / f"rng-rank{_rank()}.pt"
+        same_world = progress.get("world_size") == (
+            dist.get_world_size() if dist.is_initialized() else 1
+        )
+        rng = (
+            torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
+        )
+        return progress, rng

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
+from genctr_rec.checkpoint import CheckpointError
 from genctr_rec.config import (
     EMBEDDING_OPTIMIZERS,
     TRANSFERS,
@@ -119,6 +120,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                     flag, dest=f.name, type=cast, default=None, choices=CHOICES.get(f.name)
                 )
     parser.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=0,
+        help="checkpoint and exit after N steps in all; run the same command again to resume",
+    )
+    parser.add_argument(
         "--sharding",
         default="",
         metavar="TABLE=TYPE[,TABLE=TYPE]",
@@ -150,7 +157,9 @@ def _run_config(args: argparse.Namespace, stage: str) -> RunConfig:
 def _pretrain(args: argparse.Namespace) -> int:
     from genctr_rec.training.pretrain import pretrain
 
-    metrics = pretrain(_run_config(args, "pretrain"), args.out)
+    metrics = pretrain(_run_config(args, "pretrain"), args.out, args.stop_after_steps)
+    if metrics is None:
+        return 0
     print(json.dumps({k: v for k, v in metrics.items() if "@" in k or k == "epoch_loss"}))
     return 0
 
@@ -158,7 +167,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from genctr_rec.training.finetune import finetune
 
-    metrics = finetune(_run_config(args, "finetune"), args.out)
+    metrics = finetune(_run_config(args, "finetune"), args.out, args.stop_after_steps)
+    if metrics is None:
+        return 0
     print(json.dumps(metrics["test"]))
     return 0
 
@@ -241,7 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_stack()
         return args.func(args)
-    except (DataFormatError, StackError, ConfigError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        DataFormatError,
+        StackError,
+        ConfigError,
+        CheckpointError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         print(f"genctr: error: {exc}", file=sys.stderr)
         return 2
 

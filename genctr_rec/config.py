@@ -62,6 +62,8 @@ class TrainConfig:
         max_history: history truncation (``None``: the dataset's ``max_history``).
         num_negatives: negatives per pre-training target.
         negatives: ``category`` (CS) or ``random`` (RS).
+        checkpoint_every: also checkpoint every N steps (0: only at epoch ends).
+        keep_checkpoints: how many of the newest checkpoints to keep.
     """
 
     epochs: int = 1
@@ -74,6 +76,8 @@ class TrainConfig:
     max_history: int | None = None
     num_negatives: int = 16
     negatives: str = "category"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
 
     def resolved_embedding_optimizer(self, device: torch.device) -> str:
         if self.embedding_optimizer == "auto":
@@ -103,6 +107,22 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def prepare_run_dir(self, run_dir: Path, is_main: bool) -> None:
+        """Create ``run_dir`` with this config, or check that an existing run (being resumed)
+        was started with the same one."""
+        path = Path(run_dir) / "config.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != json.loads(json.dumps(self.to_json())):
+                changed = sorted(k for k in saved if saved.get(k) != self.to_json().get(k))
+                raise ConfigError(
+                    f"{run_dir} holds a run with a different configuration "
+                    f"(differs in {changed}); use another --out"
+                )
+        elif is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.save(run_dir)
 
     def save(self, run_dir: Path) -> None:
         from genctr_rec.data.writer import atomic_write_json

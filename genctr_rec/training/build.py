@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from genctr_rec.config import RunConfig
@@ -28,10 +29,22 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class BuiltModel:
+    """The sharded model and its optimizers: ``dense_optimizer`` steps after backward (the
+    fused one already stepped inside it); ``optimizer`` combines both for checkpoints."""
+
     dmp: DistributedModelParallel
-    dense_optimizer: torch.optim.Optimizer
+    dense_optimizer: KeyedOptimizerWrapper
+    optimizer: CombinedOptimizer
     embedding_optimizer: str
     embedding_lr: float
+
+    def app_state(self) -> dict:
+        """Everything DCP saves and loads: model and optimizer state, keyed by name."""
+        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def load_app_state(self, state: dict) -> None:
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
 
 
 def decoder_for(cfg: RunConfig) -> GenerativeDecoder:
@@ -62,5 +75,7 @@ def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
     apply_fused_optimizer(embeddings.tables, opt_name, emb_lr)
     dmp = shard_model(model, ctx, cfg.train.batch_size, cfg.train.sharding)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense_optimizer = torch.optim.Adam(dense.values(), lr=cfg.train.lr)
-    return BuiltModel(dmp, dense_optimizer, opt_name, emb_lr)
+    lr = cfg.train.lr
+    dense_optimizer = KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=lr))
+    combined = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense_optimizer)])
+    return BuiltModel(dmp, dense_optimizer, combined, opt_name, emb_lr)

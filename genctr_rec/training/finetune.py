@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from genctr_rec.checkpoint import load_model, save_model
+from genctr_rec.checkpoint import CheckpointManager, load_model, save_model
 from genctr_rec.config import TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
@@ -55,7 +55,7 @@ def _inherit_from_pretraining(cfg: RunConfig) -> None:
         cfg.max_history = pre.max_history
 
 
-def finetune(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
     """Train stage 2, evaluate on test, write ``out/``. Returns the metrics."""
     out = Path(out)
     meta = DatasetMeta.read(cfg.data)
@@ -84,18 +84,22 @@ def finetune(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         batch = batch.to(ctx.device)
         return F.binary_cross_entropy_with_logits(dmp(batch.sparse_features), batch.labels)
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out)
+    cfg.prepare_run_dir(out, ctx.is_main)
+    checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     history = train_epochs(
         reader,
         step,
-        built.dense_optimizer,
+        built,
         cfg.train.epochs,
         ctx,
         out,
         f"finetune[{cfg.backbone},{cfg.transfer}]",
+        checkpoints,
+        None,
+        stop_after_steps,
     )
+    if history is None:  # stopped early on request; the checkpoint resumes it
+        return None
     test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history)
     save_model(dmp, out / "checkpoint")
     metrics = {

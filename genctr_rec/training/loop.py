@@ -1,18 +1,23 @@
 """The training loop shared by both stages: epochs over a reader, one optimizer step per batch,
+checkpoints every N steps and at each epoch end, exact resume from the latest checkpoint,
 progress on rank 0 (tqdm), TensorBoard scalars, and the loss history."""
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.sharding import sharding_summary
 
@@ -30,23 +35,78 @@ def tensorboard_writer(run_dir: Path, ctx: DistContext):
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
+def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
 def train_epochs(
     reader: Any,
     step: Callable[[Any], torch.Tensor],
-    dense_optimizer: torch.optim.Optimizer,
+    built: Any,
     epochs: int,
     ctx: DistContext,
     run_dir: Path,
     desc: str,
-) -> dict[str, Any]:
+    checkpoints: CheckpointManager | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    stop_after_steps: int = 0,
+) -> dict[str, Any] | None:
     """Runs ``epochs`` epochs; ``step(batch)`` returns the loss, whose backward also applies the
-    fused embedding optimizer. Returns per-epoch mean losses and throughput."""
+    fused embedding optimizer. Resumes from ``checkpoints.latest()`` when there is one.
+
+    ``stop_after_steps`` > 0 ends this invocation after that many steps in total (a
+    checkpoint is written first) and returns None: the job is resumed by running it again,
+    the way preemptible or time-limited allocations are used.
+    Returns per-epoch mean losses and throughput."""
+    generators = generators or {}
+    history: dict[str, Any] = {"epoch_loss": [], "examples_per_s": []}
+    acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
+    global_step, start_epoch, mid_epoch = 0, 0, False
+    latest = checkpoints.latest() if checkpoints else None
+    if latest is not None:
+        built.dense_optimizer.init_state()  # Adam's state must exist to be loaded into
+        state = built.app_state()
+        progress, rng = checkpoints.load(latest, state)
+        built.load_app_state(state)
+        reader.load_state_dict(progress["reader"])
+        history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
+        start_epoch = reader.state_dict()["epoch"]
+        mid_epoch = reader.state_dict()["batches_done"] > 0
+        if rng is not None:
+            restore_rng(rng, generators)
+        else:
+            logger.warning("world size changed since %s: RNG streams restart", latest)
+        logger.info("resumed from %s (epoch %d, step %d)", latest, start_epoch, global_step)
+
+    def save() -> None:
+        progress = {
+            "step": global_step,
+            "reader": reader.state_dict(),
+            "history": history,
+            "epoch_acc": acc,
+            "world_size": ctx.world_size,
+        }
+        checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
+
     writer = tensorboard_writer(run_dir, ctx)
-    history: dict[str, Any] = {"epoch_loss": [], "step_loss": [], "examples_per_s": []}
-    global_step = 0
-    for epoch in range(epochs):
-        reader.set_epoch(epoch)
-        total, count, examples = 0.0, 0, 0
+    for epoch in range(start_epoch, epochs):
+        if not mid_epoch:
+            reader.set_epoch(epoch)
+            acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
+        mid_epoch = False
         start = time.perf_counter()
         show = ctx.is_main and sys.stderr.isatty()  # a bar in a log file is noise
         bar = tqdm(
@@ -57,27 +117,40 @@ def train_epochs(
             mininterval=1.0,
         )
         for batch in bar:
-            dense_optimizer.zero_grad(set_to_none=True)
+            built.dense_optimizer.zero_grad(set_to_none=True)
             loss = step(batch)
             loss.backward()
-            dense_optimizer.step()
+            built.dense_optimizer.step()
             value = float(loss.detach())
-            if not torch.isfinite(torch.tensor(value)):
+            if not math.isfinite(value):
                 raise FloatingPointError(
                     f"loss became {value} at epoch {epoch}, step {global_step}"
                 )
-            total += value
-            count += 1
-            examples += batch.batch_size
-            history["step_loss"].append(value)
+            acc["total"] += value
+            acc["count"] += 1
+            acc["examples"] += batch.batch_size
+            global_step += 1
             if writer is not None:
                 writer.add_scalar(f"{desc}/loss", value, global_step)
-            if count % 20 == 0:
-                bar.set_postfix(loss=f"{total / count:.4f}")
-            global_step += 1
-        seconds = time.perf_counter() - start
-        history["epoch_loss"].append(total / max(count, 1))
-        history["examples_per_s"].append(examples * ctx.world_size / max(seconds, 1e-9))
+            if acc["count"] % 20 == 0:
+                bar.set_postfix(loss=f"{acc['total'] / acc['count']:.4f}")
+            periodic = checkpoints is not None and checkpoints.every_steps > 0
+            stopping = 0 < stop_after_steps <= global_step
+            if stopping or (periodic and global_step % checkpoints.every_steps == 0):
+                acc["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                if checkpoints is not None:
+                    save()
+            if stopping:
+                logger.info("stopping after step %d as asked; run again to resume", global_step)
+                if writer is not None:
+                    writer.close()
+                return None
+        acc["seconds"] += time.perf_counter() - start
+        history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
+        history["examples_per_s"].append(
+            acc["examples"] * ctx.world_size / max(acc["seconds"], 1e-9)
+        )
         logger.info(
             "%s epoch %d: loss %.4f, %.0f examples/s over %d ranks",
             desc,
@@ -86,6 +159,8 @@ def train_epochs(
             history["examples_per_s"][-1],
             ctx.world_size,
         )
+        if checkpoints:
+            save()
     if writer is not None:
         writer.close()
     return history

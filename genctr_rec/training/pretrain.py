@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from genctr_rec.checkpoint import save_model
+from genctr_rec.checkpoint import CheckpointManager, save_model
 from genctr_rec.config import RunConfig
 from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
 from genctr_rec.data.schema import DatasetMeta
@@ -99,7 +99,7 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
     return out
 
 
-def pretrain(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+def pretrain(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
     """Train stage 1 and write ``out/`` (config, checkpoint, metrics). Returns the metrics."""
     out = Path(out)
     ctx = init_distributed()
@@ -126,12 +126,22 @@ def pretrain(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         negatives = sampler.sample(context[SEQ_ITEMS].values(), k)
         return dmp(context.to(ctx.device), negatives.to(ctx.device))
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out)
+    cfg.prepare_run_dir(out, ctx.is_main)
+    checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     history = train_epochs(
-        reader, step, built.dense_optimizer, cfg.train.epochs, ctx, out, "pretrain"
+        reader,
+        step,
+        built,
+        cfg.train.epochs,
+        ctx,
+        out,
+        "pretrain",
+        checkpoints,
+        {"negatives": sampler.generator},
+        stop_after_steps,
     )
+    if history is None:  # stopped early on request; the checkpoint resumes it
+        return None
     quality = evaluate_next_item(dmp, cfg, ctx)
     save_model(dmp, out / "checkpoint")
     metrics = {

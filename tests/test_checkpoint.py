@@ -1,0 +1,202 @@
+"""Checkpoints: exact resume, verified manifests, failed saves that keep the previous
+checkpoint, a rank killed with SIGKILL under torchrun, and resharding across world sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from genctr_rec.checkpoint import CheckpointManager, verify_manifest
+from genctr_rec.training.distributed import free_port
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _cli(*args: str, preexec=None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "genctr_rec.cli", *args],
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=600,
+        preexec_fn=preexec,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _torchrun_cmd(*args: str, restarts: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "genctr_rec.cli",
+        *args,
+    ]
+
+
+def _model_tensors(run: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    out = tmp / f"{run.name}.pt"
+    dcp_to_torch_save(run / "checkpoint", out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def _assert_same_model(a: Path, b: Path, tmp: Path) -> None:
+    ta, tb = _model_tensors(a, tmp), _model_tensors(b, tmp)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs"
+
+
+PRETRAIN = ["--epochs", "2", "--batch-size", "32", "--checkpoint-every", "6"]
+
+
+def test_resume_is_exact(toy_synth: Path, tmp_path: Path) -> None:
+    """Stopped after step 13 (mid-epoch) and resumed == uninterrupted, bit for bit on CPU."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _cli("pretrain", "--data", str(toy_synth), "--out", str(whole), *PRETRAIN)
+    _cli(
+        "pretrain",
+        "--data",
+        str(toy_synth),
+        "--out",
+        str(split),
+        *PRETRAIN,
+        "--stop-after-steps",
+        "13",
+    )
+    assert not (split / "metrics.json").exists()
+    assert [p.name for p in CheckpointManager(split).checkpoints()] == [
+        "step-000000012",
+        "step-000000013",
+    ]
+    _cli("pretrain", "--data", str(toy_synth), "--out", str(split), *PRETRAIN)
+    _assert_same_model(whole, split, tmp_path)
+    mw = json.loads((whole / "metrics.json").read_text())
+    ms = json.loads((split / "metrics.json").read_text())
+    for key in ("epoch_loss", "hr@10_random", "ndcg@10_category"):
+        assert mw[key] == ms[key], key
+
+
+def test_damaged_checkpoint_is_refused_clearly(toy_synth: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _cli(
+        "pretrain",
+        "--data",
+        str(toy_synth),
+        "--out",
+        str(run),
+        *PRETRAIN,
+        "--stop-after-steps",
+        "6",
+    )
+    (latest,) = CheckpointManager(run).checkpoints()
+    shard = next(latest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = _cli("pretrain", "--data", str(toy_synth), "--out", str(run), *PRETRAIN, check=False)
+    assert proc.returncode == 2
+    assert "fails its SHA-256 check" in proc.stderr and shard.name in proc.stderr
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(toy_synth: Path, tmp_path: Path) -> None:
+    """A real write failure (files capped by RLIMIT_FSIZE, as on a full disk) fails the run with
+    a clear error and leaves the previous checkpoint intact and resumable."""
+    run = tmp_path / "run"
+    _cli(
+        "pretrain",
+        "--data",
+        str(toy_synth),
+        "--out",
+        str(run),
+        *PRETRAIN,
+        "--stop-after-steps",
+        "6",
+    )
+    proc = _cli(
+        "pretrain",
+        "--data",
+        str(toy_synth),
+        "--out",
+        str(run),
+        *PRETRAIN,
+        "--stop-after-steps",
+        "12",
+        preexec=_limit_file_size,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "saving checkpoint step 12" in proc.stderr and "previous checkpoint" in proc.stderr
+    (kept,) = CheckpointManager(run).checkpoints()
+    assert kept.name == "step-000000006"
+    verify_manifest(kept)
+    assert not list((run / "checkpoints").glob(".*tmp")), "no half-written checkpoint left"
+    _cli("pretrain", "--data", str(toy_synth), "--out", str(run), *PRETRAIN)
+    assert (run / "metrics.json").is_file()
+
+
+FINETUNE = ["--backbone", "dnn", "--batch-size", "512", "--checkpoint-every", "5"]
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_rank_restarts_and_finishes_identically(
+    toy_synth: Path, tmp_path: Path
+) -> None:
+    calm, hit = tmp_path / "calm", tmp_path / "hit"
+    cmd = ["finetune", "--data", str(toy_synth), *FINETUNE]
+    proc = subprocess.run(
+        _torchrun_cmd(*cmd, "--out", str(calm)),
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    job = subprocess.Popen(
+        _torchrun_cmd(*cmd, "--out", str(hit), restarts=1),
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 300
+    while not CheckpointManager(hit).checkpoints():
+        assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
+        time.sleep(0.2)
+    workers = psutil.Process(job.pid).children(recursive=True)
+    victim = next(p for p in workers if "genctr_rec.cli" in " ".join(p.cmdline()))
+    os.kill(victim.pid, signal.SIGKILL)
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    _assert_same_model(calm, hit, tmp_path)
+    assert (
+        json.loads((calm / "metrics.json").read_text())["test"]
+        == json.loads((hit / "metrics.json").read_text())["test"]
+    )
