@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -21,6 +22,11 @@ from genctr_rec.config import (
 from genctr_rec.data.schema import DataFormatError
 
 logger = logging.getLogger("genctr")
+
+
+def _is_rank0() -> bool:
+    """Results are printed once, by rank 0, when running under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _data_synth(args: argparse.Namespace) -> int:
@@ -158,9 +164,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from genctr_rec.training.pretrain import pretrain
 
     metrics = pretrain(_run_config(args, "pretrain"), args.out, args.stop_after_steps)
-    if metrics is None:
-        return 0
-    print(json.dumps({k: v for k, v in metrics.items() if "@" in k or k == "epoch_loss"}))
+    if metrics is not None and _is_rank0():
+        print(json.dumps({k: v for k, v in metrics.items() if "@" in k or k == "epoch_loss"}))
     return 0
 
 
@@ -168,16 +173,17 @@ def _finetune(args: argparse.Namespace) -> int:
     from genctr_rec.training.finetune import finetune
 
     metrics = finetune(_run_config(args, "finetune"), args.out, args.stop_after_steps)
-    if metrics is None:
-        return 0
-    print(json.dumps(metrics["test"]))
+    if metrics is not None and _is_rank0():
+        print(json.dumps(metrics["test"]))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from genctr_rec.training.evaluate import evaluate_run
 
-    print(json.dumps(evaluate_run(args.data, args.run, args.batch_size)))
+    metrics = evaluate_run(args.data, args.run, args.batch_size)
+    if _is_rank0():
+        print(json.dumps(metrics))
     return 0
 
 
@@ -262,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"genctr: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # gloo's threads must stop before the interpreter does ("terminate called without an
+        # active exception" otherwise, now and then, at exit)
+        from genctr_rec.training.distributed import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":
