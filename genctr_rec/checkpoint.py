@@ -216,14 +216,35 @@ class CheckpointManager:
         logger.info("checkpoint %s written", final)
         return final
 
-    def load(self, path: Path, app_state: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+    def load(
+        self, path: Path, app_state: dict[str, Any], resettable: Sequence[str] = ("optim",)
+    ) -> tuple[dict[str, Any], dict | None]:
         """Collective: verify, load ``app_state`` in place; returns (progress, this rank's RNG
-        states or None when the world size changed)."""
+        states or None when the world size changed).
+
+        Entries named in ``resettable`` may fail to reshard (fbgemm keeps row-wise Adagrad
+        state per row, which cannot move between column-wise and other layouts): they are
+        then left as they are, with a warning, and everything else is loaded.
+        """
         verify_manifest(path)
         try:
             dcp.load(app_state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as exc:
-            raise CheckpointError(f"{path}: cannot load ({exc})") from exc
+            kept = {k: v for k, v in app_state.items() if k not in resettable}
+            if len(kept) == len(app_state):
+                raise CheckpointError(f"{path}: cannot load ({exc})") from exc
+            try:
+                dcp.load(kept, checkpoint_id=str(path))
+            except (Exception, CheckpointException) as exc2:
+                raise CheckpointError(f"{path}: cannot load ({exc2})") from exc2
+            app_state["resharding_reset"] = list(resettable)
+            logger.warning(
+                "%s: %s could not be resharded to this plan and restarts (%s); "
+                "the model loaded in full",
+                path,
+                ", ".join(resettable),
+                str(exc).splitlines()[0][:200],
+            )
         progress = json.loads((path / PROGRESS).read_text())
         rng_file = path / f"rng-rank{_rank()}.pt"
         same_world = progress.get("world_size") == (

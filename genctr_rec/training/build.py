@@ -44,7 +44,8 @@ class BuiltModel:
 
     def load_app_state(self, state: dict) -> None:
         self.dmp.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
+        if "optim" not in state.get("resharding_reset", ()):
+            self.optimizer.load_state_dict(state["optim"])
 
 
 def decoder_for(cfg: RunConfig) -> GenerativeDecoder:
