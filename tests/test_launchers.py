@@ -1,0 +1,152 @@
+"""torchx components: valid components, Slurm / Kubernetes jobs (dry run), and real local runs
+with 1x2 and 2x1 (two "nodes" on one machine, rendezvous on localhost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from torchx.components.component_test_base import ComponentTestCase
+
+import launchers.genctr as components
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHX = str(Path(sys.executable).with_name("torchx"))
+ENV = {
+    **os.environ,
+    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    "OMP_NUM_THREADS": "1",
+}
+COMPONENTS = ["pretrain", "finetune", "evaluate", "pipeline", "benchmark"]
+
+
+class TestComponents(ComponentTestCase):
+    def test_components_are_valid(self) -> None:
+        for name in COMPONENTS:
+            self.validate(components, name)
+
+
+def _torchx(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [TORCHX, *args], cwd=ROOT, env=ENV, text=True, capture_output=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("component", ["pretrain", "finetune", "pipeline", "evaluate"])
+def test_slurm_dryrun_prints_a_job(component: str) -> None:
+    proc = _torchx(
+        "run",
+        "--dryrun",
+        "-s",
+        "slurm",
+        f"launchers/genctr.py:{component}",
+        "--j",
+        "2x4",
+        "--",
+        "--data",
+        "/data/synth",
+        "--out",
+        "/runs/x",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    script = proc.stdout
+    assert "#SBATCH hetjob" in script and script.count("srun") >= 1
+    assert "--nnodes 2 --nproc_per_node 4" in script
+    assert f"-m genctr_rec.cli {component} --data /data/synth" in script
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script
+
+
+@pytest.mark.parametrize("component", ["pretrain", "finetune"])
+def test_kubernetes_dryrun_prints_a_volcano_job(component: str) -> None:
+    proc = _torchx(
+        "run",
+        "--workspace",
+        "",
+        "--dryrun",
+        "-s",
+        "kubernetes",
+        f"launchers/genctr.py:{component}",
+        "--j",
+        "3x2",
+        "--gpu",
+        "2",
+        "--image",
+        "registry/genctr:1",
+        "--",
+        "--data",
+        "/d",
+        "--out",
+        "/r",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = yaml.safe_load(proc.stdout.split("=== SCHEDULER REQUEST ===", 1)[1])
+    assert job["kind"] == "Job" and job["apiVersion"].startswith("batch.volcano.sh")
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 3, "one task per node"
+    for task in tasks:
+        (container,) = task["template"]["spec"]["containers"]
+        assert container["image"] == "registry/genctr:1"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        command = " ".join(container["command"])
+        assert "--nnodes 3 --nproc_per_node 2" in command and "--max_restarts 1" in command
+        assert f"genctr_rec.cli {component} --data /d" in command
+
+
+def test_benchmark_component_runs_the_module() -> None:
+    app = components.benchmark("reader_throughput", "--rows", "1000")
+    role = app.roles[0]
+    assert role.entrypoint == "python" and role.args[:2] == ["-m", "benchmarks.reader_throughput"]
+    assert role.args[2:] == ["--rows", "1000"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["1x2", "2x1"])
+def test_local_run_trains_on_two_ranks(toy_synth: Path, tmp_path: Path, topology: str) -> None:
+    out = tmp_path / "pre"
+    proc = _torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        "launchers/genctr.py:pretrain",
+        "--j",
+        topology,
+        "--",
+        "--data",
+        str(toy_synth),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = proc.stdout + proc.stderr
+    assert "SUCCEEDED" in logs
+    assert "[rank0]" in logs and "[rank1]" in logs, "logs of every rank come back"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["epoch_loss"]) == 1
+
+
+@pytest.mark.slow
+def test_failing_job_fails_visibly(tmp_path: Path) -> None:
+    proc = _torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        "launchers/genctr.py:pretrain",
+        "--j",
+        "1x2",
+        "--",
+        "--data",
+        str(tmp_path / "missing"),
+        "--out",
+        str(tmp_path / "r"),
+        timeout=300,
+    )
+    logs = proc.stdout + proc.stderr
+    assert "FAILED" in logs
+    assert "meta.json is missing" in logs
