@@ -44,11 +44,18 @@ def _done(run: Path) -> dict[str, Any] | None:
 def run_pipeline(
     workdir: str | Path, preset: str = "default", seed: int = 0, backbone: str = "dnn"
 ) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
 
     workdir = Path(workdir)
-    data = prepare_data(workdir, preset)
+    ctx = init_distributed()
+    data = workdir / f"data-{preset}"
+    if ctx.is_main:  # one rank writes the data, the others wait for it
+        prepare_data(workdir, preset)
+    dist.barrier()
     pre_dir = workdir / f"pretrain-s{seed}"
     pre = _done(pre_dir) or pretrain(
         RunConfig(
@@ -76,6 +83,8 @@ def run_pipeline(
         "results": results,
         "auc_gain": results["genctr"]["auc"] - results["backbone"]["auc"],
     }
+    if not ctx.is_main:
+        return summary
     atomic_write_json(workdir / "summary.json", summary)
     rows = [f"| model ({backbone}, seed {seed}) | test AUC | GAUC | LogLoss |", "|---|---|---|---|"]
     for name, label in (("backbone", "backbone alone"), ("genctr", "GenCTR (PS+MI, CS+CD)")):
