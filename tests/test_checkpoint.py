@@ -38,6 +38,8 @@ def _cli(*args: str, preexec=None, check: bool = True) -> subprocess.CompletedPr
 
 
 def _torchrun_cmd(*args: str, restarts: int = 0) -> list[str]:
+    # c10d rendezvous (as torchx's components use): each restart round gets a fresh store;
+    # with a static --master-port the restarted ranks find stale gloo addresses
     return [
         sys.executable,
         "-m",
@@ -46,8 +48,10 @@ def _torchrun_cmd(*args: str, restarts: int = 0) -> list[str]:
         "2",
         "--max-restarts",
         str(restarts),
-        "--master-port",
-        str(free_port()),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"localhost:{free_port()}",
         "-m",
         "genctr_rec.cli",
         *args,
@@ -178,23 +182,34 @@ def test_sigkill_of_a_rank_restarts_and_finishes_identically(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    job = subprocess.Popen(
-        _torchrun_cmd(*cmd, "--out", str(hit), restarts=1),
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + 300
-    while not CheckpointManager(hit).checkpoints():
-        assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
-        time.sleep(0.2)
-    workers = psutil.Process(job.pid).children(recursive=True)
-    victim = next(p for p in workers if "genctr_rec.cli" in " ".join(p.cmdline()))
-    os.kill(victim.pid, signal.SIGKILL)
-    output, _ = job.communicate(timeout=600)
+    log = tmp_path / "hit.log"
+    with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the job
+        job = subprocess.Popen(
+            _torchrun_cmd(*cmd, "--out", str(hit), restarts=1),
+            env=ENV,
+            text=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 300
+            while not CheckpointManager(hit).checkpoints():
+                assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
+                time.sleep(0.1)
+            workers = [
+                p
+                for p in psutil.Process(job.pid).children(recursive=True)
+                if "genctr_rec.cli" in " ".join(p.cmdline())
+            ]
+            assert len(workers) == 2
+            os.kill(workers[0].pid, signal.SIGKILL)
+            job.wait(timeout=400)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    output = log.read_text()
     assert job.returncode == 0, output[-3000:]
-    assert "resumed from" in output
+    assert "failed (exitcode: -9)" in output and "resumed from" in output
     _assert_same_model(calm, hit, tmp_path)
     assert (
         json.loads((calm / "metrics.json").read_text())["test"]
