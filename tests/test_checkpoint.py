@@ -101,18 +101,22 @@ def test_resume_is_exact(toy_synth: Path, tmp_path: Path) -> None:
         assert mw[key] == ms[key], key
 
 
-def test_damaged_checkpoint_is_refused_clearly(toy_synth: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
+def _pretrain_until(data: Path, run: Path, steps: int) -> None:
     _cli(
         "pretrain",
         "--data",
-        str(toy_synth),
+        str(data),
         "--out",
         str(run),
         *PRETRAIN,
         "--stop-after-steps",
-        "6",
+        str(steps),
     )
+
+
+def test_damaged_checkpoint_is_refused_clearly(toy_synth: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _pretrain_until(toy_synth, run, 6)
     (latest,) = CheckpointManager(run).checkpoints()
     shard = next(latest.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
@@ -132,16 +136,7 @@ def test_failed_save_keeps_the_previous_checkpoint(toy_synth: Path, tmp_path: Pa
     """A real write failure (files capped by RLIMIT_FSIZE, as on a full disk) fails the run with
     a clear error and leaves the previous checkpoint intact and resumable."""
     run = tmp_path / "run"
-    _cli(
-        "pretrain",
-        "--data",
-        str(toy_synth),
-        "--out",
-        str(run),
-        *PRETRAIN,
-        "--stop-after-steps",
-        "6",
-    )
+    _pretrain_until(toy_synth, run, 6)
     proc = _cli(
         "pretrain",
         "--data",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from genctr_rec.checkpoint import CheckpointManager, load_model, save_model
+from genctr_rec.checkpoint import load_model, save_model
 from genctr_rec.config import TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
@@ -25,7 +25,7 @@ from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
 from genctr_rec.training.evaluate import evaluate_ctr
-from genctr_rec.training.loop import run_metrics, train_epochs
+from genctr_rec.training.loop import run_metrics, train_run
 
 logger = logging.getLogger(__name__)
 TRANSFER_PREFIXES = {
@@ -84,17 +84,14 @@ def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
         batch = batch.to(ctx.device)
         return F.binary_cross_entropy_with_logits(dmp(batch.sparse_features), batch.labels)
 
-    cfg.prepare_run_dir(out, ctx.is_main)
-    checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
-    history = train_epochs(
+    history = train_run(
+        cfg,
+        out,
         reader,
         step,
         built,
-        cfg.train.epochs,
         ctx,
-        out,
         f"finetune[{cfg.backbone},{cfg.transfer}]",
-        checkpoints,
         None,
         stop_after_steps,
     )

@@ -166,6 +166,35 @@ def train_epochs(
     return history
 
 
+def train_run(
+    cfg: Any,
+    out: Path,
+    reader: Any,
+    step: Callable[[Any], torch.Tensor],
+    built: Any,
+    ctx: DistContext,
+    desc: str,
+    generators: dict[str, torch.Generator] | None = None,
+    stop_after_steps: int = 0,
+) -> dict[str, Any] | None:
+    """A stage's training in its run directory: config written (or checked, when resuming),
+    checkpoints per the config, resumed from the latest one. None when stopped early."""
+    cfg.prepare_run_dir(out, ctx.is_main)
+    checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
+    return train_epochs(
+        reader,
+        step,
+        built,
+        cfg.train.epochs,
+        ctx,
+        out,
+        desc,
+        checkpoints,
+        generators,
+        stop_after_steps,
+    )
+
+
 def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContext) -> dict:
     """What every run's metrics.json records besides its quality figures."""
     return {

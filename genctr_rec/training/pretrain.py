@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from genctr_rec.checkpoint import CheckpointManager, save_model
+from genctr_rec.checkpoint import save_model
 from genctr_rec.config import RunConfig
 from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
 from genctr_rec.data.schema import DatasetMeta
@@ -24,7 +24,7 @@ from genctr_rec.metrics import gather_arrays
 from genctr_rec.models.negatives import NegativeSampler
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
-from genctr_rec.training.loop import run_metrics, train_epochs
+from genctr_rec.training.loop import run_metrics, train_run
 
 logger = logging.getLogger(__name__)
 EVAL_CANDIDATES = 100
@@ -126,17 +126,14 @@ def pretrain(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
         negatives = sampler.sample(context[SEQ_ITEMS].values(), k)
         return dmp(context.to(ctx.device), negatives.to(ctx.device))
 
-    cfg.prepare_run_dir(out, ctx.is_main)
-    checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
-    history = train_epochs(
+    history = train_run(
+        cfg,
+        out,
         reader,
         step,
         built,
-        cfg.train.epochs,
         ctx,
-        out,
         "pretrain",
-        checkpoints,
         {"negatives": sampler.generator},
         stop_after_steps,
     )
