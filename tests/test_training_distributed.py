@@ -219,6 +219,35 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     )
     test = json.loads((tmp_path / "ft" / "metrics.json").read_text())["test"]
     assert test["auc"] > 0.6 and test["rows"] > 10_000
+    # stage handoff across world sizes: a 2-rank pre-training read by a 1-process fine-tuning
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "genctr_rec.cli",
+            "finetune",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "ft1"),
+            "--backbone",
+            "dcnv2",
+            "--transfer",
+            "ps",
+            "--init-from",
+            str(tmp_path / "pre"),
+            "--batch-size",
+            "512",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    handoff = json.loads((tmp_path / "ft1" / "metrics.json").read_text())
+    assert handoff["world_size"] == 1 and handoff["loaded_tensors"] == 2
     out = _torchrun(["evaluate", "--data", str(data), "--run-dir", str(tmp_path / "ft")], tmp_path)
     last = json.loads(out.strip().splitlines()[-1])
     assert set(last) == {"auc", "gauc", "logloss", "rows"}
