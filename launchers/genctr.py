@@ -193,7 +193,7 @@ def benchmark(
     """One benchmark of ``benchmarks/`` (it starts its own processes where it needs ranks).
 
     Args:
-        name: the benchmark module, e.g. reader_throughput, lookup_layouts, table1
+        name: the benchmark module, e.g. reader_throughput, lookup_layouts, table_scale, table1
         args: the benchmark's own options
         cpu: CPUs
         memMB: memory in MB
