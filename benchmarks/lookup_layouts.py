@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import write_results
-from genctr_rec.training.distributed import free_port
+from genctr_rec.training.distributed import free_port, join_local_group
 
 LAYOUTS = [("sequence", False), ("sequence", True), ("pooled", False), ("pooled", True)]
 
@@ -37,16 +36,8 @@ def _ids(kind: str, n: int, rows: int, seed: int) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     from genctr_rec.embeddings import SharedEmbeddings
     from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.sharding import apply_fused_optimizer, shard_model

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import tempfile
 import time
@@ -24,20 +23,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import write_results
-from genctr_rec.training.distributed import free_port
+from genctr_rec.training.distributed import free_port, join_local_group
 
 
 def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE="2",
-    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_local_group(rank, 2, port)
     from genctr_rec.embeddings import SharedEmbeddings
     from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.sharding import apply_fused_optimizer, plan_sharding, shard_model

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import tempfile
 import time
@@ -29,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.common import write_results
 from genctr_rec.data.synth import SynthConfig, generate
-from genctr_rec.training.distributed import free_port
+from genctr_rec.training.distributed import free_port, join_local_group
 
 CONFIGS = [  # (name, stage, backbone, transfer)
     ("pretrain (CD, CS)", "pretrain", None, "none"),
@@ -58,16 +57,8 @@ class PlainEmbeddings(nn.Module):
 def _worker(
     rank: int, world: int, port: int, data: str, config: tuple, impl: str, steps: int, out: str
 ) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_local_group(rank, world, port)
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.data.reader import SEQ_ITEMS, ImpressionReader, SequenceReader
     from genctr_rec.data.schema import DatasetMeta

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import tempfile
 from collections.abc import Callable
@@ -12,23 +11,13 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from genctr_rec.training.distributed import free_port
+from genctr_rec.training.distributed import free_port, join_local_group
 
 
 def _entry(
     rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple
 ) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size),
-        }
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    join_local_group(rank, world_size, port)
     try:
         result = fn(rank, world_size, *args)
         Path(out_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))

@@ -70,6 +70,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join_local_group(rank: int, world_size: int, port: int) -> None:
+    """Join a gloo group of ``world_size`` processes on this machine, as torchrun would: the
+    launcher variables are set first, so ``init_distributed`` sees the same world."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
