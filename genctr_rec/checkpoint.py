@@ -56,11 +56,16 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 
 
 def load_model(
-    model: nn.Module, path: str | Path, prefixes: Sequence[str] | None = None
+    model: nn.Module,
+    path: str | Path,
+    prefixes: Sequence[str] | None = None,
+    no_dist: bool = False,
 ) -> list[str]:
     """Collective: load ``path`` into ``model`` (all keys, or those under ``prefixes``).
 
-    Returns the loaded keys. Raises if the checkpoint lacks a requested key.
+    ``no_dist=True`` loads in this process alone, whatever process group exists (an unsharded
+    model, e.g. for export on one rank). Returns the loaded keys. Raises if the checkpoint lacks
+    a requested key.
     """
     path = Path(path)
     if not (path / ".metadata").is_file():
@@ -70,7 +75,7 @@ def load_model(
         state = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
         if not state:
             raise KeyError(f"the model has no state under {list(prefixes)}")
-    dcp.load({MODEL_KEY: state}, checkpoint_id=str(path))
+    dcp.load({MODEL_KEY: state}, checkpoint_id=str(path), no_dist=no_dist)
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), path)
     return sorted(state)

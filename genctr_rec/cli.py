@@ -233,9 +233,82 @@ def _add_pipeline_command(sub: argparse._SubParsersAction) -> None:
     pipe.set_defaults(func=_pipeline)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from genctr_rec.serving.artifact import export_run
+
+    meta = export_run(args.run, args.out, args.quantize, args.data, args.overwrite)
+    parity = meta["parity"]
+    print(
+        json.dumps(
+            {
+                "artifact": str(args.out),
+                "quantize": args.quantize,
+                "test_rows": parity["rows"],
+                "max_abs_diff_vs_trained": parity["max_abs_diff"],
+                "test_auc_trained": parity["trained"]["auc"],
+                "test_auc_exported": parity["exported"]["auc"],
+                "test_auc_change": parity["auc_change"],
+                "table_bytes": parity["table_bytes"],
+                "table_shrink": round(parity["table_shrink"], 3),
+            }
+        )
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from genctr_rec.serving.server import ServeConfig, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    serve(
+        args.artifact,
+        args.host,
+        args.port,
+        ServeConfig(args.max_batch, args.max_wait_ms, args.max_body_bytes),
+        args.cache_size,
+        args.oov,
+        args.max_candidates,
+        args.max_request_history,
+    )
+    return 0
+
+
+def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser("export", help="serving artifact from a finetune run's checkpoint")
+    exp.add_argument("--run", "--run-dir", dest="run", required=True, help="finetune run")
+    exp.add_argument("--out", required=True, help="artifact directory to write")
+    exp.add_argument("--quantize", default="none", choices=["none", "int8"])
+    exp.add_argument("--data", default=None, help="the run's dataset (default: from its config)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    exp.set_defaults(func=_export)
+
+    srv = sub.add_parser("serve", help="HTTP scoring service for an artifact")
+    srv.add_argument("--artifact", required=True)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--max-batch", type=int, default=64, help="requests per micro-batch")
+    srv.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="wait this long for more requests before a batch (0: take what is queued)",
+    )
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    srv.add_argument("--max-candidates", type=int, default=1000)
+    srv.add_argument("--max-request-history", type=int, default=10_000)
+    srv.add_argument("--cache-size", type=int, default=100_000, help="g(s, c) cache entries")
+    srv.add_argument("--oov", default="reject", choices=["reject", "skip_history"])
+    srv.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    srv.set_defaults(func=_serve)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data_commands,
     _add_training_commands,
+    _add_serving_commands,
     _add_pipeline_command,
 ]
 
@@ -252,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from genctr_rec.compat import StackError, check_stack
     from genctr_rec.logs import setup_logging
+    from genctr_rec.serving import ArtifactError
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -263,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         StackError,
         ConfigError,
         CheckpointError,
+        ArtifactError,
         FileExistsError,
         FileNotFoundError,
     ) as exc:

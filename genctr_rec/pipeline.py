@@ -1,4 +1,4 @@
-"""``genctr pipeline``: data -> pretrain -> finetune (baseline and GenCTR) -> evaluate.
+"""``genctr pipeline``: data -> pretrain -> finetune (baseline and GenCTR) -> evaluate -> export.
 
 Each stage writes its output atomically and is skipped when that output already exists, so a
 second run (or a run after a crash) picks up where the last one stopped. Ends with a small
@@ -85,6 +85,7 @@ def run_pipeline(
     }
     if not ctx.is_main:
         return summary
+    summary["export"] = export_for_serving(workdir / f"finetune-{backbone}-ps_mi-s{seed}", workdir)
     atomic_write_json(workdir / "summary.json", summary)
     rows = [f"| model ({backbone}, seed {seed}) | test AUC | GAUC | LogLoss |", "|---|---|---|---|"]
     for name, label in (("backbone", "backbone alone"), ("genctr", "GenCTR (PS+MI, CS+CD)")):
@@ -95,4 +96,37 @@ def run_pipeline(
         f"pre-training next-item HR@10 (100 random negatives): "
         f"{pre['hr@10_random']:.3f}; AUC gain: {summary['auc_gain']:+.4f}"
     )
+    for quantize, e in summary["export"].items():
+        print(
+            f"export {quantize}: {e['artifact']} | test AUC change {e['auc_change']:+.6f} | "
+            f"max |p - p_trained| {e['max_abs_diff']:.2e} | tables {e['table_shrink']:.2f}x "
+            f"smaller | sample request scores {e['sample_scores']}"
+        )
+    print(f"serve it: genctr serve --artifact {summary['export']['int8']['artifact']} --port 8080")
     return summary
+
+
+def export_for_serving(run: Path, workdir: Path) -> dict[str, Any]:
+    """Export the GenCTR run fp32 and int8 (reused when present) and score one request each."""
+    from genctr_rec.serving.artifact import export_run, load_artifact
+    from genctr_rec.serving.predictor import Predictor, Request
+
+    out = {}
+    for quantize in ("none", "int8"):
+        path = workdir / f"artifact-genctr-{quantize}"
+        if (path / "artifact.json").is_file():
+            logger.info("reusing artifact %s", path)
+            parity = load_artifact(path).metadata["parity"]
+        else:
+            logger.info("exporting %s (%s tables) to %s", run, quantize, path)
+            parity = export_run(run, path, quantize)["parity"]
+        predictor = Predictor(path)
+        scores = predictor.score(Request([1, 2, 3], None, 0, [4, 5, 6]))
+        out["fp32" if quantize == "none" else quantize] = {
+            "artifact": str(path),
+            "auc_change": parity["auc_change"],
+            "max_abs_diff": parity["max_abs_diff"],
+            "table_shrink": parity["table_shrink"],
+            "sample_scores": [round(float(x), 4) for x in scores],
+        }
+    return out

@@ -181,6 +181,73 @@ def pipeline(
     return _genctr("pipeline", args, j, cpu, gpu, memMB, h, max_retries, max_restarts, env, image)
 
 
+def export(
+    *args: str,
+    cpu: int = 2,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """Serving artifact from a fine-tuning run's checkpoint (``genctr export``), one process:
+    it reads a checkpoint of any world size.
+
+    Args:
+        args: options of ``genctr export``: ``--run RUN --out ARTIFACT [--quantize int8]``
+        cpu: CPUs
+        memMB: memory in MB
+        h: a named torchx resource
+        env: extra environment variables
+        image: container image (Kubernetes)
+    """
+    app = python_component(
+        "export", *args, m="genctr_rec.cli", name="genctr-export", cpu=cpu, memMB=memMB, h=h,
+        image=image,
+    )  # fmt: skip
+    app.roles[0].env.update({**BASE_ENV, **(env or {})})
+    return app
+
+
+def serve(
+    *args: str,
+    port: int = 8080,
+    replicas: int = 1,
+    cpu: int = 4,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    image: str = DEFAULT_IMAGE,
+) -> specs.AppDef:
+    """The HTTP scoring service for an artifact (``genctr serve``), ``replicas`` copies.
+
+    Args:
+        args: options of ``genctr serve``: ``--artifact ARTIFACT [--cache-size N] ...``
+        port: the port each replica listens on (all interfaces)
+        replicas: how many service processes
+        cpu: CPUs per replica
+        memMB: memory per replica in MB
+        h: a named torchx resource
+        env: extra environment variables
+        image: container image (Kubernetes)
+    """
+    command = ["-m", "genctr_rec.cli", "serve", "--host", "0.0.0.0", "--port", str(port), *args]
+    return specs.AppDef(
+        name="genctr-serve",
+        roles=[
+            specs.Role(
+                name="genctr-serve",
+                image=image,
+                entrypoint="python",
+                args=command,
+                num_replicas=replicas,
+                resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB, h=h),
+                port_map={"http": port},
+                env={**BASE_ENV, **(env or {})},
+            )
+        ],
+    )
+
+
 def benchmark(
     name: str,
     *args: str,

@@ -20,3 +20,62 @@ def toy_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "toy"
     generate(SynthConfig.preset("toy"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_pretrained(tmp_path_factory: pytest.TempPathFactory, toy_synth: Path) -> Path:
+    """One epoch of pre-training on the toy preset, shared by the tests that fine-tune from it."""
+    from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+    from genctr_rec.training.pretrain import pretrain
+
+    run = tmp_path_factory.mktemp("runs") / "pre"
+    cfg = RunConfig(
+        "pretrain", str(toy_synth), ModelConfig(), TrainConfig(epochs=1, batch_size=64, seed=3)
+    )
+    pretrain(cfg, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, toy_synth: Path, toy_pretrained: Path) -> dict[str, Path]:
+    """Fine-tuned toy runs for export and serving: GenCTR (DNN, PS + MI, dim 16) and a
+    backbone alone (DCN V2 + TA, dim 64)."""
+    from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+    from genctr_rec.training.finetune import finetune
+
+    root = tmp_path_factory.mktemp("finetuned")
+    specs = {
+        "genctr": RunConfig(
+            "finetune",
+            str(toy_synth),
+            ModelConfig(),
+            TrainConfig(epochs=1, batch_size=256, seed=1),
+            backbone="dnn",
+            transfer="ps_mi",
+            init_from=str(toy_pretrained),
+        ),
+        "ta64": RunConfig(
+            "finetune",
+            str(toy_synth),
+            ModelConfig(dim=64),
+            TrainConfig(epochs=1, batch_size=256, seed=2),
+            backbone="dcnv2_ta",
+        ),
+    }
+    for name, cfg in specs.items():
+        finetune(cfg, root / name)
+    return {name: root / name for name in specs}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, runs: dict[str, Path]) -> dict[str, dict]:
+    """Each run exported fp32 and int8: {"genctr-int8": {"path": ..., "meta": ...}, ...}."""
+    from genctr_rec.serving.artifact import export_run
+
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for name, run in runs.items():
+        for quantize in ("none", "int8"):
+            path = root / f"{name}-{quantize}"
+            out[f"{name}-{quantize}"] = {"path": path, "meta": export_run(run, path, quantize)}
+    return out

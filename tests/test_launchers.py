@@ -22,7 +22,7 @@ ENV = {
     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     "OMP_NUM_THREADS": "1",
 }
-COMPONENTS = ["pretrain", "finetune", "evaluate", "pipeline", "benchmark"]
+COMPONENTS = ["pretrain", "finetune", "evaluate", "pipeline", "export", "serve", "benchmark"]
 
 
 class TestComponents(ComponentTestCase):
@@ -150,3 +150,34 @@ def test_failing_job_fails_visibly(tmp_path: Path) -> None:
     logs = proc.stdout + proc.stderr
     assert "FAILED" in logs
     assert "meta.json is missing" in logs
+
+
+def test_export_component_writes_an_artifact(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    proc = _torchx(
+        "run", "-s", "local_cwd", "launchers/genctr.py:export",
+        "--", "--run", str(runs["genctr"]), "--out", str(out), "--quantize", "int8",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.pt").is_file() and (out / "manifest.json").is_file()
+
+
+def test_serve_component_is_a_replicated_service_with_a_port() -> None:
+    app = components.serve("--artifact", "/a", port=9000, replicas=3)
+    (role,) = app.roles
+    assert role.num_replicas == 3 and role.port_map == {"http": 9000}
+    assert role.args[:4] == ["-m", "genctr_rec.cli", "serve", "--host"]
+    assert "--artifact" in role.args and "/a" in role.args
+    proc = _torchx(
+        "run", "--workspace", "", "--dryrun", "-s", "kubernetes", "launchers/genctr.py:serve",
+        "--replicas", "2", "--image", "registry/genctr:1", "--", "--artifact", "/models/a",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = yaml.safe_load(proc.stdout.split("=== SCHEDULER REQUEST ===", 1)[1])
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 2, "one task per replica"
+    for task in tasks:
+        (container,) = task["template"]["spec"]["containers"]
+        command = " ".join(container["command"])
+        assert "serve --host 0.0.0.0 --port 8080 --artifact /models/a" in command
+        assert container["ports"][0]["containerPort"] == 8080

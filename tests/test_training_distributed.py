@@ -23,7 +23,6 @@ from genctr_rec.data.synth import SynthConfig, generate
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
 from genctr_rec.training.finetune import TRANSFER_PREFIXES
-from genctr_rec.training.pretrain import pretrain
 from tests.distributed import free_port, run_ranks
 from tests.helpers import MAX_HISTORY, NUM_CATEGORIES, NUM_ITEMS
 
@@ -119,16 +118,6 @@ def test_sharded_training_matches_one_process(small_dataset: Path, sharding: str
         assert all(len(s.ranks) == 2 for s in specs)
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory, toy_synth: Path) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "pre"
-    cfg = RunConfig(
-        "pretrain", str(toy_synth), ModelConfig(), TrainConfig(epochs=1, batch_size=64, seed=3)
-    )
-    pretrain(cfg, run)
-    return run
-
-
 def _full_state(dmp) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in dmp.state_dict().items():
@@ -142,16 +131,16 @@ def _full_state(dmp) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("transfer", ["ps", "ps_decoder", "ps_mi"])
 def test_transfer_loads_what_it_should(
-    pretrained: Path, toy_synth: Path, tmp_path: Path, transfer: str
+    toy_pretrained: Path, toy_synth: Path, tmp_path: Path, transfer: str
 ) -> None:
-    dcp_to_torch_save(pretrained / "checkpoint", tmp_path / "pre.pt")
+    dcp_to_torch_save(toy_pretrained / "checkpoint", tmp_path / "pre.pt")
     saved = torch.load(tmp_path / "pre.pt", weights_only=False)["model"]
-    cfg = RunConfig.load(pretrained)
+    cfg = RunConfig.load(toy_pretrained)
     cfg.stage, cfg.backbone, cfg.transfer = "finetune", "dnn", transfer
     cfg.train.seed = 99  # a different init, so equality can only come from loading
     built = build_model(cfg, init_distributed())
     before = _full_state(built.dmp)
-    load_model(built.dmp, pretrained / "checkpoint", TRANSFER_PREFIXES[transfer])
+    load_model(built.dmp, toy_pretrained / "checkpoint", TRANSFER_PREFIXES[transfer])
     after = _full_state(built.dmp)
     tables = [k for k in saved if k.startswith("embeddings.")]
     assert tables and all(torch.equal(after[k], saved[k].to(after[k].dtype)) for k in tables)
@@ -253,3 +242,13 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     assert set(last) == {"auc", "gauc", "logloss", "rows"}
     assert last["auc"] == pytest.approx(test["auc"], abs=1e-6)
     assert last["rows"] == test["rows"]
+    # serving handoff: one process exports the 2-rank sharded checkpoint
+    exported = subprocess.run(
+        [sys.executable, "-m", "genctr_rec.cli", "export", "--run", str(tmp_path / "ft"),
+         "--out", str(tmp_path / "artifact")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    printed = json.loads(exported.stdout.strip().splitlines()[-1])
+    assert printed["max_abs_diff_vs_trained"] <= 1e-5
+    assert printed["test_auc_exported"] == pytest.approx(test["auc"], abs=1e-6)

@@ -94,7 +94,8 @@ def _track_time(summary: SplitSummary, ts: np.ndarray) -> None:
         summary.max_ts = hi if summary.max_ts is None else max(summary.max_ts, hi)
 
 
-def _validate_items(data_dir: Path, meta: DatasetMeta) -> np.ndarray:
+def read_item_categories(data_dir: Path, meta: DatasetMeta) -> np.ndarray:
+    """The category of every item id from ``items.parquet``, checked dense and in range."""
     path = data_dir / ITEMS_FILE
     if not path.is_file():
         raise DataFormatError(path, "items.parquet is missing")
@@ -211,7 +212,7 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
     if not data_dir.is_dir():
         raise DataFormatError(data_dir, "dataset directory does not exist")
     meta = DatasetMeta.read(data_dir)
-    item_category = _validate_items(data_dir, meta)
+    item_category = read_item_categories(data_dir, meta)
     report: dict[str, Any] = {
         "meta": meta.to_json(),
         "categories_used": int(len(np.unique(item_category))),

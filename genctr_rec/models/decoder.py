@@ -19,6 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.fx.wrap
+def _visible_keys(lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, 1, num_keys]: query b may see key k (BOS = 0, item j = j + 1) iff k <= lengths[b].
+
+    Wrapped for ``torch.fx`` (a leaf call) so that the serving export can trace the decoder.
+    """
+    keys = torch.arange(num_keys, device=lengths.device)
+    return (keys.unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)
+
+
+@torch.fx.wrap
+def _causal(memory: torch.Tensor) -> torch.Tensor:
+    """[1, K, K] lower-triangular self-attention mask over the key/value tokens."""
+    length = memory.shape[1]
+    return torch.ones(length, length, dtype=torch.bool, device=memory.device).tril().unsqueeze(0)
+
+
+@torch.fx.wrap
+def _token_at(memory: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """memory[b, index[b]] for every row b: [B, D]."""
+    return memory[torch.arange(memory.shape[0], device=memory.device), index]
+
+
 class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -102,12 +125,10 @@ class GenerativeDecoder(nn.Module):
         return torch.cat([self.bos.expand(b, 1, self.dim), items + cats + pos], dim=1)
 
     def _run(self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        length = memory.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=memory.device).tril()
         for i, block in enumerate(self.blocks):
             queries = block(queries, memory, mask)
             if i < len(self.item_blocks):
-                memory = self.item_blocks[i](memory, memory, causal.unsqueeze(0))
+                memory = self.item_blocks[i](memory, memory, _causal(memory))
         return self.norm(queries)
 
     def forward_sequence(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
@@ -138,14 +159,12 @@ class GenerativeDecoder(nn.Module):
         items, cats [B, L, D] padded histories (newest last), lengths [B], target_cats [B, D]
         (the candidate's category) -> [B, D].
         """
-        b, length, _ = items.shape
+        length = items.shape[1]
         lengths = lengths.long().clamp(max=self.max_len - 1)
         memory = self._tokens(items, cats)
         if self.conditional:
             queries = target_cats + self.position(lengths)
         else:
-            queries = memory[torch.arange(b, device=items.device), lengths]  # token of item L-1
-        queries = queries.unsqueeze(1)
-        keys = torch.arange(length + 1, device=items.device)
-        mask = (keys.unsqueeze(0) <= lengths.unsqueeze(1)).unsqueeze(1)  # [B, 1, 1 + L]
-        return self._run(queries, memory, mask).squeeze(1)
+            queries = _token_at(memory, lengths)  # token of item L-1
+        mask = _visible_keys(lengths, length + 1)  # [B, 1, 1 + L]
+        return self._run(queries.unsqueeze(1), memory, mask).squeeze(1)

@@ -1,0 +1,323 @@
+"""Serving latency: p50 / p99 per request and requests/s, for 1 and 100 candidates at history
+50 and 200, fp32 against int8 tables, with and without model integration (MI) and the g(s, c)
+cache; then the HTTP service with and without micro-batching under 8 concurrent clients.
+
+    python -m benchmarks.serving_latency [--items 1000000] [--requests 300]
+
+The model is the paper's DNN at width 16 over a 1M-item table, random weights (latency does not
+depend on them), compiled by the same ``build_serving_model`` as ``genctr export``. Traffic:
+64 users with fixed histories and 5 interest categories each; a request is one random user,
+a query category and candidates from that user's categories (search ads share a query's few
+categories), so (history, category) pairs recur, as they do within a user's session.
+
+Baselines in the same run: ``per-candidate g`` computes g(s, c) once per candidate (what the
+per-category reuse saves); ``no MI`` is the backbone alone; ``max_batch=1`` turns the server's
+micro-batching off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import write_results
+from genctr_rec.embeddings import SharedEmbeddings
+from genctr_rec.models.ctr import CTRModel
+from genctr_rec.models.decoder import GenerativeDecoder
+from genctr_rec.serving.artifact import Artifact, write_artifact
+from genctr_rec.serving.model import build_serving_model
+from genctr_rec.serving.predictor import Predictor, Request
+from genctr_rec.training.distributed import free_port
+
+NUM_CATEGORIES = 1000
+MAX_HISTORY = 200
+USERS = 64
+REPEATS = 3  # HTTP runs per setting: requests/s is their median
+
+
+def _artifact(path: Path, items: int, mi: bool, quantize: str) -> Artifact:
+    torch.manual_seed(0)
+    embeddings = SharedEmbeddings(
+        items, NUM_CATEGORIES, 16, dedup=False, device=torch.device("cpu")
+    )
+    decoder = GenerativeDecoder(16, MAX_HISTORY + 1) if mi else None
+    served, sizes = build_serving_model(CTRModel(embeddings, "dnn", decoder).eval(), quantize)
+    categories = np.random.default_rng(0).integers(0, NUM_CATEGORIES, items)
+    metadata = {
+        "genctr_rec": "benchmark",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_items": items,
+        "num_categories": NUM_CATEGORIES,
+        "max_history": MAX_HISTORY,
+        "dim": 16,
+        "backbone": "dnn",
+        "model_integration": mi,
+        "quantize": quantize,
+        "parity": {"table_bytes": sizes},
+    }
+    write_artifact(path, served, categories, metadata)
+    return Artifact(path, served, categories, metadata)
+
+
+def _traffic(items: int, history: int, candidates: int, n: int, seed: int = 0) -> list[Request]:
+    """Requests of USERS users, each with a fixed history and 5 interest categories; every
+    request's query and candidates come from its user's categories."""
+    rng = np.random.default_rng(seed)
+    users = [
+        (
+            rng.integers(0, items, history).tolist(),
+            rng.integers(0, NUM_CATEGORIES, history).tolist(),
+            rng.integers(0, NUM_CATEGORIES, 5),
+        )
+        for _ in range(USERS)
+    ]
+    out = []
+    for _ in range(n):
+        hist_items, hist_cats, cats = users[int(rng.integers(USERS))]
+        out.append(
+            Request(
+                hist_items,
+                hist_cats,
+                int(rng.choice(cats)),
+                rng.integers(0, items, candidates).tolist(),
+                rng.choice(cats, candidates).tolist(),
+            )
+        )
+    return out
+
+
+class _PerCandidate:
+    """Baseline: g(s, c) once per candidate, not per distinct category."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @torch.inference_mode()
+    def score(self, request: Request) -> np.ndarray:
+        p = self.predictor
+        t = p.tensors([p.prepare(request)])
+        g = p.model.contexts(t.hist_items, t.hist_cats, t.hist_lengths, t.cand_rows, t.cand_cats)
+        return p.model.score(*t.args(), g).numpy()
+
+
+def _latencies(score, requests: list[Request], warmup: int = 20) -> dict[str, float]:
+    for r in requests[:warmup]:
+        score(r)
+    times = []
+    start = time.perf_counter()
+    for r in requests[warmup:]:
+        t = time.perf_counter()
+        score(r)
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    ms = np.array(times) * 1e3
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "requests_per_s": len(times) / total,
+    }
+
+
+def in_process(root: Path, items: int, n: int) -> list[dict]:
+    rows = []
+    for quantize in ("none", "int8"):
+        artifacts = {mi: _artifact(root / f"{quantize}-{mi}", items, mi, quantize) for mi in (1, 0)}
+        modes = {
+            "MI + cache": (artifacts[1], 100_000, False),
+            "MI, no cache": (artifacts[1], 0, False),
+            "MI, per-candidate g (baseline)": (artifacts[1], 0, True),
+            "no MI (backbone alone)": (artifacts[0], 0, False),
+        }
+        for history in (50, 200):
+            for candidates in (1, 100):
+                requests = _traffic(items, history, candidates, n + 20)
+                for mode, (artifact, cache, per_candidate) in modes.items():
+                    predictor = Predictor(artifact, cache_size=cache)
+                    scorer = _PerCandidate(predictor).score if per_candidate else predictor.score
+                    row = {
+                        "tables": "int8" if quantize == "int8" else "fp32",
+                        "mode": mode,
+                        "history": history,
+                        "candidates": candidates,
+                        **_latencies(scorer, requests),
+                    }
+                    if predictor.cache is not None:
+                        stats = predictor.cache.stats()
+                        row["cache_hit_rate"] = stats["hits"] / max(
+                            1, stats["hits"] + stats["misses"]
+                        )
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
+def _timed_posts(http, bodies: list[bytes]) -> list[float]:
+    """Seconds per POST /score of each body, one after another on one connection."""
+    out = []
+    for body in bodies:
+        t = time.perf_counter()
+        response = http.post("/score", content=body, headers={"content-type": "application/json"})
+        response.raise_for_status()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list[dict]:
+    import httpx
+
+    rows = []
+    requests = _traffic(items, 50, 100, clients * per_client, seed=1)
+    bodies = [
+        json.dumps(
+            {
+                "history": {"item_ids": r.history_items, "category_ids": r.history_categories},
+                "query_category_id": r.query_category,
+                "candidates": [
+                    {"item_id": i, "category_id": c}
+                    for i, c in zip(r.candidate_items, r.candidate_categories, strict=True)
+                ],
+            }
+        ).encode()
+        for r in requests
+    ]
+    headers = {"content-type": "application/json"}
+    for max_batch, wait_ms, n_clients in (
+        (64, 0, 1),
+        (64, 0, clients),
+        (64, 2, clients),
+        (1, 0, clients),
+    ):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(artifact),
+             "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+
+            # connections opened and warmed before the clock starts
+            sessions = [httpx.Client(base_url=url, timeout=60) for _ in range(n_clients)]
+            for http in sessions:
+                http.post("/score", content=bodies[0], headers=headers).raise_for_status()
+
+            chunks = [bodies[k * per_client : (k + 1) * per_client] for k in range(n_clients)]
+            times, rates = [], []
+            for _ in range(REPEATS):
+                start = time.perf_counter()
+                with ThreadPoolExecutor(n_clients) as pool:
+                    times += list(pool.map(_timed_posts, sessions, chunks))
+                rates.append(n_clients * per_client / (time.perf_counter() - start))
+            times = np.concatenate(times) * 1e3
+            batching = httpx.get(f"{url}/metadata").json()["batching"]
+            for http in sessions:
+                http.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        row = {
+            "max_batch": max_batch,
+            "max_wait_ms": wait_ms,
+            "clients": n_clients,
+            "p50_ms": float(np.percentile(times, 50)),
+            "p99_ms": float(np.percentile(times, 99)),
+            "requests_per_s": float(np.median(rates)),
+            "requests_per_s_runs": rates,
+            "mean_requests_per_batch": batching["requests"] / max(1, batching["batches"]),
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    for ax, history in zip(axes, (50, 200), strict=True):
+        sel = [r for r in rows if r["history"] == history and r["candidates"] == 100]
+        x = np.arange(len(modes))
+        for k, tables in enumerate(("fp32", "int8")):
+            p50 = [
+                next(r["p50_ms"] for r in sel if r["mode"] == m and r["tables"] == tables)
+                for m in modes
+            ]
+            ax.bar(x + 0.4 * k, p50, 0.4, label=tables)
+        ax.set_xticks(x + 0.2, [m.replace(" (", "\n(") for m in modes], fontsize=7)
+        ax.set_title(f"100 candidates, history {history}")
+        ax.set_ylabel("p50 latency per request (ms)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=300, help="timed requests per cell")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=100)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = in_process(Path(tmp), args.items, args.requests)
+        http_rows = over_http(Path(tmp) / "none-1", args.items, args.clients, args.per_client)
+    lines = [
+        "In process (`Predictor.score`, one request at a time, torch threads "
+        f"{torch.get_num_threads()}):",
+        "",
+        "| tables | mode | history | candidates | p50 ms | p99 ms | requests/s | cache hits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hits = f"{r['cache_hit_rate']:.0%}" if "cache_hit_rate" in r else "-"
+        lines.append(
+            f"| {r['tables']} | {r['mode']} | {r['history']} | {r['candidates']} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['requests_per_s']:.0f} | {hits} |"
+        )
+    lines += [
+        "",
+        f"Over HTTP (`genctr serve`, fp32, MI + cache, history 50, 100 candidates, each client "
+        f"{args.per_client} requests; clients are threads of the benchmark process on the same "
+        "cores as the server):",
+        "",
+        "| clients | max_batch | max_wait_ms | p50 ms | p99 ms | requests/s (median of 3) | "
+        "requests per call |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in http_rows:
+        lines.append(
+            f"| {r['clients']} | {r['max_batch']} | {r['max_wait_ms']} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | "
+            f"{r['requests_per_s']:.0f} | {r['mean_requests_per_batch']:.1f} |"
+        )
+    md = write_results(
+        "serving_latency",
+        {"items": args.items, "in_process": rows, "http": http_rows},
+        "\n".join(lines),
+    )
+    _plot(rows, md.with_suffix(".png"))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()

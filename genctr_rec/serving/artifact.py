@@ -1,0 +1,252 @@
+"""``genctr export``: a fine-tuning run's sharded checkpoint -> one self-contained artifact.
+
+An artifact is a directory::
+
+    ARTIFACT/
+      model.pt             TorchScript ServingModel (fp32 or int8 tables), loads without our code
+      item_categories.npy  int64 [num_items]: the category of every item id
+      artifact.json        version, stack, run config, vocab sizes, quantisation, parity figures
+      manifest.json        size and SHA-256 of every file, checked when the artifact is loaded
+
+It is written under a temporary name and renamed when complete. Export checks itself on the
+run's test split before writing: the fp32 model must match the trained model within
+``FP32_TOLERANCE`` and int8 must not lose more than ``INT8_MAX_AUC_DROP`` test AUC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genctr_rec import __version__
+from genctr_rec.checkpoint import CheckpointError, load_model, verify_manifest, write_manifest
+from genctr_rec.compat import installed_stack
+from genctr_rec.config import ConfigError, RunConfig
+from genctr_rec.data.reader import HIST_CATEGORIES, HIST_ITEMS, ImpressionReader
+from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.validate import read_item_categories
+from genctr_rec.data.writer import atomic_directory
+from genctr_rec.embeddings import SharedEmbeddings
+from genctr_rec.metrics import ctr_metrics
+from genctr_rec.models.ctr import CTRModel
+from genctr_rec.models.jagged import to_padded
+from genctr_rec.serving import ArtifactError
+from genctr_rec.serving.model import build_serving_model
+from genctr_rec.training.build import decoder_for
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "genctr-serving-artifact"
+ARTIFACT_VERSION = 1
+MODEL_FILE = "model.pt"
+ITEM_CATEGORIES_FILE = "item_categories.npy"
+META_FILE = "artifact.json"
+FP32_TOLERANCE = 1e-5
+INT8_MAX_AUC_DROP = 0.002
+
+
+@dataclass
+class RequestTensors:
+    """A batch of requests as the ServingModel takes them (see ``serving/model.py``)."""
+
+    hist_items: torch.Tensor
+    hist_cats: torch.Tensor
+    hist_lengths: torch.Tensor
+    query_cats: torch.Tensor
+    cand_items: torch.Tensor
+    cand_cats: torch.Tensor
+    cand_rows: torch.Tensor
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.hist_items,
+            self.hist_cats,
+            self.hist_lengths,
+            self.query_cats,
+            self.cand_items,
+            self.cand_cats,
+            self.cand_rows,
+        )
+
+
+def impressions_as_requests(features) -> RequestTensors:
+    """An impression batch's KJT as one request per impression with one candidate each."""
+    items_jt = features[HIST_ITEMS]
+    lengths = items_jt.lengths().long()
+    pad = int(lengths.max()) if len(lengths) else 0
+    b = len(lengths)
+    return RequestTensors(
+        to_padded(items_jt.values(), lengths, pad),
+        to_padded(features[HIST_CATEGORIES].values(), lengths, pad),
+        lengths,
+        features["query_category_id"].values(),
+        features["item_id"].values(),
+        features["category_id"].values(),
+        torch.arange(b),
+    )
+
+
+def load_trained(run: str | Path) -> tuple[RunConfig, CTRModel]:
+    """A fine-tuning run's model, unsharded in this process, from a checkpoint written by any
+    world size or sharding plan (DCP reshards on load)."""
+    run = Path(run)
+    cfg = RunConfig.load(run)
+    if cfg.stage != "finetune":
+        raise ConfigError(f"{run} is a {cfg.stage} run; export takes a finetune run")
+    m = cfg.model
+    embeddings = SharedEmbeddings(
+        cfg.num_items, cfg.num_categories, m.dim, m.lookup, dedup=False, device=torch.device("cpu")
+    )
+    decoder = decoder_for(cfg) if cfg.transfer in ("decoder", "ps_decoder", "ps_mi") else None
+    model = CTRModel(embeddings, cfg.backbone, decoder)
+    load_model(model, run / "checkpoint", no_dist=True)
+    return cfg, model.eval()
+
+
+@torch.no_grad()
+def compare_on_split(
+    trained: CTRModel,
+    served: torch.jit.ScriptModule,
+    data: str | Path,
+    max_history: int,
+    split: str = "test",
+    batch_size: int = 2048,
+) -> dict[str, Any]:
+    """Both models' probabilities on every impression of ``split``: largest difference and
+    each model's AUC / GAUC / LogLoss."""
+    reader = ImpressionReader(data, split, batch_size, shuffle=False, max_history=max_history)
+    ours, theirs, labels, users = [], [], [], []
+    for batch in reader:
+        theirs.append(torch.sigmoid(trained(batch.sparse_features)).double().numpy())
+        ours.append(served(*impressions_as_requests(batch.sparse_features).args()).double().numpy())
+        labels.append(batch.labels.numpy())
+        users.append(batch.user_ids.numpy())
+    ours_a, theirs_a = np.concatenate(ours), np.concatenate(theirs)
+    labels_a, users_a = np.concatenate(labels), np.concatenate(users)
+    return {
+        "split": split,
+        "rows": int(len(labels_a)),
+        "max_abs_diff": float(np.abs(ours_a - theirs_a).max()),
+        "trained": ctr_metrics(theirs_a, labels_a, users_a),
+        "exported": ctr_metrics(ours_a, labels_a, users_a),
+    }
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    quantize: str = "none",
+    data: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export ``run`` to ``out``; returns the artifact's metadata (with the parity figures).
+
+    Raises :class:`ArtifactError` (writing nothing) when the exported model disagrees with the
+    trained one beyond the tolerances above.
+    """
+    started = time.time()
+    cfg, trained = load_trained(run)
+    data = Path(data or cfg.data)
+    if not data.is_dir():
+        raise ConfigError(
+            f"the run's dataset {data} is not here; pass --data DIR (its items.parquet gives "
+            "the item categories and its test split the parity check)"
+        )
+    meta = DatasetMeta.read(data)
+    if (meta.num_items, meta.num_categories) != (cfg.num_items, cfg.num_categories):
+        raise ConfigError(
+            f"{data} has {meta.num_items} items / {meta.num_categories} categories, the run was "
+            f"trained on {cfg.num_items} / {cfg.num_categories}"
+        )
+    served, sizes = build_serving_model(trained, quantize)
+    parity = compare_on_split(trained, served, data, cfg.max_history)
+    auc_change = parity["exported"]["auc"] - parity["trained"]["auc"]
+    parity["auc_change"] = auc_change
+    parity["table_bytes"] = sizes
+    parity["table_shrink"] = sizes["fp32"] / sizes["served"]
+    if quantize == "none" and parity["max_abs_diff"] > FP32_TOLERANCE:
+        raise ArtifactError(
+            f"exported fp32 model differs from the trained one by {parity['max_abs_diff']:.3g} "
+            f"on {data}/test (tolerance {FP32_TOLERANCE}); nothing written"
+        )
+    if quantize == "int8" and -auc_change > INT8_MAX_AUC_DROP:
+        raise ArtifactError(
+            f"int8 tables lose {-auc_change:.4f} test AUC on {data}/test (limit "
+            f"{INT8_MAX_AUC_DROP}); export fp32 instead; nothing written"
+        )
+    metadata = {
+        "genctr_rec": __version__,
+        "stack": installed_stack(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": str(Path(run).resolve()),
+        "data": str(data.resolve()),
+        "config": cfg.to_json(),
+        "num_items": cfg.num_items,
+        "num_categories": cfg.num_categories,
+        "max_history": cfg.max_history,
+        "dim": cfg.model.dim,
+        "backbone": cfg.backbone,
+        "model_integration": trained.decoder is not None,
+        "quantize": quantize,
+        "parity": parity,
+        "export_seconds": round(time.time() - started, 2),
+    }
+    write_artifact(out, served, read_item_categories(data, meta), metadata, overwrite)
+    return metadata
+
+
+def write_artifact(
+    out: str | Path,
+    served: torch.jit.ScriptModule,
+    item_categories: np.ndarray,
+    metadata: dict[str, Any],
+    overwrite: bool = False,
+) -> None:
+    """Write the artifact's files under a temporary name with their manifest, then rename."""
+    metadata = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **metadata}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        torch.jit.save(served, str(tmp / MODEL_FILE))
+        np.save(tmp / ITEM_CATEGORIES_FILE, np.asarray(item_categories, dtype=np.int64))
+        (tmp / META_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+        write_manifest(tmp)
+    logger.info("wrote %s", out)
+
+
+@dataclass
+class Artifact:
+    """A loaded, verified artifact."""
+
+    path: Path
+    model: torch.jit.ScriptModule
+    item_categories: np.ndarray
+    metadata: dict[str, Any]
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Load ``path`` after checking every file against its manifest."""
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        raise ArtifactError(f"{path} is not a genctr serving artifact (no {META_FILE})")
+    try:
+        verify_manifest(path)
+    except CheckpointError as exc:
+        raise ArtifactError(f"damaged artifact: {exc}") from exc
+    metadata = json.loads((path / META_FILE).read_text())
+    if (
+        metadata.get("format") != ARTIFACT_FORMAT
+        or metadata.get("format_version") != ARTIFACT_VERSION
+    ):
+        raise ArtifactError(
+            f"{path}: format {metadata.get('format')} v{metadata.get('format_version')}, this "
+            f"genctr-rec reads {ARTIFACT_FORMAT} v{ARTIFACT_VERSION}"
+        )
+    model = torch.jit.load(str(path / MODEL_FILE), map_location="cpu").eval()
+    categories = np.load(path / ITEM_CATEGORIES_FILE)
+    return Artifact(path, model, categories, metadata)

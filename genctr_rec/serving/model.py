@@ -1,0 +1,287 @@
+"""The inference model: a trained :class:`CTRModel` rebuilt unsharded and compiled to TorchScript.
+
+Why TorchScript and not ``torch.export``: the int8 tables are fbgemm objects without a fake
+(meta) implementation, so ``torch.export`` handles the fp32 model only, and it specialises a
+batch of one away; ``torch.jit.script(torchrec.fx.symbolic_trace(m))`` compiles both the fp32
+and the int8 model, keeps dynamic shapes and reloads bit-exactly without Python model code.
+
+The compiled :class:`ServingModel` scores a batch of requests (padded histories, any number of
+candidates per request) and has three entry points:
+
+* ``forward``: probabilities of every candidate; g(s, c) computed once per distinct
+  (request, candidate category), not once per candidate;
+* ``contexts``: g(s, c) alone for given (request, category) pairs, so that a caller can cache it;
+* ``score``: probabilities given g per candidate (from ``contexts`` or a cache).
+
+The tables sit in one unsharded ``EmbeddingCollection`` (plain sequence lookups: no backward at
+inference, so the pooled-bag trick of training buys nothing), optionally int8 row-wise
+quantised with TorchRec's ``quantize_inference_model``.
+"""
+
+import copy
+
+import torch
+import torchrec.fx
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec.inference.modules import quantize_inference_model
+from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+from genctr_rec.embeddings import CATEGORY_TABLE, ITEM_TABLE, TABLES
+from genctr_rec.models.backbones import DCNv2TA
+from genctr_rec.models.ctr import CTRModel
+from genctr_rec.models.decoder import GenerativeDecoder
+
+QUANTIZE_CHOICES = ("none", "int8")
+# fbgemm stores an int8 row as dim bytes + fp16 scale and bias (4 bytes), padded to this
+# alignment. TorchRec's default of 16 turns a 20-byte row (dim 16) into 32 bytes; 4 wastes none.
+INT8_ROW_ALIGNMENT = 4
+
+
+class TableLookup(nn.Module):
+    """Rows of the item and category tables for flat id tensors (one KJT, two features)."""
+
+    def __init__(self, num_items: int, num_categories: int, dim: int) -> None:
+        super().__init__()
+        sizes = {ITEM_TABLE: num_items, CATEGORY_TABLE: num_categories}
+        self.tables = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=name, embedding_dim=dim, num_embeddings=sizes[name], feature_names=[name]
+                )
+                for name in TABLES
+            ],
+            device=torch.device("cpu"),
+        )
+
+    def forward(
+        self, item_ids: torch.Tensor, category_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.cat(
+            [
+                item_ids.new_full((1,), item_ids.shape[0]),
+                item_ids.new_full((1,), category_ids.shape[0]),
+            ]
+        )
+        kjt = KeyedJaggedTensor(
+            keys=list(TABLES), values=torch.cat([item_ids, category_ids]), lengths=lengths.int()
+        )
+        out = self.tables(kjt)
+        return out[ITEM_TABLE].values(), out[CATEGORY_TABLE].values()
+
+
+class ContextNet(nn.Module):
+    """g(s, c) for padded histories [U, L, D] and candidate-category rows [U, D]; [U, 0]
+    without model integration (the head then ignores it)."""
+
+    def __init__(self, decoder: GenerativeDecoder | None) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        cats: torch.Tensor,
+        lengths: torch.Tensor,
+        category_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.decoder is None:
+            return category_rows[:, :0]
+        return self.decoder.forward_target(items, cats, lengths, category_rows)
+
+
+class ScoreHead(nn.Module):
+    """The backbone on per-candidate inputs; history pooling is done once per request."""
+
+    def __init__(self, backbone: nn.Module, uses_context: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.uses_context = uses_context
+
+    def forward(
+        self,
+        target_items: torch.Tensor,
+        target_cats: torch.Tensor,
+        query_cats: torch.Tensor,
+        hist_items: torch.Tensor,
+        hist_cats: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        g: torch.Tensor,
+    ) -> torch.Tensor:
+        """target_* [N, D]; query_cats [R, D]; hist_* [R, L, D] zero-padded; lengths [R];
+        rows [N] (each candidate's request); g [N, D or 0] -> logits [N]."""
+        count = lengths.clamp(min=1).to(hist_items.dtype).unsqueeze(1)
+        x0 = torch.cat(
+            [
+                target_items,
+                target_cats,
+                query_cats[rows],
+                (hist_items.sum(1) / count)[rows],
+                (hist_cats.sum(1) / count)[rows],
+            ],
+            dim=1,
+        )
+        context = g if self.uses_context else None
+        if isinstance(self.backbone, DCNv2TA):
+            return self.backbone(
+                x0,
+                context,
+                target=target_items + target_cats,
+                history=(hist_items + hist_cats)[rows],
+                lengths=lengths[rows],
+            )
+        return self.backbone(x0, context)
+
+
+class ServingModel(nn.Module):
+    """Requests in, click probabilities out (see the module docstring for the entry points).
+
+    Histories are padded tensors [R, L] with ``hist_lengths`` [R] (newest last, at most the
+    model's ``max_history``); candidates are flat [N] with ``cand_rows`` naming their request.
+    """
+
+    def __init__(
+        self, lookup: nn.Module, context: nn.Module, head: nn.Module, num_categories: int
+    ) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.context = context
+        self.head = head
+        self.num_categories = num_categories
+
+    def _history(
+        self,
+        hist_items: torch.Tensor,
+        hist_cats: torch.Tensor,
+        hist_lengths: torch.Tensor,
+        more_items: torch.Tensor,
+        more_cats: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One lookup for the histories and extra ids; history rows zeroed past each length."""
+        r, length = hist_items.shape[0], hist_items.shape[1]
+        items, cats = self.lookup(
+            torch.cat([hist_items.reshape(-1), more_items]),
+            torch.cat([hist_cats.reshape(-1), more_cats]),
+        )
+        positions = torch.arange(length, device=hist_items.device).unsqueeze(0)
+        valid = (positions < hist_lengths.unsqueeze(1)).unsqueeze(2).to(items.dtype)
+        h_items = items[: r * length].reshape(r, length, -1) * valid
+        h_cats = cats[: r * length].reshape(r, length, -1) * valid
+        return h_items, h_cats, items[r * length :], cats[r * length :]
+
+    @torch.jit.export
+    def contexts(
+        self,
+        hist_items: torch.Tensor,
+        hist_cats: torch.Tensor,
+        hist_lengths: torch.Tensor,
+        rows: torch.Tensor,
+        categories: torch.Tensor,
+    ) -> torch.Tensor:
+        """g(s, c) [U, D] for the requests ``rows`` [U] and categories ``categories`` [U]."""
+        h_items, h_cats, _, c_rows = self._history(
+            hist_items, hist_cats, hist_lengths, hist_items.new_zeros(0), categories
+        )
+        return self.context(h_items[rows], h_cats[rows], hist_lengths[rows], c_rows)
+
+    @torch.jit.export
+    def score(
+        self,
+        hist_items: torch.Tensor,
+        hist_cats: torch.Tensor,
+        hist_lengths: torch.Tensor,
+        query_cats: torch.Tensor,
+        cand_items: torch.Tensor,
+        cand_cats: torch.Tensor,
+        cand_rows: torch.Tensor,
+        g: torch.Tensor,
+    ) -> torch.Tensor:
+        """Probabilities [N] given g(s, c) per candidate ``g`` [N, D] (ignored without MI)."""
+        n = cand_items.shape[0]
+        h_items, h_cats, t_items, cats = self._history(
+            hist_items, hist_cats, hist_lengths, cand_items, torch.cat([cand_cats, query_cats])
+        )
+        logits = self.head(t_items, cats[:n], cats[n:], h_items, h_cats, hist_lengths, cand_rows, g)
+        return torch.sigmoid(logits)
+
+    def forward(
+        self,
+        hist_items: torch.Tensor,
+        hist_cats: torch.Tensor,
+        hist_lengths: torch.Tensor,
+        query_cats: torch.Tensor,
+        cand_items: torch.Tensor,
+        cand_cats: torch.Tensor,
+        cand_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Probabilities [N]; g(s, c) once per distinct (request, candidate category)."""
+        n = cand_items.shape[0]
+        pairs, inverse = torch.unique(
+            cand_rows * self.num_categories + cand_cats, return_inverse=True
+        )
+        h_items, h_cats, t_items, cats = self._history(
+            hist_items,
+            hist_cats,
+            hist_lengths,
+            cand_items,
+            torch.cat([cand_cats, query_cats, pairs % self.num_categories]),
+        )
+        r = query_cats.shape[0]
+        rows = torch.div(pairs, self.num_categories, rounding_mode="floor")
+        g = self.context(h_items[rows], h_cats[rows], hist_lengths[rows], cats[n + r :])[inverse]
+        logits = self.head(
+            t_items, cats[:n], cats[n : n + r], h_items, h_cats, hist_lengths, cand_rows, g
+        )
+        return torch.sigmoid(logits)
+
+
+def table_weights(model: CTRModel) -> dict[str, torch.Tensor]:
+    """The full item and category tables of an unsharded model, whichever lookup layout."""
+    found = {}
+    for key, value in model.embeddings.tables.state_dict().items():
+        for name in TABLES:
+            if key.endswith(f".{name}.weight"):
+                found[name] = value
+    return found
+
+
+def table_bytes(module: nn.Module) -> int:
+    """Bytes held by the embedding tables' weights (fp32 or int8 rows with scale and bias)."""
+    return sum(
+        v.numel() * v.element_size()
+        for k, v in module.state_dict().items()
+        if k.endswith(".weight") and any(f".{name}." in k for name in TABLES)
+    )
+
+
+def _script(module: nn.Module) -> torch.jit.ScriptModule:
+    return torch.jit.script(torchrec.fx.symbolic_trace(module))
+
+
+def build_serving_model(
+    model: CTRModel, quantize: str = "none"
+) -> tuple[torch.jit.ScriptModule, dict[str, int]]:
+    """Compile an unsharded trained model; returns it and the table sizes in bytes
+    (``fp32`` before and ``served`` after quantisation)."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    weights = table_weights(model)
+    lookup = TableLookup(
+        weights[ITEM_TABLE].shape[0], weights[CATEGORY_TABLE].shape[0], weights[ITEM_TABLE].shape[1]
+    )
+    with torch.no_grad():
+        for name in TABLES:
+            lookup.tables.embeddings[name].weight.copy_(weights[name])
+    sizes = {"fp32": table_bytes(lookup)}
+    if quantize == "int8":
+        quant_prep_customize_row_alignment(lookup, [EmbeddingCollection], INT8_ROW_ALIGNMENT)
+        lookup = quantize_inference_model(lookup)
+    sizes["served"] = table_bytes(lookup)
+    decoder = copy.deepcopy(model.decoder)
+    backbone = copy.deepcopy(model.backbone)
+    parts = [lookup, ContextNet(decoder), ScoreHead(backbone, decoder is not None)]
+    for part in parts:
+        part.eval()
+    serving = ServingModel(*(_script(p) for p in parts), weights[CATEGORY_TABLE].shape[0])
+    return torch.jit.script(serving.eval()), sizes

@@ -1,0 +1,282 @@
+"""``genctr serve``: the HTTP scoring service (FastAPI on uvicorn).
+
+Endpoints: ``POST /score``, ``GET /healthz``, ``GET /metadata``, and FastAPI's ``/openapi.json``
+and ``/docs``. Concurrent requests are micro-batched: each batch takes every request that queued
+while the model was busy with the previous one (up to ``max_batch``), and optionally waits
+``max_wait_ms`` for more; it is scored in one model call on one worker thread (the event loop
+never runs the model). With the default ``max_wait_ms=0`` a lone request waits for nothing, and
+batches grow by themselves under load. Every bad request gets a
+4xx with a message; an unexpected failure gets a 500 for the requests of that batch only.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from genctr_rec.serving.predictor import Predictor, PreparedRequest, RequestError
+from genctr_rec.serving.predictor import Request as ScoringRequest
+
+logger = logging.getLogger(__name__)
+
+
+class History(BaseModel):
+    """The user's behaviour, oldest first."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_ids: list[StrictInt]
+    category_ids: list[StrictInt] | None = Field(
+        default=None, description="one per item; omitted: taken from the item catalogue"
+    )
+    timestamps: list[StrictInt] | None = Field(default=None, description="optional, oldest first")
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: StrictInt
+    category_id: StrictInt | None = Field(
+        default=None, description="omitted: taken from the item catalogue"
+    )
+
+
+class ScoreBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    history: History
+    query_category_id: StrictInt
+    candidates: list[Candidate] = Field(min_length=1)
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="click probability per candidate, in request order")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+@dataclass
+class ServeConfig:
+    """Service limits and batching."""
+
+    max_batch: int = 64
+    max_wait_ms: float = 0.0
+    max_body_bytes: int = 1 << 20
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes with 413 before anything parses them,
+    by Content-Length or, for a chunked body, by counting it in (it is read fully first)."""
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over {self.limit} bytes"}, status_code=413
+        )
+        await response(scope, receive, send)
+
+
+class MicroBatcher:
+    """Collects concurrent prepared requests into batches for ``score_batch``."""
+
+    def __init__(
+        self,
+        score_batch: Callable[[list[PreparedRequest]], list[np.ndarray]],
+        max_batch: int,
+        max_wait_ms: float,
+    ) -> None:
+        self.score_batch = score_batch
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genctr-score")
+        self.batches = 0
+        self.requests = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    def submit(self, prepared: PreparedRequest) -> Awaitable[np.ndarray]:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((prepared, future))
+        return future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())  # what queued while the model was busy
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except TimeoutError:
+                    break
+            live = [(p, f) for p, f in batch if not f.done()]  # a client may have gone
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self.executor, self.score_batch, [p for p, _ in live]
+                )
+            except Exception as exc:  # the batch fails, the service stays up
+                logger.exception("scoring a batch of %d requests failed", len(live))
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.requests += len(live)
+            for (_, future), result in zip(live, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
+    """The ASGI application (FastAPI wrapped in the body-size limit)."""
+    config = config or ServeConfig()
+    batcher = MicroBatcher(predictor.score_prepared, config.max_batch, config.max_wait_ms)
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="genctr-rec scoring service",
+        version=str(predictor.artifact.metadata.get("genctr_rec")),
+        description="Click probabilities from a GenCTR serving artifact.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, "field": exc.field}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the model is loaded and the batcher is running."""
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    async def metadata() -> dict[str, Any]:
+        """The artifact's metadata, the service's limits and counters."""
+        meta = predictor.artifact.metadata
+        return {
+            "artifact": str(predictor.artifact.path),
+            **{k: meta[k] for k in ("num_items", "num_categories", "max_history", "dim")},
+            **{k: meta[k] for k in ("backbone", "model_integration", "quantize", "created")},
+            "format_version": meta["format_version"],
+            "genctr_rec": meta["genctr_rec"],
+            "parity": meta["parity"],
+            "oov_policy": predictor.oov,
+            "limits": {
+                "max_candidates": predictor.max_candidates,
+                "max_request_history": predictor.max_request_history,
+                "max_body_bytes": config.max_body_bytes,
+            },
+            "batching": {
+                "max_batch": config.max_batch,
+                "max_wait_ms": config.max_wait_ms,
+                "batches": batcher.batches,
+                "requests": batcher.requests,
+            },
+            "cache": predictor.cache.stats() if predictor.cache is not None else None,
+            "uptime_s": round(time.time() - started, 1),
+        }
+
+    @app.post(
+        "/score",
+        response_model=ScoreResponse,
+        responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
+    async def score(body: ScoreBody) -> ScoreResponse:
+        """Click probability of every candidate, in candidate order."""
+        prepared = predictor.prepare(
+            ScoringRequest(
+                history_items=body.history.item_ids,
+                history_categories=body.history.category_ids,
+                history_timestamps=body.history.timestamps,
+                query_category=body.query_category_id,
+                candidate_items=[c.item_id for c in body.candidates],
+                candidate_categories=[c.category_id for c in body.candidates],
+            )
+        )
+        result = await batcher.submit(prepared)
+        return ScoreResponse(scores=result.tolist())
+
+    return BodyLimit(app, config.max_body_bytes)
+
+
+def serve(
+    artifact: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    config: ServeConfig | None = None,
+    cache_size: int = 100_000,
+    oov: str = "reject",
+    max_candidates: int = 1000,
+    max_request_history: int = 10_000,
+) -> None:
+    import uvicorn
+
+    predictor = Predictor(artifact, cache_size, oov, max_candidates, max_request_history)
+    logger.info("serving %s on http://%s:%d", artifact, host, port)
+    uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning")

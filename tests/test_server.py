@@ -1,0 +1,234 @@
+"""``genctr serve`` as a real process on a loopback port, talked to over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from genctr_rec.serving.predictor import Predictor, Request
+from genctr_rec.training.distributed import free_port
+
+NUM_ITEMS, NUM_CATEGORIES = 2000, 20
+
+
+@pytest.fixture(scope="module")
+def server(artifacts: dict) -> Iterator[tuple[str, Path]]:
+    path = artifacts["genctr-int8"]["path"]
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(path),
+            "--port", str(port), "--max-request-history", "300", "--max-candidates", "200",
+            "--max-body-bytes", "65536", "--threads", "1",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    yield url, path
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _body(rng: np.random.Generator, history: int, candidates: int) -> dict:
+    items = rng.integers(0, NUM_ITEMS, history).tolist()
+    return {
+        "history": {
+            "item_ids": items,
+            "category_ids": rng.integers(0, NUM_CATEGORIES, history).tolist(),
+        },
+        "query_category_id": int(rng.integers(0, NUM_CATEGORIES)),
+        "candidates": [
+            {"item_id": int(i), "category_id": int(rng.integers(0, NUM_CATEGORIES))}
+            for i in rng.integers(0, NUM_ITEMS, candidates)
+        ],
+    }
+
+
+def _as_request(body: dict) -> Request:
+    return Request(
+        body["history"]["item_ids"],
+        body["history"].get("category_ids"),
+        body["query_category_id"],
+        [c["item_id"] for c in body["candidates"]],
+        [c.get("category_id") for c in body["candidates"]],
+    )
+
+
+def test_scores_equal_the_predictor(server) -> None:
+    url, path = server
+    predictor = Predictor(path)
+    rng = np.random.default_rng(0)
+    for history, candidates in [(0, 1), (7, 3), (50, 100), (120, 20)]:
+        body = _body(rng, history, candidates)
+        response = httpx.post(f"{url}/score", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        scores = response.json()["scores"]
+        assert len(scores) == candidates
+        np.testing.assert_allclose(scores, predictor.score(_as_request(body)), atol=1e-6)
+
+
+def test_metadata_health_and_openapi(server) -> None:
+    url, _ = server
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    meta = httpx.get(f"{url}/metadata").json()
+    assert meta["quantize"] == "int8" and meta["model_integration"] is True
+    assert meta["num_items"] == NUM_ITEMS and meta["oov_policy"] == "reject"
+    assert meta["limits"]["max_candidates"] == 200
+    spec = httpx.get(f"{url}/openapi.json").json()
+    assert {"/score", "/healthz", "/metadata"} <= set(spec["paths"])
+    assert "ScoreBody" in spec["components"]["schemas"]
+
+
+BAD_REQUESTS = {
+    "unknown item": (
+        {"history": {"item_ids": [1]}, "query_category_id": 0, "candidates": [{"item_id": 10**6}]},
+        422,
+        "candidates[0].item_id",
+    ),
+    "unknown history category": (
+        {
+            "history": {"item_ids": [1, 2], "category_ids": [0, 999]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+        },
+        422,
+        "history.category_ids[1]",
+    ),
+    "string id": (
+        {"history": {"item_ids": ["1"]}, "query_category_id": 0, "candidates": [{"item_id": 3}]},
+        422,
+        "item_ids",
+    ),
+    "float id": (
+        {"history": {"item_ids": [1]}, "query_category_id": 0.5, "candidates": [{"item_id": 3}]},
+        422,
+        "query_category_id",
+    ),
+    "empty candidates": (
+        {"history": {"item_ids": [1]}, "query_category_id": 0, "candidates": []},
+        422,
+        "candidates",
+    ),
+    "missing field": ({"history": {"item_ids": [1]}, "candidates": [{"item_id": 3}]}, 422, "query"),
+    "unknown field": (
+        {
+            "history": {"item_ids": []},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+            "x": 1,
+        },
+        422,
+        "x",
+    ),
+    "history too long": (
+        {
+            "history": {"item_ids": [1] * 301},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+        },
+        422,
+        "at most 300",
+    ),
+    "too many candidates": (
+        {
+            "history": {"item_ids": [1]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}] * 201,
+        },
+        422,
+        "at most 200",
+    ),
+    "mismatched lengths": (
+        {
+            "history": {"item_ids": [1, 2], "category_ids": [0]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+        },
+        422,
+        "expected 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REQUESTS))
+def test_bad_requests_get_4xx_with_a_message(server, kind: str) -> None:
+    url, _ = server
+    body, status, needle = BAD_REQUESTS[kind]
+    response = httpx.post(f"{url}/score", json=body, timeout=10)
+    assert response.status_code == status, response.text
+    assert needle in response.text
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_malformed_and_huge_bodies(server) -> None:
+    url, _ = server
+    headers = {"content-type": "application/json"}
+    broken = httpx.post(f"{url}/score", content=b'{"history": [', headers=headers)
+    assert broken.status_code == 422 and "json" in broken.text.lower()
+    huge = httpx.post(f"{url}/score", content=b" " * 100_000, headers=headers)
+    assert huge.status_code == 413 and "65536" in huge.text
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it arrives
+        for _ in range(100):
+            yield b" " * 1000
+
+    chunked = httpx.post(f"{url}/score", content=chunks(), headers=headers)
+    assert chunked.status_code == 413
+    assert httpx.get(f"{url}/score").status_code == 405
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_concurrent_load_has_no_errors_and_is_batched(server) -> None:
+    """8 clients x 200 requests at once: every answer right, none failed, and concurrent
+    requests shared model calls (fewer batches than requests)."""
+    url, path = server
+    predictor = Predictor(path)
+    rng = np.random.default_rng(5)
+    sizes = zip(rng.integers(0, 60, 40), rng.integers(1, 30, 40), strict=True)
+    pool = [_body(rng, int(h), int(c)) for h, c in sizes]
+    expected = [predictor.score(_as_request(b)) for b in pool]
+    before = httpx.get(f"{url}/metadata").json()["batching"]
+
+    def client(seed: int) -> int:
+        errors = 0
+        order = np.random.default_rng(seed).integers(0, len(pool), 200)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for i in order:
+                response = http.post("/score", json=pool[i])
+                ok = response.status_code == 200 and np.allclose(
+                    response.json()["scores"], expected[i], atol=1e-6
+                )
+                errors += not ok
+        return errors
+
+    with ThreadPoolExecutor(8) as workers:
+        errors = sum(workers.map(client, range(8)))
+    assert errors == 0
+    after = httpx.get(f"{url}/metadata").json()["batching"]
+    served = after["requests"] - before["requests"]
+    assert served == 1600
+    assert after["batches"] - before["batches"] < served
