@@ -53,9 +53,13 @@ class PretrainModel(nn.Module):
             torch.cat([item_ids, negatives.reshape(-1)]), cats_jt.values()
         )
         seq_emb, neg_emb = item_emb[:n], item_emb[n:].view(n, k, -1)
-        g = self.decoder.forward_sequence(to_padded(seq_emb, lengths), to_padded(cat_emb, lengths))
-        rows, positions = row_positions(lengths)
-        g = g[rows, positions]  # [N, D], one per target
+        if self.decoder.jagged:
+            g = self.decoder.forward_sequence_jagged(seq_emb, cat_emb, lengths)
+        else:
+            padded = self.decoder.forward_sequence(
+                to_padded(seq_emb, lengths), to_padded(cat_emb, lengths)
+            )
+            g = padded[row_positions(lengths)]  # [N, D], one per target
         pos_logit = (g * seq_emb).sum(-1, keepdim=True)
         neg_logit = torch.einsum("nd,nkd->nk", g, neg_emb)
         logits = torch.cat([pos_logit, neg_logit], dim=1)
@@ -127,11 +131,16 @@ class CTRModel(nn.Module):
         x0 = torch.cat(
             [t_item, t_cat, q_cat, mean_pool(h_item, lengths), mean_pool(h_cat, lengths)], dim=1
         )
-        needs_padded = self.decoder is not None or isinstance(self.backbone, DCNv2TA)
+        jagged = self.decoder is not None and self.decoder.jagged
+        needs_padded = isinstance(self.backbone, DCNv2TA) or (
+            self.decoder is not None and not jagged
+        )
         padded_items = to_padded(h_item, lengths) if needs_padded else None
         padded_cats = to_padded(h_cat, lengths) if needs_padded else None
         g = None
-        if self.decoder is not None:
+        if jagged:
+            g = self.decoder.forward_target_jagged(h_item, h_cat, lengths, t_cat)
+        elif self.decoder is not None:
             g = self.decoder.forward_target(padded_items, padded_cats, lengths, t_cat)
         if isinstance(self.backbone, DCNv2TA):
             return self.backbone(

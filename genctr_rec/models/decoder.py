@@ -14,9 +14,13 @@ Attention runs through ``torch.nn.functional.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from genctr_rec.models.jagged import length_groups, row_positions, to_padded
 
 
 @torch.fx.wrap
@@ -30,16 +34,32 @@ def _visible_keys(lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def _causal(memory: torch.Tensor) -> torch.Tensor:
-    """[1, K, K] lower-triangular self-attention mask over the key/value tokens."""
-    length = memory.shape[1]
-    return torch.ones(length, length, dtype=torch.bool, device=memory.device).tril().unsqueeze(0)
-
-
-@torch.fx.wrap
 def _token_at(memory: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """memory[b, index[b]] for every row b: [B, D]."""
     return memory[torch.arange(memory.shape[0], device=memory.device), index]
+
+
+def _by_length_groups(fn: Callable, lengths: torch.Tensor, per_element: bool) -> torch.Tensor:
+    """Run ``fn`` per group of similar-length rows and put the outputs back in batch order.
+
+    ``fn(idx, lens[, rows])`` gets the group's element indices into the flat values, its
+    rows' lengths (and, when not ``per_element``, its row indices) and returns one output per
+    element (``per_element``) or per row.
+    """
+    lengths = lengths.long()
+    offsets = torch.cumsum(lengths, 0) - lengths
+    outputs, order = [], []
+    for rows in length_groups(lengths):
+        lens = lengths[rows]
+        r, p = row_positions(lens)
+        idx = offsets[rows][r] + p
+        if per_element:
+            outputs.append(fn(idx, lens))
+            order.append(idx)
+        else:
+            outputs.append(fn(idx, lens, rows))
+            order.append(rows)
+    return torch.cat(outputs)[torch.argsort(torch.cat(order))]
 
 
 class _Attention(nn.Module):
@@ -54,15 +74,26 @@ class _Attention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor
+        self,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool = False,
     ) -> torch.Tensor:
-        """query [B, Q, D], memory [B, K, D], mask bool [B or 1, Q, K] (True = may attend)."""
+        """query [B, Q, D], memory [B, K, D]; either mask bool [B or 1, Q, K] (True = may
+        attend) or ``causal``: query q sees keys k <= q (SDPA's fused causal kernel, which
+        skips the masked half instead of materialising a mask)."""
         b, nq, d = query.shape
         h = self.heads
         q = self.q(query).view(b, nq, h, d // h).transpose(1, 2)
         k, v = self.kv(memory).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=None if mask is None else mask.unsqueeze(1),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
         )
         return self.out(out.transpose(1, 2).reshape(b, nq, d))
 
@@ -78,8 +109,14 @@ class _Block(nn.Module):
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm_q(x), self.norm_kv(memory), mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.norm_q(x), self.norm_kv(memory), mask, causal)
         return x + self.ff(self.norm_ff(x))
 
 
@@ -93,6 +130,9 @@ class GenerativeDecoder(nn.Module):
         num_heads: attention heads (not given by the paper; default 2).
         conditional: CD (query from the predicted item's category) or SD.
         dropout: attention dropout.
+        jagged: the stage models call the ``*_jagged`` methods (no padding across rows of
+            different lengths); ``False`` pads the whole batch to its longest row, the
+            baseline of ``benchmarks/decoder_cost.py``. Same outputs either way.
     """
 
     def __init__(
@@ -103,9 +143,11 @@ class GenerativeDecoder(nn.Module):
         num_heads: int = 2,
         conditional: bool = True,
         dropout: float = 0.0,
+        jagged: bool = True,
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.jagged = jagged
         self.max_len = max_len
         self.conditional = conditional
         self.position = nn.Embedding(max_len, dim)
@@ -124,11 +166,17 @@ class GenerativeDecoder(nn.Module):
         pos = self.position.weight[:length].unsqueeze(0)
         return torch.cat([self.bos.expand(b, 1, self.dim), items + cats + pos], dim=1)
 
-    def _run(self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool = False,
+    ) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            queries = block(queries, memory, mask)
+            queries = block(queries, memory, mask, causal)
             if i < len(self.item_blocks):
-                memory = self.item_blocks[i](memory, memory, _causal(memory))
+                memory = self.item_blocks[i](memory, memory, None, causal=True)
         return self.norm(queries)
 
     def forward_sequence(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
@@ -143,9 +191,27 @@ class GenerativeDecoder(nn.Module):
             queries = cats + pos
         else:  # SD: the most recent item's token (BOS at t = 0)
             queries = memory[:, :length]
-        # query t may attend to key k (k = 0 is BOS, k = j + 1 is item j) iff k <= t
-        mask = torch.ones(length, length + 1, dtype=torch.bool, device=items.device).tril()
-        return self._run(queries, memory, mask.unsqueeze(0))
+        # query t may attend to key k (k = 0 is BOS, k = j + 1 is item j) iff k <= t: SDPA's
+        # causal mask, which for L queries and L + 1 keys is aligned top-left exactly so
+        return self._run(queries, memory, None, causal=True)
+
+    def forward_sequence_jagged(
+        self, items: torch.Tensor, cats: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward_sequence` on a jagged batch without paying for its padding.
+
+        items, cats [N, D] (rows' elements one after another), lengths [B] -> g [N, D], one per
+        element. Rows run in groups of similar length (:func:`length_groups`), each padded only
+        to its own longest row; attention cost is quadratic in length, so one long row no
+        longer makes every short row pay for its length.
+        """
+        return _by_length_groups(
+            lambda idx, lens: self.forward_sequence(
+                to_padded(items[idx], lens), to_padded(cats[idx], lens)
+            )[row_positions(lens)],
+            lengths,
+            per_element=True,
+        )
 
     def forward_target(
         self,
@@ -168,3 +234,20 @@ class GenerativeDecoder(nn.Module):
             queries = _token_at(memory, lengths)  # token of item L-1
         mask = _visible_keys(lengths, length + 1)  # [B, 1, 1 + L]
         return self._run(queries.unsqueeze(1), memory, mask).squeeze(1)
+
+    def forward_target_jagged(
+        self,
+        items: torch.Tensor,
+        cats: torch.Tensor,
+        lengths: torch.Tensor,
+        target_cats: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward_target` on jagged histories (items, cats [N, D]) -> [B, D], rows run
+        in groups of similar length like :meth:`forward_sequence_jagged`."""
+        return _by_length_groups(
+            lambda idx, lens, rows: self.forward_target(
+                to_padded(items[idx], lens), to_padded(cats[idx], lens), lens, target_cats[rows]
+            ),
+            lengths,
+            per_element=False,
+        )

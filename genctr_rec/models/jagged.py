@@ -31,3 +31,30 @@ def mean_pool(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
     total = values.new_zeros(len(lengths), values.shape[1]).index_add_(0, rows, values)
     return total / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+
+
+def length_groups(
+    lengths: torch.Tensor, slack: float = 0.25, min_tokens: int = 2048
+) -> list[torch.Tensor]:
+    """Row indices in groups of similar length, longest first, for padding each group alone.
+
+    A group grows (rows sorted by length) until it holds at least ``min_tokens`` padded
+    positions and one more row would make its padding exceed ``slack`` of its real elements:
+    few groups for short batches (each group is one more kernel launch), little padding for
+    long, uneven ones.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    values = lengths[order].tolist()
+    groups, start, real = [], 0, 0
+    for i, length in enumerate(values):
+        longest, count = values[start], i - start
+        if (
+            count
+            and longest * count >= min_tokens
+            and longest * (count + 1) > (1 + slack) * (real + length)
+        ):
+            groups.append(order[start:i])
+            start, real = i, 0
+        real += length
+    groups.append(order[start:])
+    return groups
