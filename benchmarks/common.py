@@ -41,7 +41,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, payload: dict[str, Any], table_md: str) -> Path:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically."""
+    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically, and the plot."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
     atomic_write_json(RESULTS / f"{name}.json", {"machine": info, **payload})
@@ -50,4 +50,8 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> Path:
         f"{info['cores']} cores\n- versions: {info['versions']}\n- date: {info['date']}\n\n"
     )
     atomic_write_text(RESULTS / f"{name}.md", header + table_md + "\n")
+    from benchmarks.plots import PLOTTERS, plot
+
+    if name in PLOTTERS:
+        plot(name)  # results/<name>.png
     return RESULTS / f"{name}.md"

@@ -155,30 +155,6 @@ def finetune_cost(variant: str, history: int, steps: int) -> dict:
 VARIANTS = ("padded, explicit mask", "padded, causal kernel", "jagged")
 
 
-def _plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, stage in zip(axes, ("pretrain", "finetune"), strict=True):
-        for variant in VARIANTS:
-            sel = [r for r in rows if r["stage"] == stage and r["variant"] == variant]
-            if sel:
-                ax.plot(
-                    [r["history"] for r in sel], [r["throughput"] for r in sel], "o-", label=variant
-                )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("history length cap H")
-        ax.set_ylabel(sel[0]["unit"] if sel else "")
-        ax.set_title(stage)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[50, 200, 1000])
@@ -213,7 +189,6 @@ def main() -> None:
             f"{r['throughput']:,.0f} {r['unit']} | {r['throughput'] / base['throughput']:.2f}x |"
         )
     md = write_results("decoder_cost", {"rows": rows}, "\n".join(lines))
-    _plot(rows, md.with_suffix(".png"))
     print(md.read_text())
 
 

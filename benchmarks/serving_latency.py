@@ -246,31 +246,6 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
     return rows
 
 
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    for ax, history in zip(axes, (50, 200), strict=True):
-        sel = [r for r in rows if r["history"] == history and r["candidates"] == 100]
-        x = np.arange(len(modes))
-        for k, tables in enumerate(("fp32", "int8")):
-            p50 = [
-                next(r["p50_ms"] for r in sel if r["mode"] == m and r["tables"] == tables)
-                for m in modes
-            ]
-            ax.bar(x + 0.4 * k, p50, 0.4, label=tables)
-        ax.set_xticks(x + 0.2, [m.replace(" (", "\n(") for m in modes], fontsize=7)
-        ax.set_title(f"100 candidates, history {history}")
-        ax.set_ylabel("p50 latency per request (ms)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -315,7 +290,6 @@ def main() -> None:
         {"items": args.items, "in_process": rows, "http": http_rows},
         "\n".join(lines),
     )
-    _plot(rows, md.with_suffix(".png"))
     print(md.read_text())
 
 

@@ -1,0 +1,233 @@
+"""One plot per benchmark, drawn from its committed JSON (``results/<name>.json`` ->
+``results/<name>.png``). Each benchmark calls :func:`plot` after writing its results;
+``python -m benchmarks.plots [NAME ...]`` redraws them without re-measuring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import RESULTS
+
+
+def _reader(payload: dict, plt) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    results = payload["results"]
+    keys = ["genctr_shuffled", "genctr_in_order", "hand_written_baseline", "pyarrow_decode_only"]
+    x = np.arange(len(results))
+    for k, key in enumerate(keys):
+        ax.bar(x + 0.2 * k, [r[key] for r in results], 0.2, label=key.replace("_", " "))
+    ax.set_xticks(x + 0.3, [f"history {r['history']}" for r in results])
+    ax.set(yscale="log", ylabel="impressions/s (one process)")
+    ax.axhline(500_000, color="k", ls="--", lw=0.8, label="target 500k")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _lookup_layouts(payload: dict, plt) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    results = payload["results"]
+    layouts = list(dict.fromkeys((r["lookup"], r["dedup"]) for r in results))
+    x = np.arange(len(layouts))
+    for k, kind in enumerate(("uniform", "skewed")):
+        ms = [
+            next(
+                r["step_ms"]
+                for r in results
+                if (r["lookup"], r["dedup"]) == lay and r["ids"] == kind
+            )
+            for lay in layouts
+        ]
+        ax.bar(x + 0.4 * k, ms, 0.4, label=f"{kind} ids")
+    ax.set_xticks(x + 0.2, [f"{lookup}\n{'dedup' if d else 'no dedup'}" for lookup, d in layouts])
+    ax.set(ylabel="forward+backward ms per step (2 ranks, row-wise)")
+    ax.legend()
+    return fig
+
+
+def _table_scale(payload: dict, plt) -> Any:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for sharding in ("row_wise", "data_parallel"):
+        sel = [r for r in payload["results"] if r["sharding"] == sharding and r["status"] == "ok"]
+        items = [r["items"] for r in sel]
+        axes[0].plot(items, [max(r["peak_rss_gb_per_rank"]) for r in sel], "o-", label=sharding)
+        axes[1].plot(items, [r["step_s"] for r in sel], "o-", label=sharding)
+    axes[0].set(xscale="log", xlabel="item rows (dim 16)", ylabel="peak RSS per rank (GB)")
+    axes[1].set(xscale="log", yscale="log", xlabel="item rows", ylabel="seconds per step")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle("world size 2")
+    return fig
+
+
+def _training_throughput(payload: dict, plt) -> Any:
+    results = payload["results"]
+    items = sorted({r["items"] for r in results}, reverse=True)
+    fig, axes = plt.subplots(1, len(items), figsize=(7 * len(items), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], items, strict=True):
+        sel = [r for r in results if r["items"] == n]
+        labels = [f"{r['config']}\nw{r['world_size']}" for r in sel]
+        x = np.arange(len(sel))
+        ax.bar(x - 0.2, [r["torchrec_examples_per_s"] for r in sel], 0.4, label="TorchRec (ours)")
+        ax.bar(x + 0.2, [r["plain_examples_per_s"] for r in sel], 0.4, label="plain PyTorch DDP")
+        ax.set_xticks(x, labels, fontsize=6, rotation=60, ha="right")
+        ax.set(yscale="log", ylabel="examples/s", title=f"{n:,} items")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _table1(payload: dict, plt) -> Any:
+    results = payload["results"]
+    datasets = list(results)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        auc = results[dataset]["auc"]
+        backbones = list(dict.fromkeys(k.split("/")[0] for k in auc))
+        rows = sorted({int(k.split("/")[1]) for k in auc})
+        for k, backbone in enumerate(backbones):
+            means = [np.mean(auc[f"{backbone}/{r}"]) for r in rows]
+            stds = [np.std(auc[f"{backbone}/{r}"]) for r in rows]
+            ax.errorbar(
+                np.array(rows) + 0.1 * k, means, yerr=stds, fmt="o-", capsize=3, label=backbone
+            )
+        ax.set(xlabel="Table 1 row (1 = backbone alone, 8 = GenCTR)", ylabel="test AUC")
+        ax.set_title(dataset)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _serving_latency(payload: dict, plt) -> Any:
+    rows = payload["in_process"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    for ax, history in zip(axes, (50, 200), strict=True):
+        sel = [r for r in rows if r["history"] == history and r["candidates"] == 100]
+        x = np.arange(len(modes))
+        for k, tables in enumerate(("fp32", "int8")):
+            p50 = [
+                next(r["p50_ms"] for r in sel if r["mode"] == m and r["tables"] == tables)
+                for m in modes
+            ]
+            ax.bar(x + 0.4 * k, p50, 0.4, label=tables)
+        ax.set_xticks(x + 0.2, [m.replace(" (", "\n(") for m in modes], fontsize=7)
+        ax.set_title(f"100 candidates, history {history}")
+        ax.set_ylabel("p50 latency per request (ms)")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _decoder_cost(payload: dict, plt) -> Any:
+    rows = payload["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, stage in zip(axes, ("pretrain", "finetune"), strict=True):
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        for variant in dict.fromkeys(r["variant"] for r in stage_rows):
+            sel = [r for r in stage_rows if r["variant"] == variant]
+            ax.plot(
+                [r["history"] for r in sel], [r["throughput"] for r in sel], "o-", label=variant
+            )
+        ax.set(xscale="log", yscale="log", xlabel="history length cap H")
+        ax.set(ylabel=stage_rows[0]["unit"], title=stage)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _sharding_matrix(payload: dict, plt) -> Any:
+    rows, base = payload["configurations"], payload["baselines"]
+    dims = sorted({b["dim"] for b in base})
+    worlds = sorted({r["world"] for r in rows})
+    world = 2 if 2 in worlds else worlds[0]
+    shardings = list(dict.fromkeys(r["sharding"] for r in rows))
+    fig, axes = plt.subplots(2, len(dims), figsize=(6 * len(dims), 8), squeeze=False)
+
+    def ok(world: int, module: str, sharding: str, dim: int) -> list[dict]:
+        key = (world, module, sharding, dim)
+        return [
+            r
+            for r in rows
+            if (r["world"], r["module"], r["sharding"], r["dim"]) == key and r["status"] == "ok"
+        ]
+
+    for col, dim in enumerate(dims):
+        ax = axes[0][col]
+        b = [x for x in base if x["dim"] == dim]
+        sizes = [x["rows"] for x in b]
+        ax.plot(sizes, [x["gather_rows_per_s"] for x in b], "k--", label="gather ceiling")
+        ax.plot(sizes, [x["fbgemm_pooled_lookups_per_s"] for x in b], "k-.", label="fbgemm kernel")
+        ax.plot(sizes, [x["embedding_lookups_per_s"] for x in b], "k:", label="nn.Embedding sparse")
+        for module, style in (("pooled", "-"), ("sequence", "-.")):
+            for sharding in shardings:
+                sel = ok(world, module, sharding, dim)
+                if sel:
+                    ax.plot(
+                        [r["rows"] for r in sel],
+                        [r["lookups_per_s"] for r in sel],
+                        style,
+                        marker="o",
+                        label=f"{module} {sharding}",
+                    )
+        ax.set(xscale="log", yscale="log", xlabel="item rows", ylabel="lookups/s per rank")
+        ax.set_title(f"forward+backward, world size {world}, dim {dim}")
+        ax.legend(fontsize=6)
+        ax = axes[1][col]
+        for sharding in shardings:
+            for w in worlds:
+                sel = ok(w, "pooled", sharding, dim)
+                if sel:
+                    ax.plot(
+                        [r["rows"] for r in sel],
+                        [r["peak_rss_bytes"] / 2**30 for r in sel],
+                        marker="o",
+                        label=f"{sharding} w{w}",
+                    )
+        ax.set(xscale="log", yscale="log", xlabel="item rows", ylabel="peak RSS per rank (GiB)")
+        ax.set_title(f"pooled tables, dim {dim}: memory per rank")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+PLOTTERS: dict[str, Callable] = {
+    "reader_throughput": _reader,
+    "lookup_layouts": _lookup_layouts,
+    "table_scale": _table_scale,
+    "training_throughput": _training_throughput,
+    "table1": _table1,
+    "serving_latency": _serving_latency,
+    "decoder_cost": _decoder_cost,
+    "sharding_matrix": _sharding_matrix,
+}
+
+
+def plot(name: str) -> None:
+    """Draw ``results/<name>.png`` from ``results/<name>.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
+    fig = PLOTTERS[name](payload, plt)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"default: every one of {sorted(PLOTTERS)}")
+    for name in parser.parse_args().names or PLOTTERS:
+        if (RESULTS / f"{name}.json").is_file():
+            plot(name)
+            print(RESULTS / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()
