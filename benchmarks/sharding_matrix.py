@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as std_mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +125,7 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
 
     lookup, dedup = MODULES[module]
     rank = ctx.rank
+    _reset_peak_rss()
     emb = SharedEmbeddings(rows, CATEGORIES, dim, lookup, dedup, torch.device("meta"))
     apply_fused_optimizer(emb.tables, "rowwise_adagrad", 0.01)
     planner = make_planner(ctx, IDS, {"item": sharding, "category": sharding})
@@ -171,8 +171,21 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
     finally:
         for name, fn in traffic.originals.items():
             setattr(dist, name, fn)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = _peak_rss()
     return out
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's RSS high-water mark (VmHWM). ``ru_maxrss`` cannot be used: Linux
+    carries it across exec, so a spawned rank would report its parent's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _worker(rank: int, world: int, port: int, module: str, sharding: str, args, out: str):
@@ -183,7 +196,7 @@ def _worker(rank: int, world: int, port: int, module: str, sharding: str, args, 
     ctx = init_distributed()
     budget = int(psutil.virtual_memory().available * 0.7)
     results = []
-    for rows in sorted(args.rows):  # ascending sizes: ru_maxrss is then this config's peak
+    for rows in sorted(args.rows):
         for dim in sorted(args.dims):
             base = {"world": world, "module": module, "sharding": sharding, "rows": rows}
             base.update(dim=dim, rank=rank)
@@ -211,6 +224,7 @@ def matrix(args) -> list[dict]:
                         start_method="spawn",
                     )
                     deadline = time.time() + SPAWN_TIMEOUT_S
+                    reason = "the processes ended without a result"
                     try:
                         while not ctx.join(timeout=5):
                             if time.time() > deadline:
@@ -219,15 +233,20 @@ def matrix(args) -> list[dict]:
                         for p in ctx.processes:
                             p.kill()
                         print(f"world {world} {module} {sharding}: {exc}", flush=True)
+                        reason = " ".join(str(exc).split())[:200]
+                        if "SIGKILL" in reason:
+                            reason += " (killed by the OS: out of memory)"
                     per_rank = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("*.json"))]
-                rows.extend(_merge(per_rank, world, module, sharding, args))
+                rows.extend(_merge(per_rank, world, module, sharding, args, reason))
                 for r in rows[-len(args.rows) * len(args.dims) :]:
                     keys = ("world", "module", "sharding", "rows", "dim", "status", "lookups_per_s")
                     print({k: r.get(k) for k in keys}, flush=True)
     return rows
 
 
-def _merge(per_rank: list[list[dict]], world: int, module: str, sharding: str, args) -> list:
+def _merge(
+    per_rank: list[list[dict]], world: int, module: str, sharding: str, args, reason: str
+) -> list:
     """One row per configuration: the slowest rank's speed, the largest rank's memory."""
     merged = []
     for rows in sorted(args.rows):
@@ -235,7 +254,7 @@ def _merge(per_rank: list[list[dict]], world: int, module: str, sharding: str, a
             found = [r for ranks in per_rank for r in ranks if (r["rows"], r["dim"]) == (rows, dim)]
             row = {"world": world, "module": module, "sharding": sharding, "rows": rows, "dim": dim}
             if not found:
-                row["status"] = "failed: the processes died or hung (see the log)"
+                row["status"] = f"failed: {reason}"
             elif any(r["status"] != "ok" for r in found):
                 row["status"] = next(r["status"] for r in found if r["status"] != "ok")
                 row.update({k: found[0].get(k) for k in ("item_shards", "planner_storage_bytes")})

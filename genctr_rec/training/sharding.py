@@ -56,10 +56,12 @@ def apply_fused_optimizer(tables: nn.Module, name: str, lr: float) -> None:
     apply_optimizer_in_backward(FUSED_OPTIMIZERS[name], tables.parameters(), {"lr": lr})
 
 
-def plan_sharding(
-    model: nn.Module, ctx: DistContext, batch_size: int, overrides: dict[str, str]
-) -> ShardingPlan:
-    """TorchRec's planner, with per-table sharding types forced by ``overrides``."""
+def make_planner(
+    ctx: DistContext, batch_size: int, overrides: dict[str, str]
+) -> EmbeddingShardingPlanner:
+    """TorchRec's planner for this job's topology, per-table sharding types forced by
+    ``overrides`` (its ``plan(model, sharders())`` keeps the chosen options and their
+    storage / perf estimates, which the sharding benchmark reports)."""
     for table, sharding in overrides.items():
         if sharding not in SHARDING_TYPES:
             raise ConfigError(
@@ -73,10 +75,16 @@ def plan_sharding(
         kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
     constraints = {t: ParameterConstraints(sharding_types=[s]) for t, s in overrides.items()}
-    planner = EmbeddingShardingPlanner(
+    return EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size, constraints=constraints, debug=False
     )
-    return planner.plan(model, sharders())
+
+
+def plan_sharding(
+    model: nn.Module, ctx: DistContext, batch_size: int, overrides: dict[str, str]
+) -> ShardingPlan:
+    """TorchRec's plan for ``model``, with per-table sharding types forced by ``overrides``."""
+    return make_planner(ctx, batch_size, overrides).plan(model, sharders())
 
 
 def shard_model(
