@@ -116,12 +116,12 @@ def export_for_serving(run: Path, workdir: Path) -> dict[str, Any]:
         path = workdir / f"artifact-genctr-{quantize}"
         if (path / "artifact.json").is_file():
             logger.info("reusing artifact %s", path)
-            parity = load_artifact(path).metadata["parity"]
         else:
             logger.info("exporting %s (%s tables) to %s", run, quantize, path)
-            parity = export_run(run, path, quantize)["parity"]
-        predictor = Predictor(path)
-        scores = predictor.score(Request([1, 2, 3], None, 0, [4, 5, 6]))
+            export_run(run, path, quantize)
+        artifact = load_artifact(path)
+        parity = artifact.metadata["parity"]
+        scores = Predictor(artifact).score(Request([1, 2, 3], None, 0, [4, 5, 6]))
         out["fp32" if quantize == "none" else quantize] = {
             "artifact": str(path),
             "auc_change": parity["auc_change"],

@@ -29,7 +29,14 @@ from genctr_rec import __version__
 from genctr_rec.checkpoint import CheckpointError, load_model, verify_manifest, write_manifest
 from genctr_rec.compat import installed_stack
 from genctr_rec.config import ConfigError, RunConfig
-from genctr_rec.data.reader import HIST_CATEGORIES, HIST_ITEMS, ImpressionReader
+from genctr_rec.data.reader import (
+    HIST_CATEGORIES,
+    HIST_ITEMS,
+    QUERY_CATEGORY,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
+    ImpressionReader,
+)
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.validate import read_item_categories
 from genctr_rec.data.writer import atomic_directory
@@ -39,7 +46,7 @@ from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.jagged import to_padded
 from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.model import build_serving_model
-from genctr_rec.training.build import decoder_for
+from genctr_rec.training.build import DECODER_TRANSFERS, decoder_for
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +93,9 @@ def impressions_as_requests(features) -> RequestTensors:
         to_padded(items_jt.values(), lengths, pad),
         to_padded(features[HIST_CATEGORIES].values(), lengths, pad),
         lengths,
-        features["query_category_id"].values(),
-        features["item_id"].values(),
-        features["category_id"].values(),
+        features[QUERY_CATEGORY].values(),
+        features[TARGET_ITEM].values(),
+        features[TARGET_CATEGORY].values(),
         torch.arange(b),
     )
 
@@ -104,7 +111,7 @@ def load_trained(run: str | Path) -> tuple[RunConfig, CTRModel]:
     embeddings = SharedEmbeddings(
         cfg.num_items, cfg.num_categories, m.dim, m.lookup, dedup=False, device=torch.device("cpu")
     )
-    decoder = decoder_for(cfg) if cfg.transfer in ("decoder", "ps_decoder", "ps_mi") else None
+    decoder = decoder_for(cfg) if cfg.transfer in DECODER_TRANSFERS else None
     model = CTRModel(embeddings, cfg.backbone, decoder)
     load_model(model, run / "checkpoint", no_dist=True)
     return cfg, model.eval()

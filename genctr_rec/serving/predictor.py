@@ -180,9 +180,8 @@ class Predictor:
             if len(stamps) > 1 and (np.diff(stamps) < 0).any():
                 raise RequestError("history.timestamps", "must be oldest first (non-decreasing)")
         items, cats = self._history_in_vocab(items, cats)
-        items, cats = items[-self.max_history :], cats[-self.max_history :]
-        if self.max_history == 0:
-            items, cats = items[:0], cats[:0]
+        start = max(0, len(items) - self.max_history)  # the newest max_history entries
+        items, cats = items[start:], cats[start:]
         query = int(_ids([request.query_category], "query_category_id")[0])
         if not 0 <= query < self.num_categories:
             raise RequestError(
