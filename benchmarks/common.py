@@ -15,6 +15,20 @@ from genctr_rec.data.writer import atomic_write_json, atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's RSS high-water mark (VmHWM). ``ru_maxrss`` cannot be used: Linux
+    carries it across exec, so a spawned rank would report its parent's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark since start or the last :func:`reset_peak_rss`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

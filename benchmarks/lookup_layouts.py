@@ -1,5 +1,7 @@
 """How the history lookup is laid out: forward+backward time of SharedEmbeddings' layouts on a
-2-rank row-wise sharded table, the choice behind ``ModelConfig.lookup`` and ``dedup``.
+row-wise sharded table at 1 and 2 ranks, the choice behind ``ModelConfig.lookup`` and
+``dedup`` (de-duplication is measured at one rank too, where the default skips it). The
+100-row category table is placed as the default plan places it (replicated where it can be).
 
 Baseline in the same run: ``lookup="sequence"`` without de-duplication, i.e. TorchRec's
 ``EmbeddingCollection`` as the textbook layout uses it.
@@ -38,9 +40,9 @@ def _ids(kind: str, n: int, rows: int, seed: int) -> torch.Tensor:
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     join_local_group(rank, world, port)
-    from genctr_rec.embeddings import SharedEmbeddings
+    from genctr_rec.embeddings import ITEM_TABLE, SharedEmbeddings
     from genctr_rec.training.distributed import init_distributed
-    from genctr_rec.training.sharding import apply_fused_optimizer, shard_model
+    from genctr_rec.training.sharding import apply_fused_optimizer, default_sharding, shard_model
 
     ctx = init_distributed()
     results = []
@@ -48,7 +50,10 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
         for kind in ("uniform", "skewed"):
             emb = SharedEmbeddings(args.rows, 100, args.dim, lookup, dedup, torch.device("meta"))
             apply_fused_optimizer(emb.tables, "rowwise_adagrad", 0.01)
-            dmp = shard_model(emb, ctx, 1024, {"item": "row_wise", "category": "row_wise"})
+            plan = {**default_sharding(emb.tables, world, 1.0), "item": "row_wise"}
+            dmp = shard_model(emb, ctx, 1024, plan)
+            if dedup:  # measured even where the default skips it (one rank)
+                emb.set_routed([ITEM_TABLE])
             cats = torch.randint(0, 100, (1024,))
             times = []
             for step in range(args.steps + 2):
@@ -59,6 +64,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
                 times.append(time.perf_counter() - start)
             results.append(
                 {
+                    "world": world,
                     "lookup": lookup,
                     "dedup": dedup,
                     "ids": kind,
@@ -66,7 +72,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
                 }
             )
     if rank == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out, f"{world}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
@@ -76,17 +82,24 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=51_200, help="ids per rank per step")
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "r.json")
-        mp.start_processes(
-            _worker, args=(2, free_port(), args, out), nprocs=2, start_method="spawn"
-        )
-        results = json.loads(Path(out).read_text())
-    base = {r["ids"]: r["step_ms"] for r in results if r["lookup"] == "sequence" and not r["dedup"]}
+        for world in args.worlds:
+            mp.start_processes(
+                _worker, args=(world, free_port(), args, tmp), nprocs=world, start_method="spawn"
+            )
+            results += json.loads(Path(tmp, f"{world}.json").read_text())
+    base = {
+        (r["world"], r["ids"]): r["step_ms"]
+        for r in results
+        if r["lookup"] == "sequence" and not r["dedup"]
+    }
     lines = [
-        "| layout | de-duplicated | ids | fwd+bwd ms / step | speed-up over EmbeddingCollection |",
-        "|---|---|---|---|---|",
+        "| ranks | layout | de-duplicated | ids | fwd+bwd ms / step | "
+        "speed-up over EmbeddingCollection |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         name = (
@@ -95,12 +108,12 @@ def main() -> None:
             else "EmbeddingCollection (sequence)"
         )
         lines.append(
-            f"| {name} | {'yes' if r['dedup'] else 'no'} | {r['ids']} | "
-            f"{r['step_ms']:.1f} | {base[r['ids']] / r['step_ms']:.1f}x |"
+            f"| {r['world']} | {name} | {'yes' if r['dedup'] else 'no'} | {r['ids']} | "
+            f"{r['step_ms']:.1f} | {base[r['world'], r['ids']] / r['step_ms']:.1f}x |"
         )
     table = (
-        f"2 ranks (gloo, one thread each), row-wise sharded {args.rows:,} x {args.dim} item "
-        f"table, {args.ids:,} ids per rank per step, fused row-wise Adagrad, median of "
+        f"1 and 2 ranks (gloo, one thread each), row-wise sharded {args.rows:,} x {args.dim} "
+        f"item table, {args.ids:,} ids per rank per step, fused row-wise Adagrad, median of "
         f"{args.steps} steps.\n\n" + "\n".join(lines)
     )
     print(write_results("lookup_layouts", {"results": results, "args": vars(args)}, table))

@@ -29,23 +29,28 @@ def _reader(payload: dict, plt) -> Any:
 
 
 def _lookup_layouts(payload: dict, plt) -> Any:
-    fig, ax = plt.subplots(figsize=(7, 4))
     results = payload["results"]
-    layouts = list(dict.fromkeys((r["lookup"], r["dedup"]) for r in results))
-    x = np.arange(len(layouts))
-    for k, kind in enumerate(("uniform", "skewed")):
-        ms = [
-            next(
-                r["step_ms"]
-                for r in results
-                if (r["lookup"], r["dedup"]) == lay and r["ids"] == kind
-            )
-            for lay in layouts
-        ]
-        ax.bar(x + 0.4 * k, ms, 0.4, label=f"{kind} ids")
-    ax.set_xticks(x + 0.2, [f"{lookup}\n{'dedup' if d else 'no dedup'}" for lookup, d in layouts])
-    ax.set(ylabel="forward+backward ms per step (2 ranks, row-wise)")
-    ax.legend()
+    worlds = sorted({r.get("world", 2) for r in results})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(7 * len(worlds), 4), squeeze=False)
+    for ax, world in zip(axes[0], worlds, strict=True):
+        mine = [r for r in results if r.get("world", 2) == world]
+        layouts = list(dict.fromkeys((r["lookup"], r["dedup"]) for r in mine))
+        x = np.arange(len(layouts))
+        for k, kind in enumerate(("uniform", "skewed")):
+            ms = [
+                next(
+                    r["step_ms"]
+                    for r in mine
+                    if (r["lookup"], r["dedup"]) == lay and r["ids"] == kind
+                )
+                for lay in layouts
+            ]
+            ax.bar(x + 0.4 * k, ms, 0.4, label=f"{kind} ids")
+        ax.set_xticks(
+            x + 0.2, [f"{lookup}\n{'dedup' if d else 'no dedup'}" for lookup, d in layouts]
+        )
+        ax.set(ylabel=f"forward+backward ms per step ({world} rank(s), row-wise)")
+        ax.legend()
     return fig
 
 

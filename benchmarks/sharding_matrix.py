@@ -13,16 +13,19 @@ with its error.
 
 Modules: ``sequence`` is TorchRec's ``EmbeddingCollection`` (``SharedEmbeddings(lookup=
 "sequence", dedup=False)``); ``pooled`` is our history-feature path, an
-``EmbeddingBagCollection`` with every id a bag of one, de-duplicated per batch
-(``SharedEmbeddings`` defaults). Every rank looks up 51,200 uniform random item ids per step
-(1,024 impressions x history 50) plus 1,024 category ids; the category table is sharded like
-the item table. World size 4 oversubscribes 2 cores: read it for traffic and memory.
+``EmbeddingBagCollection`` per table with every id a bag of one (``SharedEmbeddings``
+defaults: ids de-duplicated only where they cross ranks). Every rank looks up 51,200 uniform
+random item ids per step (1,024 impressions x history 50) plus 1,024 category ids; the item
+table is sharded as the row says, the 1,000-row category table as the default plan has it
+(table-wise on one rank, replicated on more where it can be). World size 4 oversubscribes 2
+cores: read it for traffic and memory.
 
 Baselines, one process, one thread: ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag``
-(bags of one) with ``SparseAdam``, and fbgemm's table-batched kernel called directly (pooled
-bags of one and sequence mode, fused row-wise Adagrad: what TorchRec runs underneath, without
-TorchRec); ceiling: ``index_select`` of the same number of random rows of a table of the same
-size (a forward alone, nothing written back).
+(bags of one) with ``SparseAdam``; ``index_select`` + ``index_add_`` (a forward and an SGD
+update in PyTorch's own ops); fbgemm's table-batched kernel called directly (pooled bags of one
+and sequence mode, fused row-wise Adagrad: what TorchRec runs underneath, without TorchRec),
+and its pooled forward alone; ceiling: ``index_select`` of the same number of random rows of a
+table of the same size (a forward alone, nothing written back).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 
-from benchmarks.common import write_results
+from benchmarks.common import peak_rss_bytes, reset_peak_rss, write_results
 from genctr_rec.training.distributed import free_port, join_local_group
 
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
@@ -121,17 +124,25 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
     from torchrec.distributed import DistributedModelParallel
 
     from genctr_rec.embeddings import SharedEmbeddings
-    from genctr_rec.training.sharding import apply_fused_optimizer, make_planner, sharders
+    from genctr_rec.training.sharding import (
+        apply_fused_optimizer,
+        default_sharding,
+        make_planner,
+        sharders,
+        tell_routed,
+    )
 
     lookup, dedup = MODULES[module]
     rank = ctx.rank
-    _reset_peak_rss()
+    reset_peak_rss()
     emb = SharedEmbeddings(rows, CATEGORIES, dim, lookup, dedup, torch.device("meta"))
     apply_fused_optimizer(emb.tables, "rowwise_adagrad", 0.01)
-    planner = make_planner(ctx, IDS, {"item": sharding, "category": sharding})
+    # the category table as the default plan has it; the item table as this row says
+    overrides = {**default_sharding(emb.tables, ctx.world_size, 1.0), "item": sharding}
+    planner = make_planner(ctx, IDS, overrides)
     plan = planner.plan(emb, sharders())
     out = _rank_estimates(planner, rank)
-    spec = next(iter(plan.plan.values()))["item"]
+    spec = next(tables["item"] for tables in plan.plan.values() if "item" in tables)
     out["item_shards"] = len(spec.sharding_spec.shards) if spec.sharding_spec else 1
     # every rank decides alike (same plan), so a skip never strands a collective
     needed = sum(
@@ -147,6 +158,7 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
         )
         return out
     dmp = DistributedModelParallel(emb, device=ctx.device, plan=plan, sharders=sharders())
+    tell_routed(emb, dmp, ctx.world_size)
     traffic = _Traffic()
     try:
         times = []
@@ -171,21 +183,8 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
     finally:
         for name, fn in traffic.originals.items():
             setattr(dist, name, fn)
-    out["peak_rss_bytes"] = _peak_rss()
+    out["peak_rss_bytes"] = peak_rss_bytes()
     return out
-
-
-def _reset_peak_rss() -> None:
-    """Restart the kernel's RSS high-water mark (VmHWM). ``ru_maxrss`` cannot be used: Linux
-    carries it across exec, so a spawned rank would report its parent's peak."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _worker(rank: int, world: int, port: int, module: str, sharding: str, args, out: str):
@@ -296,8 +295,17 @@ def baselines(args) -> list[dict]:
             gather = _median_rate(
                 lambda table=table, ids=ids: torch.index_select(table, 0, ids), 21
             )
+            grads = torch.randn(IDS, dim)
+
+            def gather_update(table=table, ids=ids, grads=grads) -> None:
+                torch.index_select(table, 0, ids)
+                table.index_add_(0, ids, grads, alpha=-0.01)
+
+            # PyTorch's own ops for a forward and an SGD update (repeated ids summed)
+            gather_update_rate = _median_rate(gather_update, 21)
             del table
             row = {"rows": rows, "dim": dim, "gather_rows_per_s": gather}
+            row["gather_update_rows_per_s"] = gather_update_rate
             row["gather_gb_per_s"] = gather * dim * 4 / 1e9
             for name in ("embedding", "embedding_bag"):
                 if name == "embedding":
@@ -326,6 +334,11 @@ def baselines(args) -> list[dict]:
                 row[f"{name}_lookups_per_s"] = _median_rate(
                     lambda tbe=tbe, ids=ids, offsets=offsets: tbe(ids, offsets).sum().backward()
                 )
+                if pooling == PoolingMode.SUM:  # how far the forward alone gets
+                    with torch.no_grad():
+                        row[f"{name}_forward_lookups_per_s"] = _median_rate(
+                            lambda tbe=tbe, ids=ids, offsets=offsets: tbe(ids, offsets)
+                        )
                 del tbe
             out.append(row)
             print(row, flush=True)
@@ -337,19 +350,22 @@ def _table(rows: list[dict], base: list[dict]) -> str:
     lines = [
         "Ceiling and plain-PyTorch baselines (one process, one thread, 51,200 random ids):",
         "",
-        "| rows | dim | gather rows/s (ceiling) | GB/s | nn.Embedding sparse fwd+bwd+step | "
-        "nn.EmbeddingBag (bags of one) | fbgemm TBE kernel, pooled (bags of one) | "
-        "fbgemm TBE kernel, sequence |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rows | dim | gather rows/s (ceiling) | GB/s | fbgemm TBE forward only (bags of one) | "
+        "fbgemm TBE kernel fwd+bwd, pooled (bags of one) | fbgemm TBE kernel fwd+bwd, sequence | "
+        "index_select + index_add_ (SGD) | nn.Embedding sparse fwd+bwd+step | "
+        "nn.EmbeddingBag (bags of one) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in base:
         cells = [
             f"{b[k] / 1e6:.2f}M ({b[k] / b['gather_rows_per_s']:.1%})"
             for k in (
-                "embedding_lookups_per_s",
-                "embedding_bag_lookups_per_s",
+                "fbgemm_pooled_forward_lookups_per_s",
                 "fbgemm_pooled_lookups_per_s",
                 "fbgemm_sequence_lookups_per_s",
+                "gather_update_rows_per_s",
+                "embedding_lookups_per_s",
+                "embedding_bag_lookups_per_s",
             )
         ]
         lines.append(
@@ -398,7 +414,7 @@ def main() -> None:
     rows = matrix(args)
     md = write_results(
         args.name,
-        {"ids_per_rank": IDS, "baselines": base, "configurations": rows},
+        {"ids_per_rank": IDS, "args": vars(args), "baselines": base, "configurations": rows},
         _table(rows, base),
     )
     print(md.read_text())

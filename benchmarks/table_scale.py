@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import write_results
+from benchmarks.common import peak_rss_bytes, reset_peak_rss, write_results
 from genctr_rec.training.distributed import free_port, join_local_group
 
 
 def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
     torch.set_num_threads(1)
+    reset_peak_rss()
     join_local_group(rank, 2, port)
     from genctr_rec.embeddings import SharedEmbeddings
     from genctr_rec.training.distributed import init_distributed
@@ -51,11 +51,7 @@ def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
             (rows.sum() + cats.sum()).backward()
             step_times.append(time.perf_counter() - t)
         result["step_s"] = sorted(step_times)[1]
-        shard = (
-            plan.plan[""]["tables"]["item"]
-            if "" in plan.plan
-            else next(iter(plan.plan.values()))["item"]
-        )
+        shard = next(tables["item"] for tables in plan.plan.values() if "item" in tables)
         result["shard_rows_on_rank"] = (
             sum(s.shard_sizes[0] for s in shard.sharding_spec.shards if s.placement.rank() == rank)
             if shard.sharding_spec is not None
@@ -64,7 +60,7 @@ def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
         result["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing combination is a result, not a crash
         result.update(status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result["peak_rss_gb"] = peak_rss_bytes() / 2**30
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -70,6 +70,7 @@ def load_model(
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
+    check_table_layout(path)
     state = model.state_dict()
     if prefixes is not None:
         state = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
@@ -79,6 +80,27 @@ def load_model(
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), path)
     return sorted(state)
+
+
+# genctr-rec 0.1 kept both tables in one TorchRec module: embeddings.tables.embedding_bags.item
+OLD_TABLE_KEYS = (
+    f"{MODEL_KEY}.embeddings.tables.embedding_bags.",
+    f"{MODEL_KEY}.embeddings.tables.embeddings.",
+)
+
+
+def check_table_layout(path: Path) -> None:
+    """Refuse, with the reason, a checkpoint whose tables use 0.1's one-module layout (since
+    0.2 every table is its own module, ``embeddings.tables.item.*``): DCP would only report
+    missing keys."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    old = sorted(k for k in keys if k.startswith(OLD_TABLE_KEYS))
+    if old:
+        raise CheckpointError(
+            f"{path} was written by genctr-rec 0.1 (both tables in one module, e.g. {old[0]}); "
+            "this version keeps each table in its own module (embeddings.tables.item.*). "
+            "Re-run the stage that wrote it, or read it with genctr-rec 0.1."
+        )
 
 
 MANIFEST = "manifest.json"
@@ -232,6 +254,7 @@ class CheckpointManager:
         then left as they are, with a warning, and everything else is loaded.
         """
         verify_manifest(path)
+        check_table_layout(path)
         try:
             dcp.load(app_state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as exc:

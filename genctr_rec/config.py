@@ -57,8 +57,12 @@ class TrainConfig:
         embedding_lr: learning rate of the fused optimizer (``None``: 1e-3 for Adam, 0.05 for
             the Adagrad family and SGD).
         seed: every random choice (init, shuffling, negatives) follows it.
-        sharding: per-table sharding type override, e.g. ``{"item": "row_wise"}``; the planner
-            chooses the rest.
+        sharding: per-table sharding type override, e.g. ``{"item": "row_wise"}``. Otherwise
+            one rank holds every table ``table_wise``, small tables are replicated (below) and
+            the planner chooses the rest (``training.sharding.default_sharding``).
+        replicate_max_mb: with more than one rank, pooled tables of at most this many MB are
+            replicated (``data_parallel``) unless ``sharding`` names them: a small table costs
+            less to all-reduce than to route every id through the all-to-all and back.
         max_history: history truncation (``None``: the dataset's ``max_history``).
         num_negatives: negatives per pre-training target.
         negatives: ``category`` (CS) or ``random`` (RS).
@@ -73,6 +77,7 @@ class TrainConfig:
     embedding_lr: float | None = None
     seed: int = 0
     sharding: dict[str, str] = field(default_factory=dict)
+    replicate_max_mb: float = 1.0
     max_history: int | None = None
     num_negatives: int = 16
     negatives: str = "category"

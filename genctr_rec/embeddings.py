@@ -5,15 +5,18 @@ stage 1's tables by loading the same state-dict keys (``embeddings.*``).
 
 How lookups run (measured, see ``benchmarks/``): on CPU, fbgemm's sequence (unpooled) kernel
 behind ``EmbeddingCollection`` has a backward about 10x slower than the pooled kernel behind
-``EmbeddingBagCollection``. So the default ``lookup="pooled"`` keeps the tables in an
+``EmbeddingBagCollection``. So the default ``lookup="pooled"`` keeps each table in an
 ``EmbeddingBagCollection`` and looks every id up as **a bag of one** (SUM pooling of a single
 row is the row itself; gradients of repeated ids add up exactly as in a sequence lookup).
 ``lookup="sequence"`` uses an ``EmbeddingCollection`` instead, the textbook layout. With
-``dedup=True`` each table's ids are made unique before the lookup and gathered back, which
-cuts the work on popularity-skewed ids and changes no value or gradient.
+``dedup=True`` each sharded table's ids are made unique before the lookup and gathered back,
+which cuts the ids and rows the all-to-all moves and changes no value or gradient; tables that
+move nothing (one rank, or replicated: :meth:`SharedEmbeddings.set_routed`) skip it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 import torch.distributed as dist
@@ -32,27 +35,32 @@ CATEGORY_TABLE = "category"
 TABLES = (ITEM_TABLE, CATEGORY_TABLE)
 
 
-def _common_stride(stride: int, device: torch.device) -> int:
-    """The largest stride over ranks: sharded pooled lookups need one batch size on every rank
-    (row-wise reduce-scatter, table-wise all-to-all); shorter ranks pad with empty bags."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = torch.tensor([stride], device=device)
+def _common_strides(strides: list[int], device: torch.device) -> list[int]:
+    """The largest of each stride over ranks (one all-reduce): a sharded pooled lookup needs
+    one batch size on every rank (row-wise reduce-scatter, table-wise all-to-all); shorter
+    ranks pad with empty bags."""
+    if strides and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor(strides, device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return int(value.item())
-    return stride
+        return value.tolist()
+    return strides
 
 
 class SharedEmbeddings(nn.Module):
-    """Item and category tables in one TorchRec module, looked up by flat id tensors.
+    """Item and category tables, one TorchRec module each, looked up by flat id tensors.
+
+    One module per table (``tables.item``, ``tables.category``) rather than one collection of
+    both: each table's lookup then has its own batch size (no padding of the shorter id list
+    to the longer, no splitting of a shared output), and DMP can shard the item table while
+    it replicates the small category table.
 
     Args:
         num_items: rows of the item table.
         num_categories: rows of the category table.
-        dim: embedding width of both tables (TorchRec wants one width per collection; the
-            paper uses 16 everywhere).
+        dim: embedding width of both tables (the paper uses 16 everywhere).
         lookup: ``"pooled"`` (EmbeddingBagCollection, bags of one) or ``"sequence"``
             (EmbeddingCollection).
-        dedup: look up unique ids only, then gather back.
+        dedup: look up unique ids only, then gather back (tables sharded over ranks only).
         device: ``meta`` to let ``DistributedModelParallel`` materialise the shards.
 
     Example::
@@ -76,34 +84,45 @@ class SharedEmbeddings(nn.Module):
         self.dim = dim
         self.lookup = lookup
         self.dedup = dedup
+        # until the plan is known (set_routed): treat every table as sharded over ranks
+        self.routed: frozenset[str] = frozenset(TABLES)
+        self.dedup_tables: frozenset[str] = self.routed if dedup else frozenset()
         sizes = {ITEM_TABLE: num_items, CATEGORY_TABLE: num_categories}
-        if lookup == "pooled":
-            self.tables: nn.Module = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(
-                        name=name,
-                        embedding_dim=dim,
-                        num_embeddings=sizes[name],
-                        feature_names=[name],
-                        pooling=PoolingType.SUM,
-                    )
-                    for name in TABLES
-                ],
-                device=device,
-            )
-        else:
-            self.tables = EmbeddingCollection(
-                tables=[
-                    EmbeddingConfig(
-                        name=name,
-                        embedding_dim=dim,
-                        num_embeddings=sizes[name],
-                        feature_names=[name],
-                    )
-                    for name in TABLES
-                ],
-                device=device,
-            )
+        self.tables = nn.ModuleDict()
+        for name in TABLES:
+            if lookup == "pooled":
+                self.tables[name] = EmbeddingBagCollection(
+                    tables=[
+                        EmbeddingBagConfig(
+                            name=name,
+                            embedding_dim=dim,
+                            num_embeddings=sizes[name],
+                            feature_names=[name],
+                            pooling=PoolingType.SUM,
+                        )
+                    ],
+                    device=device,
+                )
+            else:
+                self.tables[name] = EmbeddingCollection(
+                    tables=[
+                        EmbeddingConfig(
+                            name=name,
+                            embedding_dim=dim,
+                            num_embeddings=sizes[name],
+                            feature_names=[name],
+                        )
+                    ],
+                    device=device,
+                )
+
+    def set_routed(self, tables: Collection[str]) -> None:
+        """Tell the lookup which tables' ids go through an all-to-all (sharded, more than one
+        rank; the plan decides). Only those are de-duplicated (it shrinks what is sent; locally
+        fbgemm's backward sums repeated rows anyway, and the sort costs more than it saves) and
+        padded to the batch size of the largest rank."""
+        self.routed = frozenset(tables)
+        self.dedup_tables = self.routed if self.dedup else frozenset()
 
     def forward(
         self, item_ids: torch.Tensor, category_ids: torch.Tensor
@@ -111,25 +130,35 @@ class SharedEmbeddings(nn.Module):
         """Rows for ``item_ids`` [N] and ``category_ids`` [M]: tensors [N, dim] and [M, dim]."""
         ids = {ITEM_TABLE: item_ids, CATEGORY_TABLE: category_ids}
         inverse: dict[str, torch.Tensor] = {}
-        if self.dedup:
-            for name in TABLES:
+        for name in TABLES:
+            if name in self.dedup_tables:
                 ids[name], inverse[name] = torch.unique(ids[name], return_inverse=True)
-        counts = [int(ids[name].numel()) for name in TABLES]
-        values = torch.cat([ids[name] for name in TABLES])
-        if self.lookup == "pooled":
-            # one bag per id; the shorter table's feature is padded with empty bags
-            stride = _common_stride(max(max(counts), 1), values.device)
-            lengths = torch.zeros(len(TABLES) * stride, dtype=torch.int32, device=values.device)
-            for i, n in enumerate(counts):
-                lengths[i * stride : i * stride + n] = 1
-            kjt = KeyedJaggedTensor(keys=list(TABLES), values=values, lengths=lengths)
-            pooled = self.tables(kjt).to_dict()
-            rows = {name: pooled[name][:n] for name, n in zip(TABLES, counts, strict=True)}
-        else:
-            lengths = torch.tensor(counts, dtype=torch.int32, device=values.device)
-            kjt = KeyedJaggedTensor(keys=list(TABLES), values=values, lengths=lengths)
-            jagged = self.tables(kjt)
-            rows = {name: jagged[name].values() for name in TABLES}
-        if self.dedup:
-            rows = {name: rows[name][inverse[name]] for name in TABLES}
+        rows = self._pooled(ids) if self.lookup == "pooled" else self._sequence(ids)
+        for name, where in inverse.items():
+            rows[name] = rows[name][where]
         return rows[ITEM_TABLE], rows[CATEGORY_TABLE]
+
+    def _pooled(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every id a bag of one; a sharded table's batch padded to the ranks' largest."""
+        counts = {name: int(ids[name].numel()) for name in TABLES}
+        strides = {name: max(n, 1) for name, n in counts.items()}  # fbgemm wants a bag
+        sharded = [name for name in TABLES if name in self.routed]
+        common = _common_strides([strides[n] for n in sharded], ids[ITEM_TABLE].device)
+        strides.update(zip(sharded, common, strict=True))
+        rows = {}
+        for name in TABLES:
+            n, stride = counts[name], strides[name]
+            lengths = torch.ones(stride, dtype=torch.int32, device=ids[name].device)
+            lengths[n:] = 0
+            kjt = KeyedJaggedTensor(keys=[name], values=ids[name], lengths=lengths)
+            pooled = self.tables[name](kjt).values()
+            rows[name] = pooled if n == stride else pooled[:n]
+        return rows
+
+    def _sequence(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = {}
+        for name in TABLES:
+            lengths = torch.tensor([ids[name].numel()], dtype=torch.int32, device=ids[name].device)
+            kjt = KeyedJaggedTensor(keys=[name], values=ids[name], lengths=lengths)
+            rows[name] = self.tables[name](kjt)[name].values()
+        return rows

@@ -312,3 +312,22 @@ def test_optimizer_state_that_cannot_reshard_is_reset_not_fatal(tmp_path: Path) 
     assert target["resharding_reset"] == ["optim"]
     with pytest.raises(Exception, match="cannot load"):
         manager.load(manager.latest(), {"model": {"w": torch.zeros(2, 2)}})
+
+
+def test_checkpoint_from_the_one_module_table_layout_is_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A 0.1 checkpoint (both tables in one module) names the version and what to do, through
+    the training path (CheckpointManager.load) and the stage / export path (load_model)."""
+    from genctr_rec.checkpoint import CheckpointError, load_model
+    from genctr_rec.embeddings import SharedEmbeddings
+
+    manager = CheckpointManager(tmp_path)
+    old = {"embeddings.tables.embedding_bags.item.weight": torch.zeros(5, 4)}
+    manager.save(1, {"model": old}, {"world_size": 1}, {})
+    with pytest.raises(CheckpointError, match=r"genctr-rec 0\.1.*Re-run the stage"):
+        manager.load(manager.latest(), {"model": {"w": torch.zeros(2)}})
+    model = torch.nn.Module()
+    model.embeddings = SharedEmbeddings(5, 2, dim=4, device=torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=r"embeddings\.tables\.embedding_bags\.item"):
+        load_model(model, manager.latest())

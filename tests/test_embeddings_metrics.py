@@ -1,5 +1,5 @@
-"""SharedEmbeddings: every lookup layout gives the same rows and the same gradients; and the
-evaluation metrics against brute force."""
+"""SharedEmbeddings: every lookup layout gives the same rows and the same gradients, and the
+default plan for its tables; and the evaluation metrics against brute force."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.metrics import ctr_metrics
+from genctr_rec.training.sharding import default_sharding
 
 
 def _lookup_and_grads(lookup: str, dedup: bool):
@@ -39,6 +40,20 @@ def test_layouts_agree(lookup: str, dedup: bool) -> None:
     # repeated ids add up: id 3 appears three times
     weights = torch.arange(48, dtype=torch.float32).view(6, 8)
     assert torch.allclose(item_grad[3], weights[0] + weights[2] + weights[3])
+
+
+@pytest.mark.parametrize("lookup", ["pooled", "sequence"])
+def test_default_sharding(lookup: str) -> None:
+    """One rank: table-wise. More: pooled tables up to replicate_max_mb replicated (1 MB holds
+    16,384 rows of 16 floats), bigger ones and sequence tables left to the planner."""
+    small, big = 16_384, 16_385
+    emb = SharedEmbeddings(big, small, dim=16, lookup=lookup, device=torch.device("meta"))
+    assert default_sharding(emb.tables, 1, 1.0) == {"item": "table_wise", "category": "table_wise"}
+    expected = {"category": "data_parallel"} if lookup == "pooled" else {}
+    assert default_sharding(emb.tables, 2, 1.0) == expected
+    both = {"item": "data_parallel", "category": "data_parallel"} if lookup == "pooled" else {}
+    assert default_sharding(emb.tables, 4, 2.0) == both
+    assert default_sharding(emb.tables, 2, 0.0) == {}
 
 
 def _brute_auc(scores, labels) -> float:

@@ -64,15 +64,13 @@ def _rows(batch: ImpressionBatch, start: int, stop: int) -> ImpressionBatch:
     return ImpressionBatch(sliced, batch.labels[start:stop], batch.user_ids[start:stop])
 
 
-def _train_steps(rank: int, world: int, data: str, sharding: str, steps: int):
+def _train_steps(rank: int, world: int, data: str, sharding: dict[str, str], steps: int):
     ctx = init_distributed()
     cfg = RunConfig(
         "finetune",
         data,
         ModelConfig(),
-        TrainConfig(
-            seed=0, batch_size=GLOBAL_BATCH, sharding={"item": sharding, "category": sharding}
-        ),
+        TrainConfig(seed=0, batch_size=GLOBAL_BATCH, sharding=sharding),
         backbone="dcnv2_ta",
         transfer="decoder",
         num_items=NUM_ITEMS,
@@ -96,14 +94,37 @@ def _train_steps(rank: int, world: int, data: str, sharding: str, steps: int):
         losses.append(float(loss))
         loss.backward()
         built.dense_optimizer.step()
-    return {"logits": logits_out, "losses": losses, "plan": dmp.plan.plan}
+    tables = {
+        key: value.detach().clone()
+        for key, value in dmp.state_dict().items()
+        if key.startswith("embeddings.tables.") and not isinstance(value, ShardedTensor)
+    }
+    return {
+        "logits": logits_out,
+        "losses": losses,
+        "plan": dmp.plan.plan,
+        "replicated_tables": tables,
+        "optimizer_keys": list(built.optimizer.state_dict()["state"]),
+    }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
-def test_sharded_training_matches_one_process(small_dataset: Path, sharding: str) -> None:
-    """Same initial weights and batches: same forward outputs and loss trajectory."""
+@pytest.mark.parametrize(
+    "item,category",
+    [
+        ("row_wise", "row_wise"),
+        ("table_wise", "table_wise"),
+        ("data_parallel", "data_parallel"),
+        ("row_wise", "data_parallel"),  # the default plan at scale: big table sharded
+    ],
+)
+def test_sharded_training_matches_one_process(
+    small_dataset: Path, item: str, category: str
+) -> None:
+    """Same initial weights and batches: same forward outputs and loss trajectory, whichever
+    the plan; replicated tables stay equal on every rank and keep the tables' optimizer."""
     steps = 4
+    sharding = {"item": item, "category": category}
     single = run_ranks(_train_steps, 1, str(small_dataset), sharding, steps)[0]
     sharded = run_ranks(_train_steps, 2, str(small_dataset), sharding, steps)
     for step in range(steps):
@@ -112,10 +133,19 @@ def test_sharded_training_matches_one_process(small_dataset: Path, sharding: str
         mean_loss = sum(r["losses"][step] for r in sharded) / 2
         assert mean_loss == pytest.approx(single["losses"][step], abs=1e-5)
     assert single["losses"][-1] != single["losses"][0], "the model trained"
-    specs = [spec for module in sharded[0]["plan"].values() for spec in module.values()]
-    assert {s.sharding_type for s in specs} == {sharding}
-    if sharding == "row_wise":
-        assert all(len(s.ranks) == 2 for s in specs)
+    plan = {table: spec for module in sharded[0]["plan"].values() for table, spec in module.items()}
+    assert {table: spec.sharding_type for table, spec in plan.items()} == sharding
+    for table, spec in plan.items():
+        if spec.sharding_type in ("row_wise", "data_parallel"):
+            assert len(spec.ranks) == 2, table
+    replicated = [t for t, kind in sharding.items() if kind == "data_parallel"]
+    assert len(sharded[0]["replicated_tables"]) == len(replicated)
+    for key, value in sharded[0]["replicated_tables"].items():
+        assert torch.equal(value, sharded[1]["replicated_tables"][key]), key
+        assert not torch.equal(value, _known_table(*value.shape, 1 if ".item." in key else 2))
+    for table in replicated:  # row-wise Adagrad's per-row state, not Adam's, in the checkpoint
+        found = [k for k in sharded[0]["optimizer_keys"] if f"embedding_bags.{table}." in k]
+        assert found and all(k.startswith("dense.replicated.") for k in found), found
 
 
 def _full_state(dmp) -> dict[str, torch.Tensor]:
@@ -186,6 +216,8 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     )
     pre = json.loads((tmp_path / "pre" / "metrics.json").read_text())
     assert pre["world_size"] == 2
+    # 1,500 x 16 and 30 x 16 floats: both under replicate_max_mb, so replicated
+    assert pre["sharding"] == {"item": "data_parallel", "category": "data_parallel"}
     assert pre["epoch_loss"][2] < pre["epoch_loss"][0] - 0.05
     assert pre["hr@10_random"] > 0.2  # chance is 10/101
     _torchrun(

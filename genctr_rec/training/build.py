@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchrec.distributed import DistributedModelParallel
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from genctr_rec.config import RunConfig
@@ -16,9 +16,15 @@ from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.models.ctr import CTRModel, PretrainModel
 from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.training.distributed import DistContext
-from genctr_rec.training.sharding import apply_fused_optimizer, shard_model
+from genctr_rec.training.sharding import (
+    FUSED_OPTIMIZERS,
+    apply_fused_optimizer,
+    default_sharding,
+    shard_model,
+)
 
 DECODER_TRANSFERS = ("decoder", "ps_decoder", "ps_mi")
+TABLES_PREFIX = "embeddings.tables."
 
 
 def seed_everything(seed: int) -> None:
@@ -29,11 +35,12 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class BuiltModel:
-    """The sharded model and its optimizers: ``dense_optimizer`` steps after backward (the
-    fused one already stepped inside it); ``optimizer`` combines both for checkpoints."""
+    """The sharded model and its optimizers: ``dense_optimizer`` steps after backward (dense
+    layers, and replicated tables after DDP's all-reduce; the fused one already stepped inside
+    the backward); ``optimizer`` combines both for checkpoints."""
 
     dmp: DistributedModelParallel
-    dense_optimizer: KeyedOptimizerWrapper
+    dense_optimizer: KeyedOptimizer
     optimizer: CombinedOptimizer
     embedding_optimizer: str
     embedding_lr: float
@@ -59,6 +66,24 @@ def decoder_for(cfg: RunConfig) -> GenerativeDecoder:
     )
 
 
+def _post_backward_optimizer(
+    dmp: DistributedModelParallel, embedding_optimizer: str, embedding_lr: float, lr: float
+) -> KeyedOptimizer:
+    """Adam for the dense layers; replicated tables (DDP all-reduces their gradient, so they
+    cannot step inside the backward) keep the tables' own optimizer and learning rate."""
+    params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    tables = {k: v for k, v in params.items() if k.startswith(TABLES_PREFIX)}
+    dense = {k: v for k, v in params.items() if k not in tables}
+    adam = KeyedOptimizerWrapper(dense, lambda group: torch.optim.Adam(group, lr=lr))
+    if not tables:
+        return adam
+    table_optimizer = FUSED_OPTIMIZERS[embedding_optimizer]
+    replicated = KeyedOptimizerWrapper(
+        tables, lambda group: table_optimizer(group, lr=embedding_lr)
+    )
+    return CombinedOptimizer([("replicated", replicated), ("", adam)])
+
+
 def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
     """The stage's model with tables on ``meta``, fused optimizer registered, wrapped in DMP."""
     seed_everything(cfg.train.seed)
@@ -74,9 +99,9 @@ def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
     opt_name = cfg.train.resolved_embedding_optimizer(ctx.device)
     emb_lr = cfg.train.resolved_embedding_lr(ctx.device)
     apply_fused_optimizer(embeddings.tables, opt_name, emb_lr)
-    dmp = shard_model(model, ctx, cfg.train.batch_size, cfg.train.sharding)
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    lr = cfg.train.lr
-    dense_optimizer = KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=lr))
+    defaults = default_sharding(embeddings.tables, ctx.world_size, cfg.train.replicate_max_mb)
+    sharding = {**defaults, **cfg.train.sharding}
+    dmp = shard_model(model, ctx, cfg.train.batch_size, sharding)
+    dense_optimizer = _post_backward_optimizer(dmp, opt_name, emb_lr, cfg.train.lr)
     combined = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense_optimizer)])
     return BuiltModel(dmp, dense_optimizer, combined, opt_name, emb_lr)

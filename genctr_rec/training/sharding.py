@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torchrec.optim as trec_optim
 from torch import nn
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -23,6 +24,7 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from genctr_rec.config import ConfigError
+from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,34 @@ class BagSharder(EmbeddingBagCollectionSharder):
 
 def sharders() -> list:
     return [BagSharder(), EmbeddingCollectionSharder()]
+
+
+def default_sharding(
+    tables: nn.ModuleDict, world_size: int, replicate_max_mb: float
+) -> dict[str, str]:
+    """Sharding types we fix before the planner chooses the rest (``TrainConfig.sharding``
+    overrides them), for ``SharedEmbeddings.tables`` (one TorchRec module per table).
+
+    - One rank: every table ``table_wise``. There is nothing to split, and row-wise would still
+      bucket every id by row range each step.
+    - More ranks: pooled tables of at most ``replicate_max_mb`` are replicated
+      (``data_parallel``). A replicated table costs one all-reduce of its gradient per step and
+      no id routing; a sharded one sends every id and looked-up row through the all-to-all.
+      Below about a megabyte the all-reduce is the cheaper (``benchmarks/training_throughput``).
+      Sequence tables cannot be replicated on CPU (the sharding benchmark records fbgemm's
+      error), so they are left to the planner.
+    """
+    chosen = {}
+    for module in tables.values():
+        pooled = isinstance(module, EmbeddingBagCollection)
+        configs = module.embedding_bag_configs() if pooled else module.embedding_configs()
+        for config in configs:
+            size_mb = config.num_embeddings * config.embedding_dim * 4 / 2**20
+            if world_size == 1:
+                chosen[config.name] = ShardingType.TABLE_WISE.value
+            elif pooled and size_mb <= replicate_max_mb:
+                chosen[config.name] = ShardingType.DATA_PARALLEL.value
+    return chosen
 
 
 def apply_fused_optimizer(tables: nn.Module, name: str, lr: float) -> None:
@@ -93,6 +123,7 @@ def shard_model(
     """Plan and wrap: embedding tables sharded, the dense part data-parallel."""
     plan = plan_sharding(model, ctx, batch_size, overrides)
     dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders())
+    tell_routed(model, dmp, ctx.world_size)
     if ctx.is_main:
         for module_path, module_plan in plan.plan.items():
             for table, spec in module_plan.items():
@@ -104,6 +135,19 @@ def shard_model(
                     spec.ranks,
                 )
     return dmp
+
+
+def tell_routed(model: nn.Module, dmp: DistributedModelParallel, world_size: int) -> None:
+    """Let every ``SharedEmbeddings`` in ``model`` know which tables' lookups cross ranks
+    (with more than one rank, every sharding type but ``data_parallel``)."""
+    routed = [
+        table
+        for table, kind in sharding_summary(dmp).items()
+        if world_size > 1 and kind != ShardingType.DATA_PARALLEL.value
+    ]
+    for module in model.modules():
+        if isinstance(module, SharedEmbeddings):
+            module.set_routed(routed)
 
 
 def sharding_summary(dmp: DistributedModelParallel) -> dict[str, str]:
