@@ -149,9 +149,10 @@ def _sharding_matrix(payload: dict, plt) -> Any:
     rows, base = payload["configurations"], payload["baselines"]
     dims = sorted({b["dim"] for b in base})
     worlds = sorted({r["world"] for r in rows})
-    world = 2 if 2 in worlds else worlds[0]
+    speed_worlds = [w for w in (1, 2) if w in worlds] or worlds[:1]
     shardings = list(dict.fromkeys(r["sharding"] for r in rows))
-    fig, axes = plt.subplots(2, len(dims), figsize=(6 * len(dims), 8), squeeze=False)
+    nrows = len(speed_worlds) + 1
+    fig, axes = plt.subplots(nrows, len(dims), figsize=(6 * len(dims), 4 * nrows), squeeze=False)
 
     def ok(world: int, module: str, sharding: str, dim: int) -> list[dict]:
         key = (world, module, sharding, dim)
@@ -162,27 +163,32 @@ def _sharding_matrix(payload: dict, plt) -> Any:
         ]
 
     for col, dim in enumerate(dims):
-        ax = axes[0][col]
         b = [x for x in base if x["dim"] == dim]
         sizes = [x["rows"] for x in b]
-        ax.plot(sizes, [x["gather_rows_per_s"] for x in b], "k--", label="gather ceiling")
-        ax.plot(sizes, [x["fbgemm_pooled_lookups_per_s"] for x in b], "k-.", label="fbgemm kernel")
-        ax.plot(sizes, [x["embedding_lookups_per_s"] for x in b], "k:", label="nn.Embedding sparse")
-        for module, style in (("pooled", "-"), ("sequence", "-.")):
-            for sharding in shardings:
-                sel = ok(world, module, sharding, dim)
-                if sel:
-                    ax.plot(
-                        [r["rows"] for r in sel],
-                        [r["lookups_per_s"] for r in sel],
-                        style,
-                        marker="o",
-                        label=f"{module} {sharding}",
-                    )
-        ax.set(xscale="log", yscale="log", xlabel="item rows", ylabel="lookups/s per rank")
-        ax.set_title(f"forward+backward, world size {world}, dim {dim}")
-        ax.legend(fontsize=6)
-        ax = axes[1][col]
+        for line, world in enumerate(speed_worlds):
+            ax = axes[line][col]
+            ax.plot(sizes, [x["gather_rows_per_s"] for x in b], "k--", label="gather ceiling")
+            ax.plot(
+                sizes, [x["fbgemm_pooled_lookups_per_s"] for x in b], "k-.", label="fbgemm kernel"
+            )
+            ax.plot(
+                sizes, [x["embedding_lookups_per_s"] for x in b], "k:", label="nn.Embedding sparse"
+            )
+            for module, style in (("pooled", "-"), ("sequence", "-.")):
+                for sharding in shardings:
+                    sel = ok(world, module, sharding, dim)
+                    if sel:
+                        ax.plot(
+                            [r["rows"] for r in sel],
+                            [r["lookups_per_s"] for r in sel],
+                            style,
+                            marker="o",
+                            label=f"{module} {sharding}",
+                        )
+            ax.set(xscale="log", yscale="log", xlabel="item rows", ylabel="lookups/s per rank")
+            ax.set_title(f"forward+backward, world size {world}, dim {dim}")
+            ax.legend(fontsize=6)
+        ax = axes[-1][col]
         for sharding in shardings:
             for w in worlds:
                 sel = ok(w, "pooled", sharding, dim)
