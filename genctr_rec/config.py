@@ -33,7 +33,8 @@ class ModelConfig:
         num_heads: decoder attention heads.
         decoder: ``conditional`` (CD) or ``sasrec`` (SD).
         lookup: ``pooled`` (EmbeddingBagCollection, bags of one) or ``sequence``.
-        dedup: unique ids before each lookup.
+        dedup: unique ids before each lookup of a table sharded over ranks (shrinks the
+            all-to-all; skipped on one rank and for replicated tables, where it only costs).
     """
 
     dim: int = 16

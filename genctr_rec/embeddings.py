@@ -90,31 +90,18 @@ class SharedEmbeddings(nn.Module):
         sizes = {ITEM_TABLE: num_items, CATEGORY_TABLE: num_categories}
         self.tables = nn.ModuleDict()
         for name in TABLES:
+            common = {
+                "name": name,
+                "embedding_dim": dim,
+                "num_embeddings": sizes[name],
+                "feature_names": [name],
+            }
             if lookup == "pooled":
-                self.tables[name] = EmbeddingBagCollection(
-                    tables=[
-                        EmbeddingBagConfig(
-                            name=name,
-                            embedding_dim=dim,
-                            num_embeddings=sizes[name],
-                            feature_names=[name],
-                            pooling=PoolingType.SUM,
-                        )
-                    ],
-                    device=device,
-                )
+                config = EmbeddingBagConfig(**common, pooling=PoolingType.SUM)
+                self.tables[name] = EmbeddingBagCollection(tables=[config], device=device)
             else:
-                self.tables[name] = EmbeddingCollection(
-                    tables=[
-                        EmbeddingConfig(
-                            name=name,
-                            embedding_dim=dim,
-                            num_embeddings=sizes[name],
-                            feature_names=[name],
-                        )
-                    ],
-                    device=device,
-                )
+                config = EmbeddingConfig(**common)
+                self.tables[name] = EmbeddingCollection(tables=[config], device=device)
 
     def set_routed(self, tables: Collection[str]) -> None:
         """Tell the lookup which tables' ids go through an all-to-all (sharded, more than one
