@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -108,9 +109,26 @@ CHOICES = {
 }
 
 
+def _field_help(cls: type) -> dict[str, str]:
+    """``name: text`` entries of a dataclass docstring's ``Args:`` section, joined per field."""
+    found: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^ {8}(\w+): (.*)$", line)
+        if match:
+            name, text = match.groups()
+            found[name] = text
+        elif name and line.startswith(" " * 12):
+            found[name] += " " + line.strip()
+        else:
+            name = None
+    return {k: v.replace("%", "%%").replace("``", "") for k, v in found.items()}
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One flag per ModelConfig / TrainConfig field, help from the dataclass docstrings."""
     for cls in (ModelConfig, TrainConfig):
+        helps = _field_help(cls)
         for f in fields(cls):
             if f.name == "sharding":
                 continue
@@ -118,12 +136,21 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             if kind == "bool":
                 parser.add_argument(
-                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None
+                    flag,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=helps.get(f.name),
                 )
             else:
                 cast = int if kind.startswith("int") else float if kind.startswith("float") else str
                 parser.add_argument(
-                    flag, dest=f.name, type=cast, default=None, choices=CHOICES.get(f.name)
+                    flag,
+                    dest=f.name,
+                    type=cast,
+                    default=None,
+                    choices=CHOICES.get(f.name),
+                    help=helps.get(f.name),
                 )
     parser.add_argument(
         "--stop-after-steps",

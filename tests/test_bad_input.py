@@ -239,3 +239,20 @@ def test_finetune_refuses_inconsistent_transfer(toy_synth: Path, tmp_path: Path,
     assert main(args[:-2] + ["--transfer", "none", "--sharding", "item=diagonal"]) == 2
     assert "unknown sharding type 'diagonal'" in capsys.readouterr().err
     assert not (tmp_path / "ft").exists()
+
+
+def test_every_training_option_has_its_help_from_the_config_docstrings() -> None:
+    """``genctr finetune -h`` explains each flag with the dataclass's own Args entry."""
+    import dataclasses
+
+    from genctr_rec.cli import build_parser
+    from genctr_rec.config import ModelConfig, TrainConfig
+
+    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    helps = {a.dest: a.help for a in finetune._actions}
+    for cls in (ModelConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "sharding":
+                assert helps.get(f.name), f.name
+    assert "replicated (data_parallel)" in helps["replicate_max_mb"]
+    assert "sharded over ranks" in " ".join(finetune.format_help().split())
