@@ -2,7 +2,7 @@
 history 50, 200 and 1000, jagged (rows grouped by length, no cross-row padding) against padding
 the whole batch to its longest row.
 
-    python -m benchmarks.decoder_cost [--histories 50 200 1000] [--steps 5]
+    python -m benchmarks.decoder_cost [--histories 50 200 1000] [--steps 15]
 
 Whole stage models (unsharded tables of 100k items, width 16; the paper's one-layer decoder),
 forward + backward per step, no optimizer step (the same in every variant). Row lengths follow
@@ -18,6 +18,7 @@ SDPA), ``padded, causal kernel`` (SDPA's fused causal path, whole batch padded) 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -64,12 +65,16 @@ def _decoder(variant: str, history: int) -> GenerativeDecoder:
 
 
 def _time(step, steps: int) -> float:
+    """Median seconds per step after two warm-up steps (a mean drifts with this machine's
+    +-15 % run-to-run noise more than a median does)."""
     for _ in range(2):
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def pretrain_cost(variant: str, history: int, steps: int) -> dict:
@@ -158,7 +163,7 @@ VARIANTS = ("padded, explicit mask", "padded, causal kernel", "jagged")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[50, 200, 1000])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
     rows = []
     for history in args.histories:
@@ -188,7 +193,8 @@ def main() -> None:
             f"{r['padding_fraction']:.0%} | {r['variant']} | {r['step_ms']:.1f} | "
             f"{r['throughput']:,.0f} {r['unit']} | {r['throughput'] / base['throughput']:.2f}x |"
         )
-    md = write_results("decoder_cost", {"rows": rows}, "\n".join(lines))
+    note = f"Median ms per step over {args.steps} steps after 2 warm-up steps, one thread.\n\n"
+    md = write_results("decoder_cost", {"rows": rows, "args": vars(args)}, note + "\n".join(lines))
     print(md.read_text())
 
 
