@@ -129,6 +129,7 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
         default_sharding,
         make_planner,
         sharders,
+        table_specs,
         tell_routed,
     )
 
@@ -142,7 +143,7 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
     planner = make_planner(ctx, IDS, overrides)
     plan = planner.plan(emb, sharders())
     out = _rank_estimates(planner, rank)
-    spec = next(tables["item"] for tables in plan.plan.values() if "item" in tables)
+    spec = table_specs(plan)["item"]
     out["item_shards"] = len(spec.sharding_spec.shards) if spec.sharding_spec else 1
     # every rank decides alike (same plan), so a skip never strands a collective
     needed = sum(

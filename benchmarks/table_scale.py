@@ -31,7 +31,12 @@ def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
     join_local_group(rank, 2, port)
     from genctr_rec.embeddings import SharedEmbeddings
     from genctr_rec.training.distributed import init_distributed
-    from genctr_rec.training.sharding import apply_fused_optimizer, plan_sharding, shard_model
+    from genctr_rec.training.sharding import (
+        apply_fused_optimizer,
+        plan_sharding,
+        shard_model,
+        table_specs,
+    )
 
     ctx = init_distributed()
     result: dict = {"items": items, "sharding": sharding, "rank": rank}
@@ -51,7 +56,7 @@ def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
             (rows.sum() + cats.sum()).backward()
             step_times.append(time.perf_counter() - t)
         result["step_s"] = sorted(step_times)[1]
-        shard = next(tables["item"] for tables in plan.plan.values() if "item" in tables)
+        shard = table_specs(plan)["item"]
         result["shard_rows_on_rank"] = (
             sum(s.shard_sizes[0] for s in shard.sharding_spec.shards if s.placement.rank() == rank)
             if shard.sharding_spec is not None

@@ -86,7 +86,6 @@ class SharedEmbeddings(nn.Module):
         self.dedup = dedup
         # until the plan is known (set_routed): treat every table as sharded over ranks
         self.routed: frozenset[str] = frozenset(TABLES)
-        self.dedup_tables: frozenset[str] = self.routed if dedup else frozenset()
         sizes = {ITEM_TABLE: num_items, CATEGORY_TABLE: num_categories}
         self.tables = nn.ModuleDict()
         for name in TABLES:
@@ -109,7 +108,6 @@ class SharedEmbeddings(nn.Module):
         fbgemm's backward sums repeated rows anyway, and the sort costs more than it saves) and
         padded to the batch size of the largest rank."""
         self.routed = frozenset(tables)
-        self.dedup_tables = self.routed if self.dedup else frozenset()
 
     def forward(
         self, item_ids: torch.Tensor, category_ids: torch.Tensor
@@ -118,7 +116,7 @@ class SharedEmbeddings(nn.Module):
         ids = {ITEM_TABLE: item_ids, CATEGORY_TABLE: category_ids}
         inverse: dict[str, torch.Tensor] = {}
         for name in TABLES:
-            if name in self.dedup_tables:
+            if self.dedup and name in self.routed:
                 ids[name], inverse[name] = torch.unique(ids[name], return_inverse=True)
         rows = self._pooled(ids) if self.lookup == "pooled" else self._sequence(ids)
         for name, where in inverse.items():

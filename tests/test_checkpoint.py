@@ -244,6 +244,7 @@ def _load_resharded(rank: int, world: int, run: str, sharding: str, reference: s
     from genctr_rec.config import RunConfig
     from genctr_rec.training.build import build_model
     from genctr_rec.training.distributed import init_distributed
+    from genctr_rec.training.sharding import sharding_summary
 
     cfg = RunConfig.load(run)
     cfg.train.sharding = {"item": sharding, "category": sharding}
@@ -259,7 +260,7 @@ def _load_resharded(rank: int, world: int, run: str, sharding: str, reference: s
     if state.get("resharding_reset"):  # what restarted is not compared
         loaded = {k: v for k, v in loaded.items() if k not in state["resharding_reset"]}
     compared = _compare_to_reference(loaded, ref, "", mismatches)
-    plan = {t: s.sharding_type for m in built.dmp.plan.plan.values() for t, s in m.items()}
+    plan = sharding_summary(built.dmp)
     return {
         "compared": compared,
         "mismatches": mismatches,

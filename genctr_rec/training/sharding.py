@@ -20,7 +20,7 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import ParameterSharding, ShardingPlan, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from genctr_rec.config import ConfigError
@@ -150,10 +150,13 @@ def tell_routed(model: nn.Module, dmp: DistributedModelParallel, world_size: int
             module.set_routed(routed)
 
 
+def table_specs(plan: ShardingPlan) -> dict[str, ParameterSharding]:
+    """Table name -> its sharding in ``plan``, whichever module holds the table."""
+    return {
+        table: spec for module_plan in plan.plan.values() for table, spec in module_plan.items()
+    }
+
+
 def sharding_summary(dmp: DistributedModelParallel) -> dict[str, str]:
     """Table name -> sharding type actually used."""
-    return {
-        table: spec.sharding_type
-        for module_plan in dmp.plan.plan.values()
-        for table, spec in module_plan.items()
-    }
+    return {table: spec.sharding_type for table, spec in table_specs(dmp.plan).items()}
