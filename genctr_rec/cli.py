@@ -1,4 +1,4 @@
-"""The ``genctr`` command line: one entry point, a sub-command per stage (see DESIGN.md)."""
+"""The ``genctr`` command line: one entry point, a sub-command per stage (see README.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from dataclasses import fields
 
 from genctr_rec.checkpoint import CheckpointError
 from genctr_rec.config import (
+    BACKBONE_NAMES,
+    CONTEXT_FUSIONS,
+    DECODERS,
     EMBEDDING_OPTIMIZERS,
+    LOOKUPS,
+    NEGATIVES,
     TRANSFERS,
     ConfigError,
     ModelConfig,
@@ -23,6 +28,7 @@ from genctr_rec.config import (
 from genctr_rec.data.schema import DataFormatError
 
 logger = logging.getLogger("genctr")
+FORMAT_DOC = "docs/data-format.md (in the genctr-rec repository)"
 
 
 def _is_rank0() -> bool:
@@ -100,12 +106,17 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     val.set_defaults(func=_data_validate)
 
 
-STAGE_DEFAULTS = {"pretrain": {"epochs": 3, "batch_size": 32}, "finetune": {"epochs": 1}}
 CHOICES = {
-    "decoder": ["conditional", "sasrec"],
-    "lookup": ["pooled", "sequence"],
-    "negatives": ["category", "random"],
+    "decoder": list(DECODERS),
+    "lookup": list(LOOKUPS),
+    "negatives": list(NEGATIVES),
     "embedding_optimizer": list(EMBEDDING_OPTIMIZERS),
+    "context_fusion": list(CONTEXT_FUSIONS),
+}
+# flags that only one stage reads
+STAGE_ONLY = {
+    "pretrain": {"negatives", "num_negatives"},
+    "finetune": {"side_features", "context_fusion", "context_dropout", "decoder_lr"},
 }
 
 
@@ -125,12 +136,14 @@ def _field_help(cls: type) -> dict[str, str]:
     return {k: v.replace("%", "%%").replace("``", "") for k, v in found.items()}
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per ModelConfig / TrainConfig field, help from the dataclass docstrings."""
+def _add_config_options(parser: argparse.ArgumentParser, stage: str) -> None:
+    """One flag per ModelConfig / TrainConfig field the stage reads, help from the dataclass
+    docstrings."""
+    other = set().union(*(v for k, v in STAGE_ONLY.items() if k != stage))
     for cls in (ModelConfig, TrainConfig):
         helps = _field_help(cls)
         for f in fields(cls):
-            if f.name == "sharding":
+            if f.name == "sharding" or f.name in other:
                 continue
             flag = f"--{f.name.replace('_', '-')}"
             kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -167,7 +180,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace, stage: str) -> RunConfig:
-    model, train = ModelConfig(), TrainConfig(**STAGE_DEFAULTS[stage])
+    model, train = ModelConfig(), TrainConfig()
     for obj in (model, train):
         for f in fields(obj):
             value = getattr(args, f.name, None)
@@ -218,13 +231,13 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser("pretrain", help="stage 1: generative pre-training")
     pre.add_argument("--data", required=True)
     pre.add_argument("--out", required=True, help="run directory to write")
-    _add_config_options(pre)
+    _add_config_options(pre, "pretrain")
     pre.set_defaults(func=_pretrain)
 
     fine = sub.add_parser("finetune", help="stage 2: CTR fine-tuning")
     fine.add_argument("--data", required=True)
     fine.add_argument("--out", required=True)
-    fine.add_argument("--backbone", required=True, choices=["dnn", "dcnv2", "dcnv2_ta"])
+    fine.add_argument("--backbone", required=True, choices=list(BACKBONE_NAMES))
     fine.add_argument(
         "--transfer",
         default="none",
@@ -232,7 +245,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
         help="none | ps | decoder | ps_decoder | ps_mi (GenCTR)",
     )
     fine.add_argument("--init-from", default=None, help="pre-training run directory")
-    _add_config_options(fine)
+    _add_config_options(fine, "finetune")
     fine.set_defaults(func=_finetune)
 
     ev = sub.add_parser("evaluate", help="AUC, GAUC, LogLoss of a finetune run on test")
@@ -256,7 +269,7 @@ def _add_pipeline_command(sub: argparse._SubParsersAction) -> None:
     pipe.add_argument("--workdir", default="runs/pipeline", help="where data and runs go")
     pipe.add_argument("--preset", default="default", help="synth preset for the data")
     pipe.add_argument("--seed", type=int, default=0)
-    pipe.add_argument("--backbone", default="dnn", choices=["dnn", "dcnv2", "dcnv2_ta"])
+    pipe.add_argument("--backbone", default="dnn", choices=list(BACKBONE_NAMES))
     pipe.set_defaults(func=_pipeline)
 
 
@@ -369,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
     ) as exc:
         print(f"genctr: error: {exc}", file=sys.stderr)
+        if isinstance(exc, DataFormatError):
+            print(f"genctr: the data format: {FORMAT_DOC}", file=sys.stderr)
         return 2
     finally:
         # gloo's threads must stop before the interpreter does ("terminate called without an

@@ -19,7 +19,25 @@ class ConfigError(ValueError):
 
 
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "rowwise_adagrad", "adagrad", "sgd")
+BACKBONE_NAMES = ("dnn", "dcnv2", "dcnv2_ta")
+DECODERS = ("conditional", "sasrec")
+NEGATIVES = ("category", "random")
+LOOKUPS = ("pooled", "sequence")
+CONTEXT_FUSIONS = ("concat", "residual", "product")
+# transfer -> which pre-trained state fine-tuning inherits (table 1 of the paper)
 TRANSFERS = ("none", "ps", "decoder", "ps_decoder", "ps_mi")
+DECODER_TRANSFERS = ("decoder", "ps_decoder", "ps_mi")  # the CTR model holds a decoder
+SHARED_TABLE_PREFIXES = ("embeddings.tables.item.", "embeddings.tables.category.")
+TRANSFER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "ps": SHARED_TABLE_PREFIXES,
+    "ps_decoder": SHARED_TABLE_PREFIXES,
+    "ps_mi": (*SHARED_TABLE_PREFIXES, "decoder."),
+}
+# the resolved defaults of each stage (TrainConfig fields left None)
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"epochs": 20, "batch_size": 32, "patience": 2},
+    "finetune": {"epochs": 10, "batch_size": 1024, "patience": 3},
+}
 
 
 @dataclass
@@ -35,6 +53,12 @@ class ModelConfig:
         lookup: ``pooled`` (EmbeddingBagCollection, bags of one) or ``sequence``.
         dedup: unique ids before each lookup of a table sharded over ranks (shrinks the
             all-to-all; skipped on one rank and for replicated tables, where it only costs).
+        side_features: the CTR model reads user_id (its own table; unseen users share a
+            default row) and the side features meta.json declares.
+        context_fusion: how g(s, c) joins the final layer: concat (the paper's reading),
+            residual (g's weights start at zero) or product (residual plus g * e(target item),
+            the pre-training score).
+        context_dropout: dropout on g(s, c) while fine-tuning.
     """
 
     dim: int = 16
@@ -43,6 +67,9 @@ class ModelConfig:
     decoder: str = "conditional"
     lookup: str = "pooled"
     dedup: bool = True
+    side_features: bool = True
+    context_fusion: str = "product"
+    context_dropout: float = 0.0
 
 
 @dataclass
@@ -50,9 +77,19 @@ class TrainConfig:
     """Optimisation and data settings shared by both stages.
 
     Args:
-        epochs: passes over the data (paper: 3 pre-training, 1 fine-tuning).
-        batch_size: examples per rank per step.
+        epochs: most passes over the data; validation stops earlier (default: pre-training
+            20, fine-tuning 10).
+        steps: stop after this many optimizer steps instead (0: epochs decide).
+        batch_size: examples per rank per step (default: pre-training 32, fine-tuning 1024).
         lr: dense learning rate (Adam, paper: 1e-3).
+        decoder_lr: Adam learning rate of an inherited decoder while fine-tuning
+            (default: lr).
+        valid_fraction: fine-tuning validation: a valid/ split when the dataset has one,
+            else the newest fraction of train/ by timestamp (0: no validation, no selection).
+        eval_every: also validate every N steps (0: 4 times an epoch in fine-tuning, once an
+            epoch in pre-training).
+        patience: validations without improvement before training stops (0: never; default
+            pre-training 2, fine-tuning 3). The best checkpoint is what the run keeps.
         embedding_optimizer: fused optimizer of the tables; ``auto`` = Adam on CUDA, row-wise
             Adagrad on CPU (fbgemm's CPU kernels have no Adam).
         embedding_lr: learning rate of the fused optimizer (``None``: 1e-3 for Adam, 0.05 for
@@ -71,9 +108,14 @@ class TrainConfig:
         keep_checkpoints: how many of the newest checkpoints to keep.
     """
 
-    epochs: int = 1
-    batch_size: int = 1024
+    epochs: int | None = None
+    steps: int = 0
+    batch_size: int | None = None
     lr: float = 1e-3
+    decoder_lr: float | None = None
+    valid_fraction: float = 0.1
+    eval_every: int = 0
+    patience: int | None = None
     embedding_optimizer: str = "auto"
     embedding_lr: float | None = None
     seed: int = 0
@@ -84,6 +126,13 @@ class TrainConfig:
     negatives: str = "category"
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+
+    def resolve(self, stage: str) -> TrainConfig:
+        """Fill the fields left None with the stage's defaults (in place; returns self)."""
+        for name, value in STAGE_DEFAULTS[stage].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
 
     def resolved_embedding_optimizer(self, device: torch.device) -> str:
         if self.embedding_optimizer == "auto":
@@ -110,6 +159,10 @@ class RunConfig:
     num_items: int = 0
     num_categories: int = 0
     max_history: int = 0
+    features: dict[str, Any] | None = None  # FeatureSchema.to_json(), resolved at start
+
+    def __post_init__(self) -> None:
+        self.train.resolve(self.stage)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

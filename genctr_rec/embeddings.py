@@ -30,9 +30,43 @@ from torchrec import (
     PoolingType,
 )
 
+from genctr_rec.data.features import FeatureSchema
+
 ITEM_TABLE = "item"
 CATEGORY_TABLE = "category"
 TABLES = (ITEM_TABLE, CATEGORY_TABLE)
+FEATURES_MODULE = "features"  # tables.features: the user table and declared side features
+
+
+def feature_collection(
+    schema: FeatureSchema, dim: int, device: torch.device | None = None
+) -> EmbeddingBagCollection:
+    """One pooled table per side feature, named like its KJT key (``user_id``, then the
+    declared ``id`` / ``ids`` features): a single id is its own bag (SUM), a list is
+    mean-pooled. Training shards it with the rest; serving builds the same one unsharded."""
+    lists = schema.pooled_lists()
+    configs = [
+        EmbeddingBagConfig(
+            name=key,
+            embedding_dim=dim,
+            num_embeddings=rows,
+            feature_names=[key],
+            pooling=PoolingType.MEAN if key in lists else PoolingType.SUM,
+        )
+        for key, rows in schema.table_sizes().items()
+    ]
+    return EmbeddingBagCollection(tables=configs, device=device)
+
+
+def pad_stride(kjt: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:
+    """The same KJT with empty bags appended up to ``stride`` rows per key."""
+    if kjt.stride() == stride:
+        return kjt
+    lengths = kjt.lengths().view(len(kjt.keys()), -1)
+    pad = lengths.new_zeros(lengths.shape[0], stride - lengths.shape[1])
+    return KeyedJaggedTensor(
+        keys=kjt.keys(), values=kjt.values(), lengths=torch.cat([lengths, pad], dim=1).flatten()
+    )
 
 
 def _common_strides(strides: list[int], device: torch.device) -> list[int]:
@@ -62,6 +96,9 @@ class SharedEmbeddings(nn.Module):
             (EmbeddingCollection).
         dedup: look up unique ids only, then gather back (tables sharded over ranks only).
         device: ``meta`` to let ``DistributedModelParallel`` materialise the shards.
+        features: also hold the user table and the declared side-feature tables
+            (``tables.features``, looked up by :meth:`side_features`); the pre-training model
+            has none.
 
     Example::
 
@@ -77,6 +114,7 @@ class SharedEmbeddings(nn.Module):
         lookup: str = "pooled",
         dedup: bool = True,
         device: torch.device | None = None,
+        features: FeatureSchema | None = None,
     ) -> None:
         super().__init__()
         if lookup not in ("pooled", "sequence"):
@@ -101,6 +139,10 @@ class SharedEmbeddings(nn.Module):
             else:
                 config = EmbeddingConfig(**common)
                 self.tables[name] = EmbeddingCollection(tables=[config], device=device)
+        self.feature_keys: list[str] = []
+        if features is not None:
+            self.feature_keys = features.sparse_keys
+            self.tables[FEATURES_MODULE] = feature_collection(features, dim, device)
 
     def set_routed(self, tables: Collection[str]) -> None:
         """Tell the lookup which tables' ids go through an all-to-all (sharded, more than one
@@ -122,6 +164,15 @@ class SharedEmbeddings(nn.Module):
         for name, where in inverse.items():
             rows[name] = rows[name][where]
         return rows[ITEM_TABLE], rows[CATEGORY_TABLE]
+
+    def side_features(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled side features [B, len(keys) * dim], in :attr:`feature_keys` order."""
+        b = kjt.stride()
+        if any(key in self.routed for key in self.feature_keys):
+            (stride,) = _common_strides([b], kjt.values().device)
+            kjt = pad_stride(kjt, stride)
+        pooled = self.tables[FEATURES_MODULE](kjt).to_dict()
+        return torch.cat([pooled[key][:b] for key in self.feature_keys], dim=1)
 
     def _pooled(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every id a bag of one; a sharded table's batch padded to the ranks' largest."""

@@ -58,10 +58,7 @@ def run_pipeline(
     dist.barrier()
     pre_dir = workdir / f"pretrain-s{seed}"
     pre = _done(pre_dir) or pretrain(
-        RunConfig(
-            "pretrain", str(data), ModelConfig(), TrainConfig(epochs=3, batch_size=32, seed=seed)
-        ),
-        pre_dir,
+        RunConfig("pretrain", str(data), ModelConfig(), TrainConfig(seed=seed)), pre_dir
     )
     results = {}
     for name, transfer in (("backbone", "none"), ("genctr", "ps_mi")):
@@ -70,7 +67,7 @@ def run_pipeline(
             "finetune",
             str(data),
             ModelConfig(),
-            TrainConfig(epochs=1, seed=seed),
+            TrainConfig(seed=seed),
             backbone=backbone,
             transfer=transfer,
             init_from=str(pre_dir),
@@ -106,10 +103,31 @@ def run_pipeline(
     return summary
 
 
+def sample_request(data: Path) -> Any:
+    """The first test impression of ``data`` as a scoring request with three candidates (its
+    ad and the next two item ids), with the user and the declared impression features."""
+    import pyarrow.parquet as pq
+
+    from genctr_rec.data.schema import DatasetMeta, split_files
+    from genctr_rec.serving.predictor import Request
+
+    meta = DatasetMeta.read(data)
+    row = pq.read_table(split_files(data, "test")[0]).slice(0, 1).to_pylist()[0]
+    item = row["item_id"]
+    return Request(
+        history_items=row["hist_item_ids"],
+        history_categories=row["hist_category_ids"],
+        query_category=row["query_category_id"],
+        candidate_items=[item, (item + 1) % meta.num_items, (item + 2) % meta.num_items],
+        user_id=row["user_id"],
+        features={f.name: row[f.name] for f in meta.features if f.where == "impression"},
+    )
+
+
 def export_for_serving(run: Path, workdir: Path) -> dict[str, Any]:
     """Export the GenCTR run fp32 and int8 (reused when present) and score one request each."""
     from genctr_rec.serving.artifact import export_run, load_artifact
-    from genctr_rec.serving.predictor import Predictor, Request
+    from genctr_rec.serving.predictor import Predictor
 
     out = {}
     for quantize in ("none", "int8"):
@@ -121,7 +139,7 @@ def export_for_serving(run: Path, workdir: Path) -> dict[str, Any]:
             export_run(run, path, quantize)
         artifact = load_artifact(path)
         parity = artifact.metadata["parity"]
-        scores = Predictor(artifact).score(Request([1, 2, 3], None, 0, [4, 5, 6]))
+        scores = Predictor(artifact).score(sample_request(Path(artifact.metadata["data"])))
         out["fp32" if quantize == "none" else quantize] = {
             "artifact": str(path),
             "auc_change": parity["auc_change"],

@@ -38,8 +38,8 @@ def toy_pretrained(tmp_path_factory: pytest.TempPathFactory, toy_synth: Path) ->
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, toy_synth: Path, toy_pretrained: Path) -> dict[str, Path]:
-    """Fine-tuned toy runs for export and serving: GenCTR (DNN, PS + MI, dim 16) and a
-    backbone alone (DCN V2 + TA, dim 64)."""
+    """Fine-tuned toy runs for export and serving: GenCTR (DNN, PS + MI, dim 16, with the toy
+    data's user and side features) and a backbone alone (DCN V2 + TA, dim 64, ids only)."""
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.training.finetune import finetune
 
@@ -57,7 +57,7 @@ def runs(tmp_path_factory, toy_synth: Path, toy_pretrained: Path) -> dict[str, P
         "ta64": RunConfig(
             "finetune",
             str(toy_synth),
-            ModelConfig(dim=64),
+            ModelConfig(dim=64, side_features=False),
             TrainConfig(epochs=1, batch_size=256, seed=2),
             backbone="dcnv2_ta",
         ),

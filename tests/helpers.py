@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 
 from genctr_rec.data.schema import IMPRESSION_SCHEMA, ITEMS_SCHEMA, SEQUENCE_SCHEMA
 
+# impression features of the simulator's toy preset (what a request to its models must carry)
+TOY_FEATURES = {"user_segment": 2, "user_activity": 15.0, "user_interests": [1, 4]}
 NUM_ITEMS = 50
 NUM_CATEGORIES = 5
 MAX_HISTORY = 8

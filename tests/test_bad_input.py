@@ -245,14 +245,22 @@ def test_every_training_option_has_its_help_from_the_config_docstrings() -> None
     """``genctr finetune -h`` explains each flag with the dataclass's own Args entry."""
     import dataclasses
 
-    from genctr_rec.cli import build_parser
+    from genctr_rec.cli import STAGE_ONLY, build_parser
     from genctr_rec.config import ModelConfig, TrainConfig
 
-    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    stages = build_parser()._subparsers._group_actions[0].choices
+    for stage in ("pretrain", "finetune"):
+        helps = {a.dest: a.help for a in stages[stage]._actions}
+        other = set().union(*(v for k, v in STAGE_ONLY.items() if k != stage))
+        for cls in (ModelConfig, TrainConfig):
+            for f in dataclasses.fields(cls):
+                if f.name == "sharding":
+                    continue
+                if f.name in other:  # another stage's flag is not offered here
+                    assert f.name not in helps, (stage, f.name)
+                else:
+                    assert helps.get(f.name), (stage, f.name)
+    finetune = stages["finetune"]
     helps = {a.dest: a.help for a in finetune._actions}
-    for cls in (ModelConfig, TrainConfig):
-        for f in dataclasses.fields(cls):
-            if f.name != "sharding":
-                assert helps.get(f.name), f.name
     assert "replicated (data_parallel)" in helps["replicate_max_mb"]
     assert "sharded over ranks" in " ".join(finetune.format_help().split())

@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from genctr_rec.config import ConfigError
+from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.artifact import export_run, load_artifact, load_trained
@@ -31,21 +33,33 @@ def test_fp32_predictor_scores_like_the_trained_model(
     artifacts: dict, runs: dict[str, Path], toy_synth: Path
 ) -> None:
     """Independent of export's own check: requests built from test rows, scored one by one."""
-    _, trained = load_trained(runs["genctr"])
+    cfg, trained = load_trained(runs["genctr"])
+    schema = FeatureSchema.from_json(cfg.features)
+    assert [f.name for f in schema.features] == [
+        "user_segment",
+        "user_activity",
+        "user_interests",
+        "item_tier",
+    ]
     predictor = Predictor(artifacts["genctr-none"]["path"])
-    batch = next(iter(ImpressionReader(toy_synth, "test", 40, shuffle=False, max_history=50)))
+    reader = ImpressionReader(toy_synth, "test", 40, shuffle=False, max_history=50, features=schema)
+    table = pq.read_table(toy_synth / "test").slice(0, 40).to_pylist()
+    batch = next(iter(reader))
     kjt = batch.sparse_features
     with torch.no_grad():
-        expected = torch.sigmoid(trained(kjt)).numpy()
+        expected = torch.sigmoid(trained(*batch.model_inputs())).numpy()
     offsets = kjt["hist_item_ids"].offsets()
     for i in range(40):
         start, stop = int(offsets[i]), int(offsets[i + 1])
+        row = table[i]
         request = Request(
             history_items=kjt["hist_item_ids"].values()[start:stop].tolist(),
             history_categories=kjt["hist_category_ids"].values()[start:stop].tolist(),
             query_category=int(kjt["query_category_id"].values()[i]),
             candidate_items=[int(kjt["item_id"].values()[i])],
             candidate_categories=[int(kjt["category_id"].values()[i])],
+            user_id=row["user_id"],
+            features={k: row[k] for k in ("user_segment", "user_activity", "user_interests")},
         )
         assert predictor.score(request)[0] == pytest.approx(expected[i], abs=1e-5)
 
@@ -72,8 +86,11 @@ def test_artifact_is_self_describing(artifacts: dict) -> None:
     assert set(json.loads((art / "manifest.json").read_text())["files"]) == {
         "model.pt",
         "item_categories.npy",
+        "item_features.npz",
         "artifact.json",
     }
+    assert loaded.catalogue.scalars["item_tier"].shape == (2000,)
+    assert [f["name"] for f in meta["features"]["features"]][-1] == "item_tier"
 
 
 def test_damaged_artifact_is_refused(artifacts: dict, tmp_path: Path) -> None:
@@ -112,5 +129,8 @@ def test_export_from_a_run_trained_elsewhere(runs: dict[str, Path], tmp_path: Pa
     (moved / "config.json").write_text(json.dumps(cfg))
     meta = export_run(moved, tmp_path / "art", data=data)
     assert meta["parity"]["max_abs_diff"] <= 1e-5
-    scores = Predictor(tmp_path / "art").score(Request([1, 2], [0, 0], 0, [3, 4, 5]))
+    features = {"user_segment": 1, "user_activity": 12.0, "user_interests": [3]}
+    scores = Predictor(tmp_path / "art").score(
+        Request([1, 2], [0, 0], 0, [3, 4, 5], features=features)
+    )
     assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))

@@ -37,6 +37,9 @@ def _write_100k(folder: Path) -> Path:
         bits = ["1" if i in flags else "0" for i in range(19)]
         lines.append("|".join([str(movie), f"Movie {movie}", "01-Jan-1995", "", "url"] + bits))
     (folder / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    (folder / "u.user").write_text(
+        "1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|K3A1X\n"
+    )
     return folder
 
 
@@ -69,6 +72,34 @@ def test_100k_folder_mapping(tmp_path: Path) -> None:
     seq = {r["user_id"]: r for r in pq.read_table(tmp_path / "out" / "sequences").to_pylist()}
     assert seq[2]["item_ids"] == [2, 1]  # user 3: clicks at 50 and 400; 950 is in test
     assert max(max(r["timestamps"]) for r in seq.values()) < 900
+
+
+def test_100k_side_features_are_declared_and_valid(tmp_path: Path) -> None:
+    """User profile on every impression, release year and every genre per movie, declared in
+    meta.json so that the validator checks them and the models read them."""
+    src = _write_100k(tmp_path / "ml-100k")
+    meta = movielens.build(tmp_path / "out", src, max_history=5, test_fraction=0.2)
+    kinds = {f.name: (f.kind, f.where, f.vocab_size) for f in meta.features}
+    assert kinds == {
+        "user_age": ("dense", "impression", None),
+        "user_gender": ("id", "impression", 2),
+        "user_occupation": ("id", "impression", 3),
+        "user_zip": ("id", "impression", 3),  # "8", "9", and "other" for a non-digit zip
+        "item_genres": ("ids", "item", 3),
+        "item_year": ("dense", "item", None),
+    }
+    assert meta.num_users == 3
+    assert DatasetMeta.read(tmp_path / "out").features == meta.features
+    validate_dataset(tmp_path / "out")
+    rows = pq.read_table(tmp_path / "out" / "train").to_pylist()
+    user2 = next(r for r in rows if r["user_id"] == 1)  # source user 2: 53, F, other, 94043
+    assert user2["user_age"] == 53.0
+    assert meta.extra["vocabularies"]["user_gender"][user2["user_gender"]] == "F"
+    assert meta.extra["vocabularies"]["user_zip"][user2["user_zip"]] == "9"
+    items = pq.read_table(tmp_path / "out" / "items.parquet").to_pylist()
+    genres = meta.extra["vocabularies"]["item_genres"]
+    assert [genres[g] for g in items[0]["item_genres"]] == ["Action", "Comedy"]  # movie 10
+    assert items[2]["item_genres"] == [] and items[0]["item_year"] == 1995.0
 
 
 def test_1m_zip_gives_first_genre(tmp_path: Path) -> None:

@@ -3,11 +3,17 @@ the documented request policies (OOV, truncation, catalogue categories)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
-from genctr_rec.serving.predictor import ContextCache, Predictor, Request, RequestError
+from genctr_rec.serving.predictor import ContextCache, Predictor, RequestError
+from genctr_rec.serving.predictor import Request as PlainRequest
+from tests.helpers import TOY_FEATURES
+
+Request = partial(PlainRequest, features=TOY_FEATURES)  # the GenCTR toy model reads them
 
 NUM_ITEMS, NUM_CATEGORIES = 2000, 20
 
@@ -30,9 +36,11 @@ class CountingModel:
         return self.model.score(*args)
 
 
-def _request(rng: np.random.Generator, history: int, candidates: int, cats: int) -> Request:
+def _request(
+    rng: np.random.Generator, history: int, candidates: int, cats: int, make=Request
+) -> PlainRequest:
     categories = rng.choice(NUM_CATEGORIES, cats, replace=False)
-    return Request(
+    return make(
         history_items=rng.integers(0, NUM_ITEMS, history).tolist(),
         history_categories=rng.integers(0, NUM_CATEGORIES, history).tolist(),
         query_category=int(categories[0]),
@@ -80,7 +88,7 @@ def test_cache_and_batching_change_no_score(artifacts: dict) -> None:
     np.testing.assert_allclose(one_by_one[1], alone, atol=1e-6)
 
 
-def _fields(r: Request, i: int) -> tuple:
+def _fields(r: PlainRequest, i: int) -> tuple:
     return (
         r.history_items,
         r.history_categories,
@@ -103,7 +111,7 @@ def test_cache_is_bounded_lru() -> None:
 def test_backbone_without_mi_has_no_cache(artifacts: dict) -> None:
     predictor = Predictor(artifacts["ta64-none"]["path"])
     assert predictor.cache is None
-    scores = predictor.score(_request(np.random.default_rng(2), 10, 7, 2))
+    scores = predictor.score(_request(np.random.default_rng(2), 10, 7, 2, PlainRequest))
     assert scores.shape == (7,) and np.all((scores > 0) & (scores < 1))
 
 

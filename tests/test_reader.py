@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.reader import (
     HIST_CATEGORIES,
     HIST_ITEMS,
     IMPRESSION_KEYS,
     SEQ_ITEMS,
-    USER_ID,
     ImpressionReader,
     SequenceReader,
 )
@@ -33,13 +33,21 @@ def _epoch_ids(reader: ImpressionReader) -> list[int]:
 
 def test_batches_match_the_parquet_rows(small_dataset: Path) -> None:
     rows = _rows_by_user(small_dataset, "train")
+    users = 500  # rows past it (user_id = row number here) read as the default row, 500
     reader = ImpressionReader(
-        small_dataset, "train", batch_size=50, seed=3, max_history=4, include_user_id=True
+        small_dataset,
+        "train",
+        batch_size=50,
+        seed=3,
+        max_history=4,
+        features=FeatureSchema(num_users=users),
     )
     seen = 0
     for batch in reader:
         kjt = batch.sparse_features
-        assert set(kjt.keys()) == set(IMPRESSION_KEYS + [USER_ID])
+        assert set(kjt.keys()) == set(IMPRESSION_KEYS)
+        assert batch.side_features.keys() == [USER_ID]
+        assert batch.dense_features is None
         items = kjt[HIST_ITEMS].to_dense()
         cats = kjt[HIST_CATEGORIES].to_dense()
         target = kjt["item_id"].values()
@@ -50,7 +58,7 @@ def test_batches_match_the_parquet_rows(small_dataset: Path) -> None:
             assert int(target[i]) == row["item_id"]
             assert float(batch.labels[i]) == row["label"]
             assert int(kjt["query_category_id"].values()[i]) == row["query_category_id"]
-            assert int(kjt[USER_ID].values()[i]) == user
+            assert int(batch.side_features[USER_ID].values()[i]) == min(user, users)
         seen += batch.batch_size
     assert seen == len(rows)
 

@@ -16,6 +16,7 @@ import pytest
 
 from genctr_rec.serving.predictor import Predictor, Request
 from genctr_rec.training.distributed import free_port
+from tests.helpers import TOY_FEATURES
 
 NUM_ITEMS, NUM_CATEGORIES = 2000, 20
 
@@ -60,6 +61,8 @@ def _body(rng: np.random.Generator, history: int, candidates: int) -> dict:
             "category_ids": rng.integers(0, NUM_CATEGORIES, history).tolist(),
         },
         "query_category_id": int(rng.integers(0, NUM_CATEGORIES)),
+        "user_id": int(rng.integers(0, 700)),  # past the toy's 600 users: the default row
+        "features": TOY_FEATURES,
         "candidates": [
             {"item_id": int(i), "category_id": int(rng.integers(0, NUM_CATEGORIES))}
             for i in rng.integers(0, NUM_ITEMS, candidates)
@@ -74,6 +77,8 @@ def _as_request(body: dict) -> Request:
         body["query_category_id"],
         [c["item_id"] for c in body["candidates"]],
         [c.get("category_id") for c in body["candidates"]],
+        user_id=body.get("user_id"),
+        features=body.get("features"),
     )
 
 
@@ -160,6 +165,47 @@ BAD_REQUESTS = {
         },
         422,
         "at most 200",
+    ),
+    "feature out of range": (
+        {
+            "history": {"item_ids": [1]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+            "features": {**TOY_FEATURES, "user_segment": 99},
+        },
+        422,
+        "features.user_segment",
+    ),
+    "feature missing": (
+        {
+            "history": {"item_ids": [1]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+            "features": {"user_segment": 1, "user_activity": 2.0},
+        },
+        422,
+        "features.user_interests",
+    ),
+    "unknown feature": (
+        {
+            "history": {"item_ids": [1]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+            "features": {**TOY_FEATURES, "colour": 1},
+        },
+        422,
+        "features.colour",
+    ),
+    "negative user": (
+        {
+            "history": {"item_ids": [1]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}],
+            "features": TOY_FEATURES,
+            "user_id": -4,
+        },
+        422,
+        "user_id",
     ),
     "mismatched lengths": (
         {

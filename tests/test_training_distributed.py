@@ -17,12 +17,11 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchrec import KeyedJaggedTensor
 
 from genctr_rec.checkpoint import load_model
-from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+from genctr_rec.config import TRANSFER_PREFIXES, ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data.reader import ImpressionBatch, ImpressionReader
 from genctr_rec.data.synth import SynthConfig, generate
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
-from genctr_rec.training.finetune import TRANSFER_PREFIXES
 from tests.distributed import free_port, run_ranks
 from tests.helpers import MAX_HISTORY, NUM_CATEGORIES, NUM_ITEMS
 

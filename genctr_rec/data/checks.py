@@ -133,3 +133,55 @@ def check_same_lengths(
     raise DataFormatError(
         path, f"has {b[row]} elements but '{first}' has {a[row]}", second, row0 + row
     )
+
+
+def dense_column(path: Path, table: pa.Table, name: str, row0: int) -> np.ndarray:
+    """A numeric column as float32, rejecting nulls, NaN and infinities."""
+    column = table.column(name)
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+        raise DataFormatError(path, f"expected a number (float32), found {column.type}", name)
+    bad = _first_null_row(column)
+    if bad is not None:
+        raise DataFormatError(path, "null value", name, row0 + bad)
+    values = column.to_numpy().astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        r = int(np.flatnonzero(~finite)[0])
+        raise DataFormatError(path, f"value {values[r]} is not finite", name, row0 + r)
+    return values
+
+
+def feature_column(
+    path: Path, table: pa.Table, spec, row0: int
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """A declared side feature's column, checked against its spec
+    (:class:`~genctr_rec.data.features.FeatureSpec`): ``id`` -> int64 ids in range, ``ids`` ->
+    (offsets, values) in range, ``dense`` -> finite float32."""
+    if spec.name not in table.column_names:
+        raise DataFormatError(
+            path,
+            f"declared in meta.json's features ({spec.kind}, where={spec.where}) but missing "
+            f"(file has: {', '.join(table.column_names)})",
+            spec.name,
+        )
+    actual = table.schema.field(spec.name).type
+    if spec.kind == "dense":
+        return dense_column(path, table, spec.name, row0)
+    if spec.kind == "id":
+        if not _is_integer(actual):
+            raise DataFormatError(
+                path, f"an id feature must be an integer, found {actual}", spec.name
+            )
+        values = scalar_column(path, table, spec.name, row0)
+        check_range(path, spec.name, values, spec.vocab_size, row0)
+        return values
+    if not (
+        (pa.types.is_list(actual) or pa.types.is_large_list(actual))
+        and _is_integer(actual.value_type)
+    ):
+        raise DataFormatError(
+            path, f"an ids feature must be a list of integers, found {actual}", spec.name
+        )
+    offsets, values = list_column(path, table, spec.name, row0)
+    check_range(path, spec.name, values, spec.vocab_size, row0, offsets)
+    return offsets, values

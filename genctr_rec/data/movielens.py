@@ -6,6 +6,10 @@ Mapping (also in ``datasets/movielens.md``): every rating is an impression, a cl
 last ``test_fraction`` of the time range is test; histories hold only clicks strictly before the
 impression, sequences only clicks strictly before the test period.
 
+Declared side features (``meta.json`` ``features``), where the source has them: the user's age
+(dense), gender, occupation and zip-code prefix (first character) on every impression; the
+movie's release year (dense) and all its genres (multi-valued) in items.parquet.
+
 With no ``--source``, the MovieLens-100k files are taken from the ``recbole`` wheel on the
 Python package index (``recbole/dataset_example/ml-100k/``), cached, and checked by SHA-256.
 """
@@ -15,17 +19,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from genctr_rec.data.features import FeatureSpec
 from genctr_rec.data.jagged import gather_ranges, lengths_to_offsets, list_array, suffix_ranges
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
@@ -44,6 +50,7 @@ RBD = "recbole/dataset_example/ml-100k"  # inside the wheel
 RECBOLE_FILES = {  # path inside the wheel -> sha256
     f"{RBD}/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
     f"{RBD}/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+    f"{RBD}/ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 # ml-100k u.item genre flags, in file order
 ML100K_GENRES = [
@@ -74,13 +81,18 @@ IMPRESSION_WRITE_SCHEMA = IMPRESSION_SCHEMA.append(
 
 @dataclass
 class Ratings:
-    """Raw ratings and the first genre of every movie, with the source's own ids."""
+    """Raw ratings and the first genre of every movie, with the source's own ids; and, where
+    the source has them, every movie's genres and release year and every user's profile."""
 
     user: np.ndarray
     movie: np.ndarray
     rating: np.ndarray
     timestamp: np.ndarray
     movie_genre: dict[int, str]
+    movie_genres: dict[int, list[str]] = field(default_factory=dict)
+    movie_year: dict[int, int] = field(default_factory=dict)
+    # source user id -> (age, gender, occupation, zip code)
+    user_profile: dict[int, tuple[int, str, str, str]] = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -205,26 +217,112 @@ def load_ratings(source: Path) -> Ratings:
         raise DataFormatError(member, f"rating {rating[r]} outside 1..5", "rating", r + 1 + header)
 
     item_member, item_text = _read_text(source, ["u.item", "movies.dat", "ml-100k.item"])
-    genres: dict[int, str] = {}
+    all_genres: dict[int, list[str]] = {}
+    years: dict[int, int] = {}
     item_base = Path(item_member).name
     if item_base == "u.item":
         for fields in _parse_table(item_member, item_text, "|", 24, False):
             flags = [i for i, f in enumerate(fields[5:24]) if f.strip() == "1"]
-            genres[int(fields[0])] = ML100K_GENRES[flags[0]] if flags else "unknown"
+            all_genres[int(fields[0])] = [ML100K_GENRES[i] for i in flags]
+            _year(years, int(fields[0]), fields[2][-4:])
     elif item_base == "movies.dat":
         for fields in _parse_table(item_member, item_text, "::", 3, False):
-            genres[int(fields[0])] = fields[2].split("|")[0].strip() or "unknown"
+            names = [g.strip() for g in fields[2].split("|") if g.strip()]
+            all_genres[int(fields[0])] = names
+            found = re.search(r"\((\d{4})\)\s*$", fields[1])
+            _year(years, int(fields[0]), found.group(1) if found else "")
     else:
         for fields in _parse_table(item_member, item_text, "\t", 4, True):
-            genre = fields[3].split()
-            genres[int(fields[0])] = genre[0] if genre else "unknown"
+            all_genres[int(fields[0])] = fields[3].split()
+            _year(years, int(fields[0]), fields[2])
+    genres = {m: (g[0] if g else "unknown") for m, g in all_genres.items()}
     missing = ~np.isin(movie, np.fromiter(genres, dtype=np.int64))
     if missing.any():
         r = int(np.flatnonzero(missing)[0])
         raise DataFormatError(
             member, f"movie {movie[r]} has no entry in {item_member}", "item_id", r + 1 + header
         )
-    return Ratings(user, movie, rating, ts, genres)
+    return Ratings(user, movie, rating, ts, genres, all_genres, years, _load_users(source))
+
+
+def _year(years: dict[int, int], movie: int, text: str) -> None:
+    text = text.strip()
+    if text.isdigit() and len(text) == 4:
+        years[movie] = int(text)
+
+
+def _load_users(source: Path) -> dict[int, tuple[int, str, str, str]]:
+    """User profiles (age, gender, occupation, zip) from u.user, users.dat or RecBole's
+    ml-100k.user; empty when the source has none (the dataset then declares no user features)."""
+    try:
+        member, text = _read_text(source, ["u.user", "users.dat", "ml-100k.user"])
+    except DataFormatError:
+        return {}
+    base = Path(member).name
+    profiles = {}
+    if base == "users.dat":  # UserID::Gender::Age::Occupation::Zip-code
+        for f in _parse_table(member, text, "::", 5, False):
+            profiles[int(f[0])] = (int(f[2]), f[1].strip(), f[3].strip(), f[4].strip())
+    else:  # user id | age | gender | occupation | zip (tab-separated with a header in RecBole)
+        sep, header = ("|", False) if base == "u.user" else ("\t", True)
+        for f in _parse_table(member, text, sep, 5, header):
+            profiles[int(f[0])] = (int(f[1]), f[2].strip(), f[3].strip(), f[4].strip())
+    return profiles
+
+
+def _index(values: list[str]) -> tuple[dict[str, int], list[str]]:
+    names = sorted(set(values))
+    return {v: i for i, v in enumerate(names)}, names
+
+
+def _side_features(
+    ratings: Ratings, users: np.ndarray, movies: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, pa.Array], list[FeatureSpec], dict[str, list[str]]]:
+    """Per dense user and item: the profile columns, the item columns, their feature specs and
+    the vocabularies (for meta.json)."""
+    specs: list[FeatureSpec] = []
+    vocab: dict[str, list[str]] = {}
+    user_cols: dict[str, np.ndarray] = {}
+    profiles = ratings.user_profile
+    if profiles and all(int(u) in profiles for u in users.tolist()):
+        rows = [profiles[int(u)] for u in users.tolist()]
+        gender_of, vocab["user_gender"] = _index([r[1] for r in rows])
+        occupation_of, vocab["user_occupation"] = _index([r[2] for r in rows])
+        # zip prefix: the first character (a US region); non-digits share one bucket
+        zips = [r[3][:1] if r[3][:1].isdigit() else "other" for r in rows]
+        zip_of, vocab["user_zip"] = _index(zips)
+        user_cols = {
+            "user_age": np.array([r[0] for r in rows], dtype=np.float32),
+            "user_gender": np.array([gender_of[r[1]] for r in rows], dtype=np.int64),
+            "user_occupation": np.array([occupation_of[r[2]] for r in rows], dtype=np.int64),
+            "user_zip": np.array([zip_of[z] for z in zips], dtype=np.int64),
+        }
+        specs += [
+            FeatureSpec("user_age", "dense", "impression"),
+            FeatureSpec("user_gender", "id", "impression", len(vocab["user_gender"])),
+            FeatureSpec("user_occupation", "id", "impression", len(vocab["user_occupation"])),
+            FeatureSpec("user_zip", "id", "impression", len(vocab["user_zip"])),
+        ]
+    item_cols: dict[str, pa.Array] = {}
+    genre_index, vocab["item_genres"] = _index(
+        [g for m in movies.tolist() for g in ratings.movie_genres.get(m, [])]
+    )
+    genre_lists = [
+        [genre_index[g] for g in ratings.movie_genres.get(m, [])] for m in movies.tolist()
+    ]
+    lengths = np.array([len(g) for g in genre_lists])
+    item_cols["item_genres"] = list_array(
+        lengths_to_offsets(lengths),
+        np.array([g for genres in genre_lists for g in genres], dtype=np.int64),
+    )
+    specs.append(FeatureSpec("item_genres", "ids", "item", max(1, len(genre_index))))
+    if ratings.movie_year:
+        known = np.array(list(ratings.movie_year.values()), dtype=np.float32)
+        fill = float(np.median(known))  # the few movies without a release date
+        years = [ratings.movie_year.get(m, fill) for m in movies.tolist()]
+        item_cols["item_year"] = pa.array(np.array(years, dtype=np.float32))
+        specs.append(FeatureSpec("item_year", "dense", "item"))
+    return user_cols, item_cols, specs, vocab
 
 
 def convert(
@@ -247,6 +345,15 @@ def convert(
     category = item_category[item]
     label = (ratings.rating >= 4).astype(np.int8)
     ts = ratings.timestamp
+    user_cols, item_cols, specs, vocab = _side_features(ratings, users, movies)
+    impression_schema = IMPRESSION_WRITE_SCHEMA
+    for name, column in user_cols.items():
+        impression_schema = impression_schema.append(
+            pa.field(name, pa.from_numpy_dtype(column.dtype))
+        )
+    items_schema = ITEMS_SCHEMA
+    for name, column in item_cols.items():
+        items_schema = items_schema.append(pa.field(name, column.type))
 
     # global time split: test = the last `test_fraction` of ratings by time, on a timestamp
     # boundary so that every test timestamp is strictly later than every train timestamp
@@ -273,8 +380,8 @@ def convert(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         pq.write_table(
             pa.table(
-                {"item_id": np.arange(len(movies)), "category_id": item_category},
-                schema=ITEMS_SCHEMA,
+                {"item_id": np.arange(len(movies)), "category_id": item_category, **item_cols},
+                schema=items_schema,
             ),
             tmp / ITEMS_FILE,
         )
@@ -294,10 +401,11 @@ def convert(
                     "hist_category_ids": list_array(sub_off, c_cat[idx][sub_idx]),
                     "hist_timestamps": list_array(sub_off, c_ts[idx][sub_idx]),
                     "rating": ratings.rating[order][rows].astype(np.int8),
+                    **{name: column[u[rows]] for name, column in user_cols.items()},
                 },
-                schema=IMPRESSION_WRITE_SCHEMA,
+                schema=impression_schema,
             )
-            with PartitionWriter(tmp / split, IMPRESSION_WRITE_SCHEMA, 16_384) as writer:
+            with PartitionWriter(tmp / split, impression_schema, 16_384) as writer:
                 writer.write(table)
         before = c_ts < split_time
         seq_len = np.bincount(c_user[before], minlength=n_users)
@@ -319,8 +427,11 @@ def convert(
             num_categories=len(genre_names),
             max_history=max_history,
             source=source_name,
+            num_users=n_users,
+            features=specs,
             extra={
                 "categories": genre_names,
+                "vocabularies": vocab,
                 "split_time": split_time,
                 "click_threshold": 4,
                 "test_fraction": test_fraction,

@@ -21,13 +21,16 @@ import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
 from genctr_rec.data.checks import (
     check_range,
     check_same_lengths,
+    feature_column,
     label_column,
     list_column,
     scalar_column,
 )
+from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.jagged import suffix_ranges
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
@@ -35,7 +38,8 @@ from genctr_rec.data.schema import (
     DatasetMeta,
     split_files,
 )
-from genctr_rec.data.stream import Columns, ParquetStream
+from genctr_rec.data.splits import TimeRange, time_masks
+from genctr_rec.data.stream import Columns, Jagged, ParquetStream
 
 # KeyedJaggedTensor keys, in order. Item-id features share the item table, category-id
 # features the category table (see genctr_rec.embeddings).
@@ -44,7 +48,6 @@ TARGET_CATEGORY = "category_id"
 QUERY_CATEGORY = "query_category_id"
 HIST_ITEMS = "hist_item_ids"
 HIST_CATEGORIES = "hist_category_ids"
-USER_ID = "user_id"
 IMPRESSION_KEYS = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY, HIST_ITEMS, HIST_CATEGORIES]
 SEQ_ITEMS = "seq_item_ids"
 SEQ_CATEGORIES = "seq_category_ids"
@@ -72,32 +75,48 @@ def _decode_pairs(
 
 @dataclass
 class ImpressionBatch:
-    """One step of fine-tuning data. Implements TorchRec's ``Pipelineable`` protocol."""
+    """One step of fine-tuning data. Implements TorchRec's ``Pipelineable`` protocol.
+
+    ``side_features`` (keys :attr:`FeatureSchema.sparse_keys`: ``user_id``, then the declared
+    ``id`` / ``ids`` features) and ``dense_features`` ([B, declared dense features]) are present
+    when the reader was given a :class:`FeatureSchema`."""
 
     sparse_features: KeyedJaggedTensor
     labels: torch.Tensor  # float32 [B]
     user_ids: torch.Tensor  # int64 [B], for GAUC
+    side_features: KeyedJaggedTensor | None = None
+    dense_features: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return int(self.labels.numel())
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> ImpressionBatch:
+    def model_inputs(self) -> tuple:
+        """What a CTR model's forward takes: (sparse, side, dense)."""
+        return self.sparse_features, self.side_features, self.dense_features
+
+    def _map(self, fn) -> ImpressionBatch:
         return ImpressionBatch(
-            self.sparse_features.to(device=device, non_blocking=non_blocking),
-            self.labels.to(device=device, non_blocking=non_blocking),
-            self.user_ids.to(device=device, non_blocking=non_blocking),
+            *(
+                None if t is None else fn(t)
+                for t in (
+                    self.sparse_features,
+                    self.labels,
+                    self.user_ids,
+                    self.side_features,
+                    self.dense_features,
+                )
+            )
         )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ImpressionBatch:
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        self.sparse_features.record_stream(stream)
-        self.labels.record_stream(stream)
-        self.user_ids.record_stream(stream)
+        self._map(lambda t: t.record_stream(stream) or t)
 
     def pin_memory(self) -> ImpressionBatch:
-        return ImpressionBatch(
-            self.sparse_features.pin_memory(), self.labels.pin_memory(), self.user_ids.pin_memory()
-        )
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass
@@ -164,6 +183,8 @@ class _Reader:
         shuffle: bool,
         max_history: int | None,
         shuffle_window: int,
+        columns: list[str] | None = None,
+        selection: list[np.ndarray] | None = None,
     ) -> None:
         self.meta = DatasetMeta.read(data_dir)
         self.max_history = max_history or self.meta.max_history
@@ -177,6 +198,8 @@ class _Reader:
             seed,
             shuffle,
             shuffle_window,
+            selection=selection,
+            columns=columns,
         )
 
     def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
@@ -199,17 +222,40 @@ class _Reader:
         self.stream.load_state_dict(state)
 
 
+def side_feature_kjt(
+    schema: FeatureSchema, scalars: dict[str, np.ndarray], lists: dict[str, Jagged], n: int
+) -> KeyedJaggedTensor:
+    """The side-feature KJT of ``n`` rows: ``user_id`` and ``id`` features one value a row,
+    ``ids`` features their lists (empty bags allowed)."""
+    values, lengths = [], []
+    for key in schema.sparse_keys:
+        if key in lists:
+            jag = lists[key]
+            values.append(jag.values[jag.flat_index()])
+            lengths.append(jag.lengths.astype(np.int32))
+        else:
+            values.append(np.asarray(scalars[key], dtype=np.int64))
+            lengths.append(np.ones(n, dtype=np.int32))
+    return KeyedJaggedTensor(
+        keys=schema.sparse_keys,
+        values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
+        lengths=torch.from_numpy(np.concatenate(lengths)),
+    )
+
+
 class ImpressionReader(_Reader):
     """Impressions of one split as :class:`ImpressionBatch` es for one rank.
 
     Args:
         data_dir: dataset directory (public format).
-        split: ``train`` or ``test``.
+        split: ``train``, ``valid`` or ``test``.
         batch_size: impressions per batch per rank.
         rank, world_size: which share of the rows this process reads.
         seed: shuffle seed; ``shuffle=False`` keeps file order (evaluation).
         max_history: truncation (newest kept); defaults to ``meta.json``'s ``max_history``.
-        include_user_id: also put ``user_id`` in the KJT (for models with a user table).
+        features: read ``user_id`` (ids past ``num_users`` map to the shared default row) and
+            the declared side features into ``side_features`` / ``dense_features``.
+        time_range: stream only rows with ``lo <= timestamp < hi`` (the validation slice).
 
     Example::
 
@@ -217,7 +263,7 @@ class ImpressionReader(_Reader):
         for epoch in range(3):
             reader.set_epoch(epoch)
             for batch in reader:
-                loss = model(batch.sparse_features, batch.labels)
+                loss = model(*batch.model_inputs(), batch.labels)
     """
 
     def __init__(
@@ -230,13 +276,21 @@ class ImpressionReader(_Reader):
         seed: int = 0,
         shuffle: bool = True,
         max_history: int | None = None,
-        include_user_id: bool = False,
+        features: FeatureSchema | None = None,
         shuffle_window: int = 4,
+        time_range: TimeRange | None = None,
     ) -> None:
-        self._scalar_keys = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY] + (
-            [USER_ID] if include_user_id else []
-        )
+        self._scalar_keys = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY]
         self.keys = self._scalar_keys + [HIST_ITEMS, HIST_CATEGORIES]
+        self.features = features
+        self.catalogue: ItemCatalogue | None = None
+        meta = DatasetMeta.read(data_dir)
+        if features is not None and features.of("item"):
+            self.catalogue = read_item_catalogue(data_dir, meta, list(features.of("item")))
+        columns = IMPRESSION_SCHEMA.names
+        if features is not None:
+            columns = columns + [spec.name for spec in features.of("impression")]
+        files = split_files(data_dir, split)
         super().__init__(
             data_dir,
             split,
@@ -248,6 +302,8 @@ class ImpressionReader(_Reader):
             shuffle,
             max_history,
             shuffle_window,
+            columns=columns,
+            selection=None if time_range is None else time_masks(files, time_range),
         )
 
     def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
@@ -263,17 +319,45 @@ class ImpressionReader(_Reader):
         starts, lengths, values = _decode_pairs(
             path, table, row0, meta, self.max_history, HIST_ITEMS, HIST_CATEGORIES
         )
-        return Columns(scalars, values, starts, lengths)
+        lists: dict[str, Jagged] = {}
+        if self.features is not None:
+            check_range(path, USER_ID, scalars[USER_ID], np.iinfo(np.int64).max, row0)
+            for spec in self.features.of("impression"):
+                column = feature_column(path, table, spec, row0)
+                if spec.kind == "ids":
+                    offsets, vals = column
+                    lists[spec.name] = Jagged(vals, offsets[:-1], np.diff(offsets))
+                else:
+                    scalars[spec.name] = column
+        return Columns(scalars, values, starts, lengths, lists)
 
     def __iter__(self) -> Iterator[ImpressionBatch]:
         list_keys = [HIST_ITEMS, HIST_CATEGORIES]
         for block in self.stream:
             kjt = _jagged_kjt(self.keys, block, self._scalar_keys, list_keys)
-            yield ImpressionBatch(
+            users = torch.tensor(block.scalars[USER_ID])
+            batch = ImpressionBatch(
                 kjt,
                 torch.tensor(block.scalars["label"]),  # copies: Arrow's arrays are read-only
-                torch.tensor(block.scalars[USER_ID]),
+                users,
             )
+            if self.features is not None:
+                scalars, lists = dict(block.scalars), dict(block.lists)
+                if self.catalogue is not None:
+                    item_scalars, item_lists = self.catalogue.gather(block.scalars[TARGET_ITEM])
+                    scalars.update(item_scalars)
+                    lists.update(item_lists)
+                scalars[USER_ID] = np.minimum(block.scalars[USER_ID], self.features.num_users)
+                batch.side_features = side_feature_kjt(
+                    self.features, scalars, lists, block.num_rows
+                )
+                names = self.features.dense_names
+                batch.dense_features = (
+                    torch.from_numpy(np.stack([scalars[n] for n in names], axis=1))
+                    if names
+                    else None
+                )
+            yield batch
 
 
 class SequenceReader(_Reader):

@@ -1,4 +1,4 @@
-"""The public dataset format (see DESIGN.md): Arrow schemas, ``meta.json`` and the error type.
+"""The public dataset format (docs/data-format.md): Arrow schemas, ``meta.json`` and the error type.
 
 A dataset is a directory ``DATA/`` with ``meta.json``, ``items.parquet``, ``sequences/``,
 ``train/`` and ``test/``. Other tools write this format, so every reader checks it and every
@@ -14,9 +14,19 @@ from typing import Any
 
 import pyarrow as pa
 
+from genctr_rec.data.features import (
+    FeatureSchema,
+    FeatureSpec,
+    FeatureSpecError,
+    dense_statistics,
+    parse_features,
+    user_vocabulary,
+)
+
 ITEMS_FILE = "items.parquet"
 META_FILE = "meta.json"
 SPLITS = ("train", "test")
+VALID_SPLIT = "valid"  # optional: a validation split; else the newest slice of train/
 SEQUENCES_DIR = "sequences"
 
 ITEMS_SCHEMA = pa.schema([("item_id", pa.int64()), ("category_id", pa.int64())])
@@ -67,21 +77,38 @@ class DataFormatError(ValueError):
 
 @dataclass
 class DatasetMeta:
-    """Contents of ``meta.json``: the vocabulary sizes every reader and model is built from."""
+    """Contents of ``meta.json``: the vocabulary sizes every reader and model is built from,
+    and the declared side features (``docs/data-format.md``)."""
 
     num_items: int
     num_categories: int
     max_history: int
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    num_users: int | None = None
+    features: list[FeatureSpec] = field(default_factory=list)
 
     REQUIRED = ("num_items", "num_categories", "max_history", "source")
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         extra = out.pop("extra")
+        out.pop("features")
+        if self.num_users is None:
+            out.pop("num_users")
+        if self.features:
+            out["features"] = [f.to_json() for f in self.features]
         out.update(extra)
         return out
+
+    def feature_schema(self, directory: str | Path) -> FeatureSchema:
+        """The user vocabulary (declared, or from train/), the declared features and the
+        statistics of the dense ones."""
+        return FeatureSchema(
+            user_vocabulary(directory, self.num_users),
+            tuple(self.features),
+            dense_statistics(directory, self.features),
+        )
 
     def write(self, directory: Path) -> None:
         (Path(directory) / META_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -104,13 +131,29 @@ class DatasetMeta:
             value = raw[key]
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise DataFormatError(path, f"must be a positive integer, got {value!r}", key)
-        extra = {k: v for k, v in raw.items() if k not in cls.REQUIRED}
+        num_users = raw.get("num_users")
+        if num_users is not None and (
+            not isinstance(num_users, int) or isinstance(num_users, bool) or num_users <= 0
+        ):
+            raise DataFormatError(
+                path, f"must be a positive integer, got {num_users!r}", "num_users"
+            )
+        try:
+            features = parse_features(raw.get("features"))
+        except FeatureSpecError as exc:
+            raise DataFormatError(
+                path, f"{exc} (see docs/data-format.md)", column=exc.field
+            ) from None
+        known = (*cls.REQUIRED, "num_users", "features")
+        extra = {k: v for k, v in raw.items() if k not in known}
         return cls(
             num_items=raw["num_items"],
             num_categories=raw["num_categories"],
             max_history=raw["max_history"],
             source=str(raw["source"]),
             extra=extra,
+            num_users=num_users,
+            features=features,
         )
 
 

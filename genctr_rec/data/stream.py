@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +36,50 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class Jagged:
+    """A list column of its own layout (a multi-valued side feature): row i holds
+    ``values[starts[i] : starts[i] + lengths[i]]``. Row operations touch indices only."""
+
+    values: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    def rows(self, rows: np.ndarray | slice) -> Jagged:
+        return Jagged(self.values, self.starts[rows], self.lengths[rows])
+
+    def flat_index(self) -> np.ndarray:
+        return gather_ranges(self.starts, self.lengths)
+
+    def compact(self) -> Jagged:
+        return Jagged(
+            self.values[self.flat_index()], lengths_to_offsets(self.lengths)[:-1], self.lengths
+        )
+
+    @staticmethod
+    def concat(parts: list[Jagged]) -> Jagged:
+        parts = [p.compact() if len(p.values) > 2 * p.lengths.sum() else p for p in parts]
+        shift = np.cumsum([0] + [len(p.values) for p in parts[:-1]])
+        return Jagged(
+            np.concatenate([p.values for p in parts]),
+            np.concatenate([p.starts + s for p, s in zip(parts, shift, strict=True)]),
+            np.concatenate([p.lengths for p in parts]),
+        )
+
+
+@dataclass
 class Columns:
     """A block of rows in numpy: scalar columns and jagged list columns sharing one layout.
 
     List columns named in one group share offsets (items and their categories), stored once as
     ``starts``/``lengths`` into ``values`` so that truncation and permutation touch only indices.
+    ``lists`` holds list columns with layouts of their own (multi-valued side features).
     """
 
     scalars: dict[str, np.ndarray]
     list_values: dict[str, np.ndarray]
     starts: np.ndarray
     lengths: np.ndarray
+    lists: dict[str, Jagged] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -59,6 +92,7 @@ class Columns:
             list_values=self.list_values,
             starts=self.starts[rows],
             lengths=self.lengths[rows],
+            lists={k: v.rows(rows) for k, v in self.lists.items()},
         )
 
     def take(self, rows: np.ndarray) -> Columns:
@@ -70,6 +104,7 @@ class Columns:
             list_values={k: v[flat] for k, v in self.list_values.items()},
             starts=lengths_to_offsets(lengths)[:-1],
             lengths=lengths,
+            lists={k: v.rows(rows).compact() for k, v in self.lists.items()},
         )
 
     def slice(self, start: int, stop: int | None = None) -> Columns:
@@ -79,6 +114,7 @@ class Columns:
             list_values=self.list_values,
             starts=self.starts[start:stop],
             lengths=self.lengths[start:stop],
+            lists={k: v.rows(slice(start, stop)) for k, v in self.lists.items()},
         )
 
     def num_values(self) -> int:
@@ -107,6 +143,7 @@ class Columns:
             },
             starts=np.concatenate([b.starts + s for b, s in zip(blocks, shift, strict=True)]),
             lengths=np.concatenate([b.lengths for b in blocks]),
+            lists={k: Jagged.concat([b.lists[k] for b in blocks]) for k in blocks[0].lists},
         )
 
 
@@ -118,9 +155,10 @@ Decoder = Callable[[Path, pa.Table, int], Columns]
 class _Piece:
     file_index: int
     row_group: int
-    start: int  # first row within the row group
+    start: int  # first (selected) row within the row group
     stop: int
     file_row0: int  # file row number of the row group's first row
+    selected: np.ndarray | None = None  # row-group rows kept by a selection, or all
 
 
 class ParquetStream:
@@ -135,6 +173,11 @@ class ParquetStream:
         seed: shuffling seed; the order is a function of (seed, epoch, world_size).
         shuffle: permute row groups and rows within windows.
         shuffle_window: row groups mixed together when shuffling rows.
+        selection: optional boolean mask per file (over the file's rows): only those rows
+            are streamed (a time slice of a split, e.g. the validation slice of train/).
+            Batching, the rank split and resume work on the selected rows alone.
+        columns: columns to read (default: the schema's); those beyond the schema are
+            declared side features, checked by the decoder.
     """
 
     def __init__(
@@ -148,6 +191,8 @@ class ParquetStream:
         seed: int = 0,
         shuffle: bool = True,
         shuffle_window: int = 4,
+        selection: list[np.ndarray] | None = None,
+        columns: list[str] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
@@ -162,23 +207,40 @@ class ParquetStream:
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_window = max(1, shuffle_window)
-        self.columns = schema.names
+        self.columns = list(columns or schema.names)
         self._handles: dict[int, pq.ParquetFile] = {}
-        self._units: list[tuple[int, int, int, int]] = []  # (file, row group, rows, file_row0)
+        # (file, row group, rows streamed, file_row0, selected rows of the group or None)
+        self._units: list[tuple[int, int, int, int, np.ndarray | None]] = []
         for index, path in enumerate(self.files):
             handle = self._open(index)
             check_schema(path, handle.schema_arrow, schema)
+            for name in self.columns:
+                if name not in handle.schema_arrow.names:
+                    raise DataFormatError(
+                        path,
+                        "declared in meta.json's features but missing "
+                        f"(file has: {', '.join(handle.schema_arrow.names)})",
+                        name,
+                    )
             row0 = 0
             for rg in range(handle.metadata.num_row_groups):
                 rows = handle.metadata.row_group(rg).num_rows
-                if rows:
-                    self._units.append((index, rg, rows, row0))
+                kept = None
+                if selection is not None:
+                    kept = np.flatnonzero(selection[index][row0 : row0 + rows])
+                    if len(kept) == rows:
+                        kept = None
+                n = rows if kept is None else len(kept)
+                if n:
+                    self._units.append((index, rg, n, row0, kept))
                 row0 += rows
         self.num_rows = sum(u[2] for u in self._units)
         if self.num_rows < world_size:
             where = self.files[0].parent if self.files else "dataset"
+            chosen = " selected" if selection is not None else ""
             raise DataFormatError(
-                where, f"has {self.num_rows} rows, fewer than the {world_size} ranks reading it"
+                where,
+                f"has {self.num_rows}{chosen} rows, fewer than the {world_size} ranks reading it",
             )
         self.epoch = 0
         self._batches_done = 0
@@ -218,10 +280,10 @@ class ParquetStream:
         lo, hi = self._rank_rows(self.rank)
         pieces, g0 = [], 0
         for k in order:
-            file_index, rg, rows, row0 = self._units[k]
+            file_index, rg, rows, row0, kept = self._units[k]
             a, b = max(lo, g0), min(hi, g0 + rows)
             if a < b:
-                pieces.append(_Piece(file_index, rg, a - g0, b - g0, row0))
+                pieces.append(_Piece(file_index, rg, a - g0, b - g0, row0, kept))
             g0 += rows
             if g0 >= hi:
                 break
@@ -237,8 +299,13 @@ class ParquetStream:
             raise DataFormatError(
                 path, f"cannot read row group {piece.row_group} ({exc})", row=piece.file_row0
             ) from exc
-        table = table.slice(piece.start, piece.stop - piece.start)
-        return self.decoder(path, table, piece.file_row0 + piece.start)
+        if piece.selected is None:
+            table = table.slice(piece.start, piece.stop - piece.start)
+            return self.decoder(path, table, piece.file_row0 + piece.start)
+        rows = piece.selected[piece.start : piece.stop]
+        first = int(rows[0])
+        table = table.slice(first, int(rows[-1]) - first + 1)
+        return self.decoder(path, table, piece.file_row0 + first).take(rows - first)
 
     # ---- iteration ----------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

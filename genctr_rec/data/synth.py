@@ -15,6 +15,11 @@ The planted structure (see ``datasets/synth.md``):
   user's recent clicks *in the same category*: a model that reads the history conditioned on
   the ad's category (GenCTR's conditional decoder, target attention) can use it; the target
   ad's own features cannot.
+* Declared side features (``side_features=True``) with planted effects: each user's
+  ``user_segment`` (id) shifts the click logit by a segment x ``item_tier`` table (``item_tier``:
+  an item feature in items.parquet), ``user_activity`` (dense: sessions plus noise) raises the
+  click rate of active users, and ``user_interests`` (ids) lift ads whose category matches one.
+  They come from their own random stream: the rest of the simulation is drawn as without them.
 
 Users are simulated in chunks, vectorised over users, so memory stays flat as size grows.
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from genctr_rec.data.features import FeatureSpec
 from genctr_rec.data.jagged import gather_ranges, lengths_to_offsets, list_array, suffix_ranges
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
@@ -64,6 +70,7 @@ class SynthConfig:
         style_weight: logit added when the ad's style matches the user's current style.
         organic_clicks: organic click slots per session (1..3), each taken with
             ``organic_prob``; the last is in the query category, the others in favourites.
+        side_features: declare and plant the user and item side features above.
         seed: everything is a function of this seed.
         users_per_chunk: users simulated at once (bounds memory).
     """
@@ -82,6 +89,7 @@ class SynthConfig:
     style_weight: float = 1.6
     organic_clicks: int = 3
     organic_prob: float = 0.7
+    side_features: bool = True
     seed: int = 2025
     users_per_chunk: int = 8_192
     row_group_size: int = 65_536
@@ -140,6 +148,61 @@ class _Catalogue:
         return items
 
 
+IMPRESSION_SIDE_SCHEMA = (
+    IMPRESSION_WRITE_SCHEMA.append(pa.field("user_segment", pa.int64()))
+    .append(pa.field("user_activity", pa.float32()))
+    .append(pa.field("user_interests", pa.list_(pa.int64())))
+)
+NUM_SEGMENTS = 8
+NUM_TIERS = 4
+NUM_INTERESTS = 16
+SIDE_FEATURES = [
+    FeatureSpec("user_segment", "id", "impression", NUM_SEGMENTS),
+    FeatureSpec("user_activity", "dense", "impression"),
+    FeatureSpec("user_interests", "ids", "impression", NUM_INTERESTS),
+    FeatureSpec("item_tier", "id", "item", NUM_TIERS),
+]
+
+
+class _SideFeatures:
+    """The planted side features, from their own random stream (``[seed, 7]``)."""
+
+    def __init__(self, cfg: SynthConfig) -> None:
+        rng = np.random.default_rng([cfg.seed, 7])
+        self.item_tier = rng.integers(0, NUM_TIERS, size=cfg.num_items)
+        self.segment_tier = rng.normal(0.0, 0.7, size=(NUM_SEGMENTS, NUM_TIERS))
+
+    def users(self, cfg: SynthConfig, first_user: int, n_sessions: np.ndarray) -> dict:
+        rng = np.random.default_rng([cfg.seed, 7, first_user])
+        n = len(n_sessions)
+        count = rng.integers(1, 4, size=n)
+        interests = (
+            np.concatenate([rng.choice(NUM_INTERESTS, size=c, replace=False) for c in count])
+            if n
+            else np.zeros(0, dtype=np.int64)
+        )
+        mid = (cfg.min_sessions + cfg.max_sessions) / 2
+        spread = max(1.0, (cfg.max_sessions - cfg.min_sessions) / 2)
+        return {
+            "segment": rng.integers(0, NUM_SEGMENTS, size=n),
+            "activity": (n_sessions + rng.normal(0, 2, size=n)).astype(np.float32),
+            "activity_effect": 0.3 * (n_sessions - mid) / spread,
+            "interest_offsets": lengths_to_offsets(count),
+            "interests": interests.astype(np.int64),
+        }
+
+    def logit(self, user: dict, ad_item: np.ndarray, ad_cat: np.ndarray) -> np.ndarray:
+        """[n, A] logit shift of each user's ads."""
+        n = len(user["segment"])
+        tier = self.segment_tier[user["segment"][:, None], self.item_tier[ad_item]]
+        liked = np.zeros(ad_cat.shape, dtype=bool)
+        owner = np.repeat(np.arange(n), np.diff(user["interest_offsets"]))
+        hit = np.zeros((n, NUM_INTERESTS), dtype=bool)
+        hit[owner, user["interests"]] = True
+        liked = hit[np.arange(n)[:, None], ad_cat % NUM_INTERESTS]
+        return tier + user["activity_effect"][:, None] + 0.5 * liked
+
+
 class _GroupSampler:
     """Draws an item from a group (category, or category x style) weighted by popularity."""
 
@@ -160,7 +223,12 @@ class _GroupSampler:
 
 
 def _simulate_chunk(
-    cfg: SynthConfig, cat: _Catalogue, rng: np.random.Generator, first_user: int, n: int
+    cfg: SynthConfig,
+    cat: _Catalogue,
+    rng: np.random.Generator,
+    first_user: int,
+    n: int,
+    side: _SideFeatures | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Simulate ``n`` users. Returns (impression columns + history ranges, click stream)."""
     S, A, F = cfg.max_sessions, cfg.ads_per_session, cfg.favourite_categories
@@ -184,6 +252,7 @@ def _simulate_chunk(
     active = np.argsort(np.argsort(rng.random((n, S)), axis=1), axis=1) < n_sessions[:, None]
     rows = np.arange(n)
     pos_bias = -0.35 * np.arange(A)
+    user_side = side.users(cfg, first_user, n_sessions) if side is not None else None
 
     # events per session: G organic clicks (at t-G..t-1), then A ad clicks (at t)
     G = cfg.organic_clicks
@@ -241,6 +310,8 @@ def _simulate_chunk(
             + 0.5 * affinity
             + cfg.style_weight * match
         )
+        if side is not None:
+            logit = logit + side.logit(user_side, ad_item, ad_cat)
         label = rng.random((n, A)) < 1.0 / (1.0 + np.exp(-logit))
         imp["item"][:, s], imp["cat"][:, s], imp["query"][:, s] = ad_item, ad_cat, query[:, None]
         imp["label"][:, s], imp["pos"][:, s] = label, np.arange(A)[None, :]
@@ -275,6 +346,15 @@ def _simulate_chunk(
         "hist_end": ends,
         "hist_user_start": user_click_start[users],
     }
+    if user_side is not None:
+        impressions["user_segment"] = user_side["segment"][users]
+        impressions["user_activity"] = user_side["activity"][users]
+        off = user_side["interest_offsets"]
+        impressions["interest_start"], impressions["interest_count"] = (
+            off[users],
+            np.diff(off)[users],
+        )
+        impressions["interest_values"] = user_side["interests"]
     return impressions, clicks
 
 
@@ -303,7 +383,17 @@ def _impression_table(
     columns["hist_item_ids"] = list_array(offsets, clicks["item"][idx])
     columns["hist_category_ids"] = list_array(offsets, clicks["cat"][idx])
     columns["hist_timestamps"] = list_array(offsets, clicks["time"][idx])
-    return pa.table(columns, schema=IMPRESSION_WRITE_SCHEMA)
+    schema = IMPRESSION_WRITE_SCHEMA
+    if "user_segment" in imp:
+        schema = IMPRESSION_SIDE_SCHEMA
+        columns["user_segment"] = imp["user_segment"][mask]
+        columns["user_activity"] = imp["user_activity"][mask]
+        count = imp["interest_count"][mask]
+        flat = gather_ranges(imp["interest_start"][mask], count)
+        columns["user_interests"] = list_array(
+            lengths_to_offsets(count), imp["interest_values"][flat]
+        )
+    return pa.table(columns, schema=schema)
 
 
 def _sequence_table(clicks: dict[str, np.ndarray], split_time: int) -> pa.Table:
@@ -328,29 +418,33 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
     """Simulate and write a dataset directory atomically. Returns its metadata."""
     rng = np.random.default_rng(cfg.seed)
     catalogue = _Catalogue(cfg, rng)
+    side = _SideFeatures(cfg) if cfg.side_features else None
     split_time = (cfg.days - 1) * DAY
     counts = {"train": 0, "test": 0, "sequences": 0, "clicks": 0}
+    impression_schema = IMPRESSION_WRITE_SCHEMA
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        items = pa.table(
-            {
-                "item_id": np.arange(cfg.num_items, dtype=np.int64),
-                "category_id": catalogue.category,
-            },
-            schema=ITEMS_SCHEMA,
-        )
+        columns = {
+            "item_id": np.arange(cfg.num_items, dtype=np.int64),
+            "category_id": catalogue.category,
+        }
+        items_schema = ITEMS_SCHEMA
+        if side is not None:
+            columns["item_tier"] = side.item_tier.astype(np.int64)
+            items_schema = items_schema.append(pa.field("item_tier", pa.int64()))
+            impression_schema = IMPRESSION_SIDE_SCHEMA
         import pyarrow.parquet as pq
 
-        pq.write_table(items, tmp / ITEMS_FILE, compression="zstd")
+        pq.write_table(pa.table(columns, schema=items_schema), tmp / ITEMS_FILE, compression="zstd")
         writers = {
-            "train": PartitionWriter(tmp / "train", IMPRESSION_WRITE_SCHEMA, cfg.row_group_size),
-            "test": PartitionWriter(tmp / "test", IMPRESSION_WRITE_SCHEMA, cfg.row_group_size),
+            "train": PartitionWriter(tmp / "train", impression_schema, cfg.row_group_size),
+            "test": PartitionWriter(tmp / "test", impression_schema, cfg.row_group_size),
             "sequences": PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, cfg.row_group_size),
         }
         try:
             for first in range(0, cfg.num_users, cfg.users_per_chunk):
                 n = min(cfg.users_per_chunk, cfg.num_users - first)
                 chunk_rng = np.random.default_rng([cfg.seed, first])
-                imp, clicks = _simulate_chunk(cfg, catalogue, chunk_rng, first, n)
+                imp, clicks = _simulate_chunk(cfg, catalogue, chunk_rng, first, n, side)
                 is_test = imp["timestamp"] >= split_time
                 for split, mask in (("train", ~is_test), ("test", is_test)):
                     if mask.any():
@@ -369,6 +463,8 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
             num_categories=cfg.num_categories,
             max_history=cfg.max_history,
             source="synth",
+            num_users=cfg.num_users,
+            features=list(SIDE_FEATURES) if side is not None else [],
             extra={
                 "synth_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                 "split_time": split_time,

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from genctr_rec.data.catalogue import read_item_catalogue, row_groups
 from genctr_rec.data.checks import (
     check_range,
     check_same_lengths,
-    check_schema,
+    feature_column,
     label_column,
     list_column,
     scalar_column,
@@ -28,31 +27,12 @@ from genctr_rec.data.checks import (
 from genctr_rec.data.schema import (
     HIST_TIMESTAMPS,
     IMPRESSION_SCHEMA,
-    ITEMS_FILE,
-    ITEMS_SCHEMA,
     SEQUENCE_SCHEMA,
+    VALID_SPLIT,
     DataFormatError,
     DatasetMeta,
     split_files,
 )
-
-
-def _row_groups(path: Path, expected: pa.Schema, extra: list[str] = ()):
-    """Yields (table, first row) per row group after checking the file opens and has the schema."""
-    try:
-        handle = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataFormatError(path, f"not a readable Parquet file ({exc})") from exc
-    check_schema(path, handle.schema_arrow, expected)
-    columns = expected.names + [c for c in extra if c in handle.schema_arrow.names]
-    row0 = 0
-    for rg in range(handle.metadata.num_row_groups):
-        try:
-            table = handle.read_row_group(rg, columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataFormatError(path, f"cannot read row group {rg} ({exc})", row=row0) from exc
-        yield table, row0
-        row0 += table.num_rows
 
 
 @dataclass
@@ -96,33 +76,17 @@ def _track_time(summary: SplitSummary, ts: np.ndarray) -> None:
 
 def read_item_categories(data_dir: Path, meta: DatasetMeta) -> np.ndarray:
     """The category of every item id from ``items.parquet``, checked dense and in range."""
-    path = data_dir / ITEMS_FILE
-    if not path.is_file():
-        raise DataFormatError(path, "items.parquet is missing")
-    item_category = np.full(meta.num_items, -1, dtype=np.int64)
-    seen = 0
-    for table, row0 in _row_groups(path, ITEMS_SCHEMA):
-        items = scalar_column(path, table, "item_id", row0)
-        cats = scalar_column(path, table, "category_id", row0)
-        check_range(path, "item_id", items, meta.num_items, row0)
-        check_range(path, "category_id", cats, meta.num_categories, row0)
-        dup = item_category[items] >= 0
-        if dup.any() or len(np.unique(items)) != len(items):
-            first = int(np.flatnonzero(dup)[0]) if dup.any() else 0
-            raise DataFormatError(path, "item_id appears more than once", "item_id", row0 + first)
-        item_category[items] = cats
-        seen += len(items)
-    if seen != meta.num_items:
-        raise DataFormatError(
-            path, f"holds {seen} items but meta.json says num_items={meta.num_items}", "item_id"
-        )
-    return item_category
+    return read_item_catalogue(data_dir, meta, []).categories
 
 
 def _validate_impressions(
     path: Path, meta: DatasetMeta, item_category: np.ndarray, summary: SplitSummary
 ) -> None:
-    for table, row0 in _row_groups(path, IMPRESSION_SCHEMA, [HIST_TIMESTAMPS]):
+    declared = [f for f in meta.features if f.where == "impression"]
+    extra = [HIST_TIMESTAMPS] + [f.name for f in declared]
+    for table, row0 in row_groups(path, IMPRESSION_SCHEMA, extra):
+        for spec in declared:
+            feature_column(path, table, spec, row0)
         items = scalar_column(path, table, "item_id", row0)
         check_range(path, "item_id", items, meta.num_items, row0)
         cats = scalar_column(path, table, "category_id", row0)
@@ -141,6 +105,7 @@ def _validate_impressions(
         check_range(path, "query_category_id", query, meta.num_categories, row0)
         labels = label_column(path, table, row0)
         users = scalar_column(path, table, "user_id", row0)
+        check_range(path, "user_id", users, meta.num_users or np.iinfo(np.int64).max, row0)
         ts = scalar_column(path, table, "timestamp", row0)
         h_off, h_items = list_column(path, table, "hist_item_ids", row0)
         c_off, h_cats = list_column(path, table, "hist_category_ids", row0)
@@ -179,7 +144,7 @@ def _validate_impressions(
 
 
 def _validate_sequences(path: Path, meta: DatasetMeta, summary: SplitSummary) -> None:
-    for table, row0 in _row_groups(path, SEQUENCE_SCHEMA):
+    for table, row0 in row_groups(path, SEQUENCE_SCHEMA):
         users = scalar_column(path, table, "user_id", row0)
         i_off, items = list_column(path, table, "item_ids", row0)
         c_off, cats = list_column(path, table, "category_ids", row0)
@@ -212,13 +177,14 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
     if not data_dir.is_dir():
         raise DataFormatError(data_dir, "dataset directory does not exist")
     meta = DatasetMeta.read(data_dir)
-    item_category = read_item_categories(data_dir, meta)
+    item_category = read_item_catalogue(data_dir, meta).categories
     report: dict[str, Any] = {
         "meta": meta.to_json(),
         "categories_used": int(len(np.unique(item_category))),
     }
     summaries: dict[str, SplitSummary] = {}
-    for split in ("train", "test"):
+    splits = ["train", "test"] + ([VALID_SPLIT] if (data_dir / VALID_SPLIT).is_dir() else [])
+    for split in splits:
         summary = SplitSummary()
         for path in split_files(data_dir, split):
             _validate_impressions(path, meta, item_category, summary)
@@ -245,7 +211,15 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
             f"(timestamp {seq.max_ts} >= first test timestamp {test.min_ts})",
             "timestamps",
         )
-    report.update({"train": train.report(), "test": test.report(), "sequences": seq.report()})
+    if VALID_SPLIT in summaries and summaries[VALID_SPLIT].max_ts >= test.min_ts:
+        raise DataFormatError(
+            data_dir / VALID_SPLIT,
+            f"validation must be earlier than test: latest valid timestamp "
+            f"{summaries[VALID_SPLIT].max_ts} >= earliest test timestamp {test.min_ts}",
+            "timestamp",
+        )
+    report.update({split: summary.report() for split, summary in summaries.items()})
+    report["sequences"] = seq.report()
     report["sequences"].pop("click_rate")
     report["sequences"].pop("history_causality")
     return report

@@ -1,9 +1,11 @@
 """The CTR backbones of the paper's Table 1: DNN, DCN V2, DCN V2 with target attention.
 
-Each takes the impression's dense input ``x0`` (target item, target category, query category,
-mean-pooled history items and categories: 5 x dim) plus, for TA, the padded history, and an
-optional extra vector ``g`` (GenCTR's g(s, c), model integration) that is concatenated **before
-the final layer**, as the paper places it. ``forward`` returns logits [B].
+Every backbone is a :class:`Backbone`: it takes the impression's dense input ``x0`` (built once
+by :func:`genctr_rec.models.inputs.impression_input`), declares through ``uses_history``
+whether it also reads the padded history, and ends in a ``ContextHead`` (``layers.py``)
+where GenCTR's g(s, c) (model integration) joins **before the final layer**, as the paper
+places it. ``forward`` returns logits [B]. Adding a backbone is one class and one entry of
+:data:`BACKBONES`.
 """
 
 from __future__ import annotations
@@ -13,78 +15,137 @@ from torch import nn
 from torchrec.modules.crossnet import LowRankMixtureCrossNet
 from torchrec.modules.mlp import MLP
 
-from genctr_rec.models.layers import TargetAttention
+from genctr_rec.models.layers import ContextHead, TargetAttention
 
 
-class DNN(nn.Module):
-    """Embedding layer, then an MLP (paper: 256 -> 128, ReLU), then the final layer.
+class Backbone(nn.Module):
+    """What every backbone shares: the final :class:`ContextHead` and what it consumes.
 
     Args:
         in_features: width of ``x0``.
-        extra_features: width of ``g`` (0 without model integration).
-        hidden: MLP widths (default 256, 128).
+        hidden: MLP widths (paper: 256, 128).
+        context_dim: width of g(s, c) (0 without model integration).
+        fusion: how g enters the final layer (:class:`ContextHead`).
+        item_dim: width of the target item's embedding (for ``fusion="product"``).
     """
 
-    def __init__(self, in_features: int, extra_features: int = 0, hidden=(256, 128)) -> None:
+    uses_history = False  # True: forward also takes target, history and lengths
+
+    def __init__(
+        self,
+        hidden: tuple[int, ...],
+        context_dim: int = 0,
+        fusion: str = "concat",
+        item_dim: int = 0,
+        context_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
+        self.head = ContextHead(hidden[-1], context_dim, fusion, item_dim, context_dropout)
+
+    def body(self, x0: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        g: torch.Tensor | None = None,
+        target_item: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.head(self.body(x0), g, target_item)
+
+
+class DNN(Backbone):
+    """Embedding layer, then an MLP (paper: 256 -> 128, ReLU), then the final layer."""
+
+    def __init__(self, in_features: int, hidden=(256, 128), **head) -> None:
+        super().__init__(tuple(hidden), **head)
         self.mlp = MLP(in_features, list(hidden), activation="relu")
-        self.final = nn.Linear(hidden[-1] + extra_features, 1)
 
-    def forward(self, x0: torch.Tensor, g: torch.Tensor | None = None, **_: torch.Tensor):
-        h = self.mlp(x0)
-        return self.final(h if g is None else torch.cat([h, g], dim=1)).squeeze(1)
+    def body(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x0)
 
 
-class DCNv2(nn.Module):
-    """DCN V2 (Wang et al. 2021), stacked: a low-rank mixture-of-experts cross network
-    (paper: 3 experts, depth 3, rank 16, TorchRec's ``LowRankMixtureCrossNet``), then the
-    256 -> 128 MLP, then the final layer.
+class CrossTower(nn.Module):
+    """A low-rank mixture-of-experts cross network (TorchRec's ``LowRankMixtureCrossNet``),
+    then the MLP: the body of DCN V2, shared by DCN V2 and DCN V2 & TA."""
+
+    def __init__(
+        self, in_features: int, num_experts: int, cross_layers: int, low_rank: int, hidden
+    ) -> None:
+        super().__init__()
+        self.cross = LowRankMixtureCrossNet(in_features, cross_layers, num_experts, low_rank)
+        self.mlp = MLP(in_features, list(hidden), activation="relu")
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.cross(x0))
+
+
+class DCNv2(Backbone):
+    """DCN V2 (Wang et al. 2021), stacked: cross network then MLP then the final layer.
 
     Args:
-        in_features: width of ``x0``.
-        extra_features: width of ``g``.
-        num_experts, cross_layers, low_rank: the cross network.
-        hidden: MLP widths.
+        num_experts, cross_layers, low_rank: the cross network (paper: 3, 3, 16).
     """
 
     def __init__(
         self,
         in_features: int,
-        extra_features: int = 0,
         num_experts: int = 3,
         cross_layers: int = 3,
         low_rank: int = 16,
         hidden=(256, 128),
+        **head,
     ) -> None:
-        super().__init__()
-        self.cross = LowRankMixtureCrossNet(in_features, cross_layers, num_experts, low_rank)
-        self.mlp = MLP(in_features, list(hidden), activation="relu")
-        self.final = nn.Linear(hidden[-1] + extra_features, 1)
+        super().__init__(tuple(hidden), **head)
+        self.tower = CrossTower(in_features, num_experts, cross_layers, low_rank, hidden)
 
-    def forward(self, x0: torch.Tensor, g: torch.Tensor | None = None, **_: torch.Tensor):
-        h = self.mlp(self.cross(x0))
-        return self.final(h if g is None else torch.cat([h, g], dim=1)).squeeze(1)
+    def body(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.tower(x0)
 
 
 class DCNv2TA(DCNv2):
     """DCN V2 plus target attention over the behaviour sequence, keyed by the target ad; the
-    attended history joins ``x0`` before the cross network."""
+    attended history joins ``x0`` before the cross network.
 
-    def __init__(self, in_features: int, extra_features: int = 0, dim: int = 16, **kwargs) -> None:
-        super().__init__(in_features + dim, extra_features, **kwargs)
+    Args:
+        dim: width of the history tokens and the target.
+    """
+
+    uses_history = True
+
+    def __init__(self, in_features: int, dim: int = 16, **kwargs) -> None:
+        super().__init__(in_features + dim, **kwargs)
         self.attention = TargetAttention(dim)
 
     def forward(
         self,
         x0: torch.Tensor,
         g: torch.Tensor | None = None,
+        target_item: torch.Tensor | None = None,
         *,
         target: torch.Tensor,
         history: torch.Tensor,
         lengths: torch.Tensor,
-    ):
+    ) -> torch.Tensor:
         attended = self.attention(target, history, lengths)
-        return super().forward(torch.cat([x0, attended], dim=1), g)
+        return self.head(self.body(torch.cat([x0, attended], dim=1)), g, target_item)
 
 
-BACKBONES = {"dnn": DNN, "dcnv2": DCNv2, "dcnv2_ta": DCNv2TA}
+BACKBONES: dict[str, type[Backbone]] = {"dnn": DNN, "dcnv2": DCNv2, "dcnv2_ta": DCNv2TA}
+
+
+def build_backbone(
+    name: str, in_features: int, dim: int, context_dim: int, fusion: str, context_dropout: float
+) -> Backbone:
+    """The backbone ``name`` for inputs of width ``in_features`` and tokens of width ``dim``."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    extra = {"dim": dim} if BACKBONES[name].uses_history else {}
+    return BACKBONES[name](
+        in_features,
+        context_dim=context_dim,
+        fusion=fusion,
+        item_dim=dim,
+        context_dropout=context_dropout,
+        **extra,
+    )

@@ -24,8 +24,9 @@ from genctr_rec.data.reader import (
     TARGET_ITEM,
 )
 from genctr_rec.embeddings import SharedEmbeddings
-from genctr_rec.models.backbones import BACKBONES, DCNv2TA
+from genctr_rec.models.backbones import build_backbone
 from genctr_rec.models.decoder import GenerativeDecoder
+from genctr_rec.models.inputs import DenseNorm, impression_input, input_width
 from genctr_rec.models.jagged import mean_pool, row_positions, to_padded
 
 
@@ -90,32 +91,47 @@ class PretrainModel(nn.Module):
 
 
 class CTRModel(nn.Module):
-    """Stage 2: click-through-rate prediction for (history, search context, ad) impressions.
+    """Stage 2: click-through-rate prediction for (user, history, search context, ad)
+    impressions.
 
     Args:
-        embeddings: the shared tables.
+        embeddings: the shared tables (with ``features`` when the model reads side features).
         backbone: ``dnn``, ``dcnv2`` or ``dcnv2_ta``.
         decoder: GenCTR's decoder for model integration (its g(s, c) enters before the final
             layer), or None for the backbone alone.
+        dense_norm: standardises ``forward``'s ``dense`` argument (its width is the number of
+            dense features); None without dense features.
+        fusion: how g enters the final layer (:class:`~genctr_rec.models.layers.ContextHead`).
+        context_dropout: dropout on g while training.
     """
 
-    NUM_FIELDS = 5  # target item, target category, query category, pooled history items / cats
-
     def __init__(
-        self, embeddings: SharedEmbeddings, backbone: str, decoder: GenerativeDecoder | None = None
+        self,
+        embeddings: SharedEmbeddings,
+        backbone: str,
+        decoder: GenerativeDecoder | None = None,
+        dense_norm: DenseNorm | None = None,
+        fusion: str = "concat",
+        context_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
         dim = embeddings.dim
         self.embeddings = embeddings
-        extra = dim if decoder is not None else 0
-        kwargs = {"dim": dim} if backbone == "dcnv2_ta" else {}
-        self.backbone = BACKBONES[backbone](self.NUM_FIELDS * dim, extra, **kwargs)
+        num_dense = 0 if dense_norm is None else len(dense_norm.mean)
+        width = input_width(dim, len(embeddings.feature_keys), num_dense)
+        self.dense_norm = dense_norm
+        context = dim if decoder is not None else 0
+        self.backbone = build_backbone(backbone, width, dim, context, fusion, context_dropout)
         self.decoder = decoder
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Click logits [B]."""
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        side: KeyedJaggedTensor | None = None,
+        dense: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Click logits [B] from the impression KJT, the side-feature KJT (``user_id`` and
+        declared sparse features) and the dense features [B, num_dense]."""
         target = features[TARGET_ITEM].values()
         target_cat = features[TARGET_CATEGORY].values()
         query_cat = features[QUERY_CATEGORY].values()
@@ -128,13 +144,21 @@ class CTRModel(nn.Module):
         )
         t_item, h_item = item_emb[:b], item_emb[b:]
         t_cat, q_cat, h_cat = cat_emb[:b], cat_emb[b : 2 * b], cat_emb[2 * b :]
-        x0 = torch.cat(
-            [t_item, t_cat, q_cat, mean_pool(h_item, lengths), mean_pool(h_cat, lengths)], dim=1
+        side_emb = None
+        if side is not None and self.embeddings.feature_keys:
+            side_emb = self.embeddings.side_features(side)
+        x0 = impression_input(
+            t_item,
+            t_cat,
+            q_cat,
+            mean_pool(h_item, lengths),
+            mean_pool(h_cat, lengths),
+            side_emb,
+            self.dense_norm(dense) if self.dense_norm is not None and dense is not None else None,
         )
+        uses_history = self.backbone.uses_history
         jagged = self.decoder is not None and self.decoder.jagged
-        needs_padded = isinstance(self.backbone, DCNv2TA) or (
-            self.decoder is not None and not jagged
-        )
+        needs_padded = uses_history or (self.decoder is not None and not jagged)
         padded_items = to_padded(h_item, lengths) if needs_padded else None
         padded_cats = to_padded(h_cat, lengths) if needs_padded else None
         g = None
@@ -142,8 +166,13 @@ class CTRModel(nn.Module):
             g = self.decoder.forward_target_jagged(h_item, h_cat, lengths, t_cat)
         elif self.decoder is not None:
             g = self.decoder.forward_target(padded_items, padded_cats, lengths, t_cat)
-        if isinstance(self.backbone, DCNv2TA):
+        if uses_history:
             return self.backbone(
-                x0, g, target=t_item + t_cat, history=padded_items + padded_cats, lengths=lengths
+                x0,
+                g,
+                t_item,
+                target=t_item + t_cat,
+                history=padded_items + padded_cats,
+                lengths=lengths,
             )
-        return self.backbone(x0, g)
+        return self.backbone(x0, g, t_item)

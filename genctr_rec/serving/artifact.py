@@ -5,6 +5,7 @@ An artifact is a directory::
     ARTIFACT/
       model.pt             TorchScript ServingModel (fp32 or int8 tables), loads without our code
       item_categories.npy  int64 [num_items]: the category of every item id
+      item_features.npz    the declared item features of every item id (when there are any)
       artifact.json        version, stack, run config, vocab sizes, quantisation, parity figures
       manifest.json        size and SHA-256 of every file, checked when the artifact is loaded
 
@@ -29,31 +30,34 @@ from genctr_rec import __version__
 from genctr_rec.checkpoint import CheckpointError, load_model, verify_manifest, write_manifest
 from genctr_rec.compat import installed_stack
 from genctr_rec.config import ConfigError, RunConfig
+from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
+from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import (
     HIST_CATEGORIES,
     HIST_ITEMS,
     QUERY_CATEGORY,
     TARGET_CATEGORY,
     TARGET_ITEM,
+    ImpressionBatch,
     ImpressionReader,
 )
 from genctr_rec.data.schema import DatasetMeta
-from genctr_rec.data.validate import read_item_categories
+from genctr_rec.data.stream import Jagged
 from genctr_rec.data.writer import atomic_directory
-from genctr_rec.embeddings import SharedEmbeddings
+from genctr_rec.factory import build_stage_model, feature_schema
 from genctr_rec.metrics import ctr_metrics
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.jagged import to_padded
 from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.model import build_serving_model
-from genctr_rec.training.build import DECODER_TRANSFERS, decoder_for
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "genctr-serving-artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: side features (user_id, declared features) in the model
 MODEL_FILE = "model.pt"
 ITEM_CATEGORIES_FILE = "item_categories.npy"
+ITEM_FEATURES_FILE = "item_features.npz"
 META_FILE = "artifact.json"
 FP32_TOLERANCE = 1e-5
 INT8_MAX_AUC_DROP = 0.002
@@ -70,6 +74,9 @@ class RequestTensors:
     cand_items: torch.Tensor
     cand_cats: torch.Tensor
     cand_rows: torch.Tensor
+    side_values: torch.Tensor  # per candidate, key-major: user_id, then declared sparse features
+    side_lengths: torch.Tensor  # [num_keys * N]
+    dense: torch.Tensor  # [N, num_dense]
 
     def args(self) -> tuple[torch.Tensor, ...]:
         return (
@@ -80,15 +87,20 @@ class RequestTensors:
             self.cand_items,
             self.cand_cats,
             self.cand_rows,
+            self.side_values,
+            self.side_lengths,
+            self.dense,
         )
 
 
-def impressions_as_requests(features) -> RequestTensors:
-    """An impression batch's KJT as one request per impression with one candidate each."""
+def impressions_as_requests(batch: ImpressionBatch) -> RequestTensors:
+    """An impression batch as one request per impression with one candidate each."""
+    features = batch.sparse_features
     items_jt = features[HIST_ITEMS]
     lengths = items_jt.lengths().long()
     pad = int(lengths.max()) if len(lengths) else 0
     b = len(lengths)
+    side = batch.side_features
     return RequestTensors(
         to_padded(items_jt.values(), lengths, pad),
         to_padded(features[HIST_CATEGORIES].values(), lengths, pad),
@@ -97,6 +109,9 @@ def impressions_as_requests(features) -> RequestTensors:
         features[TARGET_ITEM].values(),
         features[TARGET_CATEGORY].values(),
         torch.arange(b),
+        side.values() if side is not None else torch.zeros(0, dtype=torch.long),
+        side.lengths() if side is not None else torch.zeros(0, dtype=torch.int32),
+        batch.dense_features if batch.dense_features is not None else torch.zeros(b, 0),
     )
 
 
@@ -107,12 +122,7 @@ def load_trained(run: str | Path) -> tuple[RunConfig, CTRModel]:
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; export takes a finetune run")
-    m = cfg.model
-    embeddings = SharedEmbeddings(
-        cfg.num_items, cfg.num_categories, m.dim, m.lookup, dedup=False, device=torch.device("cpu")
-    )
-    decoder = decoder_for(cfg) if cfg.transfer in DECODER_TRANSFERS else None
-    model = CTRModel(embeddings, cfg.backbone, decoder)
+    model = build_stage_model(cfg, torch.device("cpu"), dedup=False)
     load_model(model, run / "checkpoint", no_dist=True)
     return cfg, model.eval()
 
@@ -125,14 +135,17 @@ def compare_on_split(
     max_history: int,
     split: str = "test",
     batch_size: int = 2048,
+    features: FeatureSchema | None = None,
 ) -> dict[str, Any]:
     """Both models' probabilities on every impression of ``split``: largest difference and
     each model's AUC / GAUC / LogLoss."""
-    reader = ImpressionReader(data, split, batch_size, shuffle=False, max_history=max_history)
+    reader = ImpressionReader(
+        data, split, batch_size, shuffle=False, max_history=max_history, features=features
+    )
     ours, theirs, labels, users = [], [], [], []
     for batch in reader:
-        theirs.append(torch.sigmoid(trained(batch.sparse_features)).double().numpy())
-        ours.append(served(*impressions_as_requests(batch.sparse_features).args()).double().numpy())
+        theirs.append(torch.sigmoid(trained(*batch.model_inputs())).double().numpy())
+        ours.append(served(*impressions_as_requests(batch).args()).double().numpy())
         labels.append(batch.labels.numpy())
         users.append(batch.user_ids.numpy())
     ours_a, theirs_a = np.concatenate(ours), np.concatenate(theirs)
@@ -172,8 +185,9 @@ def export_run(
             f"{data} has {meta.num_items} items / {meta.num_categories} categories, the run was "
             f"trained on {cfg.num_items} / {cfg.num_categories}"
         )
-    served, sizes = build_serving_model(trained, quantize)
-    parity = compare_on_split(trained, served, data, cfg.max_history)
+    schema = feature_schema(cfg)
+    served, sizes = build_serving_model(trained, quantize, schema)
+    parity = compare_on_split(trained, served, data, cfg.max_history, features=schema)
     auc_change = parity["exported"]["auc"] - parity["trained"]["auc"]
     parity["auc_change"] = auc_change
     parity["table_bytes"] = sizes
@@ -197,6 +211,7 @@ def export_run(
         "config": cfg.to_json(),
         "num_items": cfg.num_items,
         "num_categories": cfg.num_categories,
+        "features": schema.to_json() if schema is not None else None,
         "max_history": cfg.max_history,
         "dim": cfg.model.dim,
         "backbone": cfg.backbone,
@@ -205,14 +220,35 @@ def export_run(
         "parity": parity,
         "export_seconds": round(time.time() - started, 2),
     }
-    write_artifact(out, served, read_item_categories(data, meta), metadata, overwrite)
+    catalogue = read_item_catalogue(data, meta, list(schema.of("item")) if schema else [])
+    write_artifact(out, served, catalogue, metadata, overwrite)
     return metadata
+
+
+def _catalogue_arrays(catalogue: ItemCatalogue) -> dict[str, np.ndarray]:
+    arrays = dict(catalogue.scalars)
+    for name, jag in catalogue.lists.items():
+        jag = jag.compact()
+        arrays.update({f"{name}.values": jag.values, f"{name}.lengths": jag.lengths})
+    return arrays
+
+
+def _catalogue_from(categories: np.ndarray, arrays: dict[str, np.ndarray]) -> ItemCatalogue:
+    catalogue = ItemCatalogue(categories)
+    for key, value in arrays.items():
+        name, _, part = key.partition(".")
+        if not part:
+            catalogue.scalars[name] = value
+        elif part == "lengths":
+            starts = np.concatenate([[0], np.cumsum(value)[:-1]]).astype(np.int64)
+            catalogue.lists[name] = Jagged(arrays[f"{name}.values"], starts, value)
+    return catalogue
 
 
 def write_artifact(
     out: str | Path,
     served: torch.jit.ScriptModule,
-    item_categories: np.ndarray,
+    catalogue: ItemCatalogue,
     metadata: dict[str, Any],
     overwrite: bool = False,
 ) -> None:
@@ -220,7 +256,8 @@ def write_artifact(
     metadata = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **metadata}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         torch.jit.save(served, str(tmp / MODEL_FILE))
-        np.save(tmp / ITEM_CATEGORIES_FILE, np.asarray(item_categories, dtype=np.int64))
+        np.save(tmp / ITEM_CATEGORIES_FILE, np.asarray(catalogue.categories, dtype=np.int64))
+        np.savez(tmp / ITEM_FEATURES_FILE, **_catalogue_arrays(catalogue))
         (tmp / META_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
         write_manifest(tmp)
     logger.info("wrote %s", out)
@@ -234,6 +271,13 @@ class Artifact:
     model: torch.jit.ScriptModule
     item_categories: np.ndarray
     metadata: dict[str, Any]
+    catalogue: ItemCatalogue | None = None
+
+    @property
+    def features(self) -> FeatureSchema | None:
+        """The side features the model reads (None: an artifact without them)."""
+        raw = self.metadata.get("features")
+        return FeatureSchema.from_json(raw) if raw else None
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -256,4 +300,6 @@ def load_artifact(path: str | Path) -> Artifact:
         )
     model = torch.jit.load(str(path / MODEL_FILE), map_location="cpu").eval()
     categories = np.load(path / ITEM_CATEGORIES_FILE)
-    return Artifact(path, model, categories, metadata)
+    with np.load(path / ITEM_FEATURES_FILE) as arrays:
+        catalogue = _catalogue_from(categories, dict(arrays))
+    return Artifact(path, model, categories, metadata, catalogue)

@@ -15,7 +15,10 @@ candidates per request) and has three entry points:
 
 The tables sit in one unsharded ``EmbeddingCollection`` (plain sequence lookups: no backward at
 inference, so the pooled-bag trick of training buys nothing), optionally int8 row-wise
-quantised with TorchRec's ``quantize_inference_model``.
+quantised with TorchRec's ``quantize_inference_model``. The user and side-feature tables sit in
+the same ``EmbeddingBagCollection`` training used (``embeddings.feature_collection``),
+quantised the same way; per-candidate side features arrive as a key-major jagged pair
+(``side_values``, ``side_lengths``) and dense features as ``dense`` [N, num_dense].
 """
 
 import copy
@@ -23,14 +26,26 @@ import copy
 import torch
 import torchrec.fx
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+)
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-from genctr_rec.embeddings import CATEGORY_TABLE, ITEM_TABLE, TABLES
-from genctr_rec.models.backbones import DCNv2TA
+from genctr_rec.data.features import FeatureSchema
+from genctr_rec.embeddings import (
+    CATEGORY_TABLE,
+    FEATURES_MODULE,
+    ITEM_TABLE,
+    TABLES,
+    feature_collection,
+)
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.decoder import GenerativeDecoder
+from genctr_rec.models.inputs import impression_input
 
 QUANTIZE_CHOICES = ("none", "int8")
 # fbgemm stores an int8 row as dim bytes + fp16 scale and bias (4 bytes), padded to this
@@ -70,6 +85,26 @@ class TableLookup(nn.Module):
         return out[ITEM_TABLE].values(), out[CATEGORY_TABLE].values()
 
 
+class FeatureLookup(nn.Module):
+    """Pooled side features [N, len(keys) * dim] (``user_id`` and the declared sparse ones, in
+    the schema's order) from a key-major jagged pair; [N, 0] when the model reads none."""
+
+    def __init__(self, schema: FeatureSchema | None, dim: int) -> None:
+        super().__init__()
+        self.keys: list[str] = schema.sparse_keys if schema is not None else []
+        self.tables = feature_collection(schema, dim, torch.device("cpu")) if self.keys else None
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """``candidates`` [N] only gives the row count when there is no table."""
+        if self.tables is None:
+            return candidates.unsqueeze(1)[:, :0].float()  # [N, 0]
+        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths.int())
+        pooled = self.tables(kjt).to_dict()
+        return torch.cat([pooled[key] for key in self.keys], dim=1)
+
+
 class ContextNet(nn.Module):
     """g(s, c) for padded histories [U, L, D] and candidate-category rows [U, D]; [U, 0]
     without model integration (the head then ignores it)."""
@@ -93,10 +128,18 @@ class ContextNet(nn.Module):
 class ScoreHead(nn.Module):
     """The backbone on per-candidate inputs; history pooling is done once per request."""
 
-    def __init__(self, backbone: nn.Module, uses_context: bool) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        uses_context: bool,
+        num_side: int,
+        dense_norm: nn.Module | None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.uses_context = uses_context
+        self.num_side = num_side
+        self.dense_norm = dense_norm
 
     def forward(
         self,
@@ -108,30 +151,33 @@ class ScoreHead(nn.Module):
         lengths: torch.Tensor,
         rows: torch.Tensor,
         g: torch.Tensor,
+        side: torch.Tensor,
+        dense: torch.Tensor,
     ) -> torch.Tensor:
         """target_* [N, D]; query_cats [R, D]; hist_* [R, L, D] zero-padded; lengths [R];
-        rows [N] (each candidate's request); g [N, D or 0] -> logits [N]."""
+        rows [N] (each candidate's request); g [N, D or 0]; side [N, F * D]; dense
+        [N, num_dense] -> logits [N]."""
         count = lengths.clamp(min=1).to(hist_items.dtype).unsqueeze(1)
-        x0 = torch.cat(
-            [
-                target_items,
-                target_cats,
-                query_cats[rows],
-                (hist_items.sum(1) / count)[rows],
-                (hist_cats.sum(1) / count)[rows],
-            ],
-            dim=1,
+        x0 = impression_input(
+            target_items,
+            target_cats,
+            query_cats[rows],
+            (hist_items.sum(1) / count)[rows],
+            (hist_cats.sum(1) / count)[rows],
+            side if self.num_side else None,
+            self.dense_norm(dense) if self.dense_norm is not None else None,
         )
         context = g if self.uses_context else None
-        if isinstance(self.backbone, DCNv2TA):
+        if self.backbone.uses_history:
             return self.backbone(
                 x0,
                 context,
+                target_items,
                 target=target_items + target_cats,
                 history=(hist_items + hist_cats)[rows],
                 lengths=lengths[rows],
             )
-        return self.backbone(x0, context)
+        return self.backbone(x0, context, target_items)
 
 
 class ServingModel(nn.Module):
@@ -142,10 +188,16 @@ class ServingModel(nn.Module):
     """
 
     def __init__(
-        self, lookup: nn.Module, context: nn.Module, head: nn.Module, num_categories: int
+        self,
+        lookup: nn.Module,
+        features: nn.Module,
+        context: nn.Module,
+        head: nn.Module,
+        num_categories: int,
     ) -> None:
         super().__init__()
         self.lookup = lookup
+        self.features = features
         self.context = context
         self.head = head
         self.num_categories = num_categories
@@ -195,6 +247,9 @@ class ServingModel(nn.Module):
         cand_items: torch.Tensor,
         cand_cats: torch.Tensor,
         cand_rows: torch.Tensor,
+        side_values: torch.Tensor,
+        side_lengths: torch.Tensor,
+        dense: torch.Tensor,
         g: torch.Tensor,
     ) -> torch.Tensor:
         """Probabilities [N] given g(s, c) per candidate ``g`` [N, D] (ignored without MI)."""
@@ -202,7 +257,10 @@ class ServingModel(nn.Module):
         h_items, h_cats, t_items, cats = self._history(
             hist_items, hist_cats, hist_lengths, cand_items, torch.cat([cand_cats, query_cats])
         )
-        logits = self.head(t_items, cats[:n], cats[n:], h_items, h_cats, hist_lengths, cand_rows, g)
+        side = self.features(side_values, side_lengths, cand_items)
+        logits = self.head(
+            t_items, cats[:n], cats[n:], h_items, h_cats, hist_lengths, cand_rows, g, side, dense
+        )
         return torch.sigmoid(logits)
 
     def forward(
@@ -214,6 +272,9 @@ class ServingModel(nn.Module):
         cand_items: torch.Tensor,
         cand_cats: torch.Tensor,
         cand_rows: torch.Tensor,
+        side_values: torch.Tensor,
+        side_lengths: torch.Tensor,
+        dense: torch.Tensor,
     ) -> torch.Tensor:
         """Probabilities [N]; g(s, c) once per distinct (request, candidate category)."""
         n = cand_items.shape[0]
@@ -230,8 +291,18 @@ class ServingModel(nn.Module):
         r = query_cats.shape[0]
         rows = torch.div(pairs, self.num_categories, rounding_mode="floor")
         g = self.context(h_items[rows], h_cats[rows], hist_lengths[rows], cats[n + r :])[inverse]
+        side = self.features(side_values, side_lengths, cand_items)
         logits = self.head(
-            t_items, cats[:n], cats[n : n + r], h_items, h_cats, hist_lengths, cand_rows, g
+            t_items,
+            cats[:n],
+            cats[n : n + r],
+            h_items,
+            h_cats,
+            hist_lengths,
+            cand_rows,
+            g,
+            side,
+            dense,
         )
         return torch.sigmoid(logits)
 
@@ -241,7 +312,7 @@ def table_weights(model: CTRModel) -> dict[str, torch.Tensor]:
     found = {}
     for key, value in model.embeddings.tables.state_dict().items():
         for name in TABLES:
-            if key.endswith(f".{name}.weight"):
+            if key.endswith(f"{name}.weight") and not key.startswith(FEATURES_MODULE):
                 found[name] = value
     return found
 
@@ -251,7 +322,7 @@ def table_bytes(module: nn.Module) -> int:
     return sum(
         v.numel() * v.element_size()
         for k, v in module.state_dict().items()
-        if k.endswith(".weight") and any(f".{name}." in k for name in TABLES)
+        if k.endswith(".weight") and ("embeddings." in k or "embedding_bags." in k)
     )
 
 
@@ -260,7 +331,7 @@ def _script(module: nn.Module) -> torch.jit.ScriptModule:
 
 
 def build_serving_model(
-    model: CTRModel, quantize: str = "none"
+    model: CTRModel, quantize: str = "none", schema: FeatureSchema | None = None
 ) -> tuple[torch.jit.ScriptModule, dict[str, int]]:
     """Compile an unsharded trained model; returns it and the table sizes in bytes
     (``fp32`` before and ``served`` after quantisation)."""
@@ -270,17 +341,28 @@ def build_serving_model(
     lookup = TableLookup(
         weights[ITEM_TABLE].shape[0], weights[CATEGORY_TABLE].shape[0], weights[ITEM_TABLE].shape[1]
     )
+    features = FeatureLookup(schema, weights[ITEM_TABLE].shape[1])
     with torch.no_grad():
         for name in TABLES:
             lookup.tables.embeddings[name].weight.copy_(weights[name])
-    sizes = {"fp32": table_bytes(lookup)}
+        if features.tables is not None:
+            features.tables.load_state_dict(model.embeddings.tables[FEATURES_MODULE].state_dict())
+    sizes = {"fp32": table_bytes(lookup) + table_bytes(features)}
     if quantize == "int8":
         quant_prep_customize_row_alignment(lookup, [EmbeddingCollection], INT8_ROW_ALIGNMENT)
         lookup = quantize_inference_model(lookup)
-    sizes["served"] = table_bytes(lookup)
+        if features.tables is not None:
+            quant_prep_customize_row_alignment(
+                features, [EmbeddingBagCollection], INT8_ROW_ALIGNMENT
+            )
+            features = quantize_inference_model(features)
+    sizes["served"] = table_bytes(lookup) + table_bytes(features)
     decoder = copy.deepcopy(model.decoder)
     backbone = copy.deepcopy(model.backbone)
-    parts = [lookup, ContextNet(decoder), ScoreHead(backbone, decoder is not None)]
+    head = ScoreHead(
+        backbone, decoder is not None, len(features.keys), copy.deepcopy(model.dense_norm)
+    )
+    parts = [lookup, features, ContextNet(decoder), head]
     for part in parts:
         part.eval()
     serving = ServingModel(*(_script(p) for p in parts), weights[CATEGORY_TABLE].shape[0])

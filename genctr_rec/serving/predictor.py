@@ -16,9 +16,15 @@ Out-of-vocabulary policy (``oov``):
 Histories longer than the model's ``max_history`` keep the newest ``max_history`` entries, as
 training did; beyond ``max_request_history`` the request is refused. A candidate or history
 entry without a category takes the item's category from the artifact's catalogue.
+
+Side features: ``user_id`` is optional (missing, or a user the model never saw: the shared
+default row, as in training); every impression feature the model declares is required in
+``features`` (``id``: an integer in range, ``ids``: a list of them, ``dense``: a finite number);
+item features come from the artifact's catalogue for each candidate.
 """
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -52,6 +58,8 @@ class Request:
     candidate_items: Sequence[int]
     candidate_categories: Sequence[int | None] | None = None
     history_timestamps: Sequence[int] | None = None
+    user_id: int | None = None
+    features: dict[str, object] | None = None
 
 
 @dataclass
@@ -64,6 +72,8 @@ class PreparedRequest:
     cand_items: np.ndarray
     cand_cats: np.ndarray
     history_key: bytes = field(default=b"")
+    user_row: int = 0
+    impression: dict[str, object] = field(default_factory=dict)  # checked feature values
 
 
 class ContextCache:
@@ -160,6 +170,8 @@ class Predictor:
         self.max_candidates = max_candidates
         self.max_request_history = max_request_history
         self.cache = ContextCache(cache_size) if cache_size > 0 and self.model_integration else None
+        self.schema = self.artifact.features
+        self.catalogue = self.artifact.catalogue
 
     # -- validation -------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
@@ -210,7 +222,48 @@ class Predictor:
         key = b""
         if self.cache is not None:
             key = hashlib.blake2b(items.tobytes() + b"|" + cats.tobytes(), digest_size=16).digest()
-        return PreparedRequest(items, cats, query, cand_items, cand_cats, key)
+        user_row, impression = self._side(request)
+        return PreparedRequest(items, cats, query, cand_items, cand_cats, key, user_row, impression)
+
+    def _side(self, request: Request) -> tuple[int, dict[str, object]]:
+        """The user's table row (unseen or missing: the default row) and the checked
+        impression features."""
+        if self.schema is None:
+            return 0, {}
+        user_row = self.schema.num_users
+        if request.user_id is not None:
+            user = int(_ids([request.user_id], "user_id")[0])
+            if user < 0:
+                raise RequestError("user_id", f"{user} is negative")
+            user_row = min(user, self.schema.num_users)
+        given = dict(request.features or {})
+        declared = {f.name: f for f in self.schema.of("impression")}
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            raise RequestError(
+                f"features.{unknown[0]}",
+                f"not a feature of this model (it reads {sorted(declared)})",
+            )
+        values: dict[str, object] = {}
+        for name, spec in declared.items():
+            where = f"features.{name}"
+            if name not in given:
+                raise RequestError(where, f"required ({spec.kind} feature of this model)")
+            value = given[name]
+            if spec.kind == "dense":
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise RequestError(where, f"must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise RequestError(where, f"must be finite, got {value!r}")
+                values[name] = float(value)
+                continue
+            array = _ids([value] if spec.kind == "id" else value, where)
+            bad = _first_outside(array, spec.vocab_size)
+            if bad is not None:
+                at = where if spec.kind == "id" else f"{where}[{bad}]"
+                raise RequestError(at, f"{array[bad]} is outside [0, {spec.vocab_size})")
+            values[name] = array
+        return user_row, values
 
     def _categories(
         self, given: Sequence[int | None] | None, items: np.ndarray, name: str
@@ -249,8 +302,7 @@ class Predictor:
         """Probabilities for one request's candidates, in candidate order."""
         return self.score_prepared([self.prepare(request)])[0]
 
-    @staticmethod
-    def tensors(batch: Sequence[PreparedRequest]) -> RequestTensors:
+    def tensors(self, batch: Sequence[PreparedRequest]) -> RequestTensors:
         """Pad a batch of prepared requests into the ServingModel's inputs."""
         width = max(1, max(len(r.hist_items) for r in batch))
         hist_items = np.zeros((len(batch), width), dtype=np.int64)
@@ -259,14 +311,65 @@ class Predictor:
             hist_items[i, : len(r.hist_items)] = r.hist_items
             hist_cats[i, : len(r.hist_cats)] = r.hist_cats
         counts = [len(r.cand_items) for r in batch]
+        cand_items = np.concatenate([r.cand_items for r in batch])
+        side_values, side_lengths, dense = self._side_tensors(batch, counts, cand_items)
         return RequestTensors(
             torch.from_numpy(hist_items),
             torch.from_numpy(hist_cats),
             torch.tensor([len(r.hist_items) for r in batch], dtype=torch.long),
             torch.tensor([r.query_category for r in batch], dtype=torch.long),
-            torch.from_numpy(np.concatenate([r.cand_items for r in batch])),
+            torch.from_numpy(cand_items),
             torch.from_numpy(np.concatenate([r.cand_cats for r in batch])),
             torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(counts)),
+            side_values,
+            side_lengths,
+            dense,
+        )
+
+    def _side_tensors(
+        self, batch: Sequence[PreparedRequest], counts: list[int], cand_items: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-candidate side features: the key-major jagged pair and the dense matrix."""
+        n = len(cand_items)
+        if self.schema is None:
+            return (
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.int32),
+                torch.zeros(n, 0),
+            )
+        reps = np.asarray(counts)
+        values, lengths = [np.repeat([r.user_row for r in batch], reps)], [np.ones(n, np.int32)]
+        dense = []
+        for spec in self.schema.features:
+            if spec.where == "item":
+                if spec.kind == "ids":
+                    jag = self.catalogue.lists[spec.name].rows(cand_items)
+                    values.append(jag.values[jag.flat_index()])
+                    lengths.append(jag.lengths.astype(np.int32))
+                elif spec.kind == "id":
+                    values.append(self.catalogue.scalars[spec.name][cand_items])
+                    lengths.append(np.ones(n, np.int32))
+                else:
+                    dense.append(self.catalogue.scalars[spec.name][cand_items])
+                continue
+            given = [r.impression[spec.name] for r in batch]
+            if spec.kind == "dense":
+                dense.append(np.repeat(np.asarray(given, dtype=np.float32), reps))
+            elif spec.kind == "id":
+                values.append(np.repeat(np.concatenate(given), reps))
+                lengths.append(np.ones(n, np.int32))
+            else:
+                values.append(
+                    np.concatenate([np.tile(v, c) for v, c in zip(given, counts, strict=True)])
+                )
+                lengths.append(np.repeat([len(v) for v in given], reps).astype(np.int32))
+        dense_matrix = (
+            np.stack(dense, axis=1).astype(np.float32) if dense else np.zeros((n, 0), np.float32)
+        )
+        return (
+            torch.from_numpy(np.concatenate(values).astype(np.int64)),
+            torch.from_numpy(np.concatenate(lengths)),
+            torch.from_numpy(dense_matrix),
         )
 
     @torch.inference_mode()

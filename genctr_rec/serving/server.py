@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from genctr_rec.serving.predictor import Predictor, PreparedRequest, RequestError
 from genctr_rec.serving.predictor import Request as ScoringRequest
@@ -53,6 +53,14 @@ class ScoreBody(BaseModel):
     history: History
     query_category_id: StrictInt
     candidates: list[Candidate] = Field(min_length=1)
+    user_id: StrictInt | None = Field(
+        default=None, description="omitted or unseen in training: the shared default user row"
+    )
+    features: dict[str, StrictInt | StrictFloat | list[StrictInt]] | None = Field(
+        default=None,
+        description="the model's declared impression features by name (GET /metadata lists "
+        "them): id -> integer, ids -> list of integers, dense -> number",
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -223,6 +231,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
             "artifact": str(predictor.artifact.path),
             **{k: meta[k] for k in ("num_items", "num_categories", "max_history", "dim")},
             **{k: meta[k] for k in ("backbone", "model_integration", "quantize", "created")},
+            "features": meta.get("features"),
             "format_version": meta["format_version"],
             "genctr_rec": meta["genctr_rec"],
             "parity": meta["parity"],
@@ -257,6 +266,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
                 query_category=body.query_category_id,
                 candidate_items=[c.item_id for c in body.candidates],
                 candidate_categories=[c.category_id for c in body.candidates],
+                user_id=body.user_id,
+                features=body.features,
             )
         )
         result = await batcher.submit(prepared)

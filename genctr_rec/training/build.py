@@ -12,9 +12,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from genctr_rec.config import RunConfig
-from genctr_rec.embeddings import SharedEmbeddings
-from genctr_rec.models.ctr import CTRModel, PretrainModel
-from genctr_rec.models.decoder import GenerativeDecoder
+from genctr_rec.factory import build_stage_model
 from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.sharding import (
     FUSED_OPTIMIZERS,
@@ -23,7 +21,6 @@ from genctr_rec.training.sharding import (
     shard_model,
 )
 
-DECODER_TRANSFERS = ("decoder", "ps_decoder", "ps_mi")
 TABLES_PREFIX = "embeddings.tables."
 
 
@@ -55,26 +52,34 @@ class BuiltModel:
             self.optimizer.load_state_dict(state["optim"])
 
 
-def decoder_for(cfg: RunConfig) -> GenerativeDecoder:
-    m = cfg.model
-    return GenerativeDecoder(
-        dim=m.dim,
-        max_len=cfg.max_history + 1,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        conditional=m.decoder == "conditional",
-    )
+def _adam(named: dict[str, torch.Tensor], lr: float, decoder_lr: float):
+    """Adam over ``named``; parameters of the decoder (``decoder.*``) at ``decoder_lr``."""
+    decoder = {id(v) for k, v in named.items() if ".decoder." in f".{k}"}
+
+    def factory(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        groups = [
+            {"params": [p for p in params if id(p) not in decoder], "lr": lr},
+            {"params": [p for p in params if id(p) in decoder], "lr": decoder_lr},
+        ]
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+
+    return factory
 
 
 def _post_backward_optimizer(
-    dmp: DistributedModelParallel, embedding_optimizer: str, embedding_lr: float, lr: float
+    dmp: DistributedModelParallel,
+    embedding_optimizer: str,
+    embedding_lr: float,
+    lr: float,
+    decoder_lr: float,
 ) -> KeyedOptimizer:
-    """Adam for the dense layers; replicated tables (DDP all-reduces their gradient, so they
-    cannot step inside the backward) keep the tables' own optimizer and learning rate."""
+    """Adam for the dense layers (an inherited decoder at ``decoder_lr``); replicated tables
+    (DDP all-reduces their gradient, so they cannot step inside the backward) keep the
+    tables' own optimizer and learning rate."""
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     tables = {k: v for k, v in params.items() if k.startswith(TABLES_PREFIX)}
     dense = {k: v for k, v in params.items() if k not in tables}
-    adam = KeyedOptimizerWrapper(dense, lambda group: torch.optim.Adam(group, lr=lr))
+    adam = KeyedOptimizerWrapper(dense, _adam(dense, lr, decoder_lr))
     if not tables:
         return adam
     table_optimizer = FUSED_OPTIMIZERS[embedding_optimizer]
@@ -87,21 +92,15 @@ def _post_backward_optimizer(
 def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
     """The stage's model with tables on ``meta``, fused optimizer registered, wrapped in DMP."""
     seed_everything(cfg.train.seed)
-    m = cfg.model
-    embeddings = SharedEmbeddings(
-        cfg.num_items, cfg.num_categories, m.dim, m.lookup, m.dedup, device=torch.device("meta")
-    )
-    if cfg.stage == "pretrain":
-        model: torch.nn.Module = PretrainModel(embeddings, decoder_for(cfg))
-    else:
-        decoder = decoder_for(cfg) if cfg.transfer in DECODER_TRANSFERS else None
-        model = CTRModel(embeddings, cfg.backbone, decoder)
+    model = build_stage_model(cfg, torch.device("meta"))
+    embeddings = model.embeddings
     opt_name = cfg.train.resolved_embedding_optimizer(ctx.device)
     emb_lr = cfg.train.resolved_embedding_lr(ctx.device)
     apply_fused_optimizer(embeddings.tables, opt_name, emb_lr)
     defaults = default_sharding(embeddings.tables, ctx.world_size, cfg.train.replicate_max_mb)
     sharding = {**defaults, **cfg.train.sharding}
     dmp = shard_model(model, ctx, cfg.train.batch_size, sharding)
-    dense_optimizer = _post_backward_optimizer(dmp, opt_name, emb_lr, cfg.train.lr)
+    decoder_lr = cfg.train.lr if cfg.train.decoder_lr is None else cfg.train.decoder_lr
+    dense_optimizer = _post_backward_optimizer(dmp, opt_name, emb_lr, cfg.train.lr, decoder_lr)
     combined = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense_optimizer)])
     return BuiltModel(dmp, dense_optimizer, combined, opt_name, emb_lr)

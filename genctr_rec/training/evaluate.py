@@ -9,7 +9,10 @@ import torch
 
 from genctr_rec.checkpoint import load_model
 from genctr_rec.config import ConfigError, RunConfig
+from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
+from genctr_rec.data.splits import TimeRange
+from genctr_rec.factory import feature_schema
 from genctr_rec.metrics import ctr_metrics, gather_arrays
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
@@ -17,16 +20,32 @@ from genctr_rec.training.distributed import DistContext, init_distributed
 
 @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (pytorch #86830)
 def evaluate_ctr(
-    dmp, data: str | Path, ctx: DistContext, batch_size: int, max_history: int, split: str = "test"
+    dmp,
+    data: str | Path,
+    ctx: DistContext,
+    batch_size: int,
+    max_history: int,
+    split: str = "test",
+    features: FeatureSchema | None = None,
+    time_range: TimeRange | None = None,
 ) -> dict[str, float]:
+    """AUC, GAUC, LogLoss of the (sharded) model on ``split`` (rows within ``time_range``)."""
     model = dmp.module
     model.eval()
     reader = ImpressionReader(
-        data, split, batch_size, ctx.rank, ctx.world_size, shuffle=False, max_history=max_history
+        data,
+        split,
+        batch_size,
+        ctx.rank,
+        ctx.world_size,
+        shuffle=False,
+        max_history=max_history,
+        features=features,
+        time_range=time_range,
     )
     scores, labels, users = [], [], []
     for batch in reader:
-        logits = dmp(batch.sparse_features.to(ctx.device))
+        logits = dmp(*batch.to(ctx.device).model_inputs())
         scores.append(torch.sigmoid(logits).double().cpu().numpy())
         labels.append(batch.labels.numpy())
         users.append(batch.user_ids.numpy())
@@ -49,4 +68,11 @@ def evaluate_run(data: str | Path, run: str | Path, batch_size: int | None = Non
     ctx = init_distributed()
     built = build_model(cfg, ctx)
     load_model(built.dmp, Path(run) / "checkpoint")
-    return evaluate_ctr(built.dmp, data, ctx, batch_size or cfg.train.batch_size, cfg.max_history)
+    return evaluate_ctr(
+        built.dmp,
+        data,
+        ctx,
+        batch_size or cfg.train.batch_size,
+        cfg.max_history,
+        features=feature_schema(cfg),
+    )

@@ -3,10 +3,15 @@
 | transfer | decoder in the model | loaded from ``--init-from`` |
 |---|---|---|
 | ``none`` | no | nothing (the backbone alone) |
-| ``ps`` | no | ``embeddings.*`` (parameter sharing) |
+| ``ps`` | no | the item and category tables (parameter sharing) |
 | ``decoder`` | yes, from scratch | nothing |
-| ``ps_decoder`` | yes, from scratch | ``embeddings.*`` |
-| ``ps_mi`` | yes | ``embeddings.*`` and ``decoder.*`` (GenCTR: PS + model integration) |
+| ``ps_decoder`` | yes, from scratch | the item and category tables |
+| ``ps_mi`` | yes | the tables and ``decoder.*`` (GenCTR: PS + model integration) |
+
+Validation (a ``valid/`` split, else the newest slice of train/) runs every ``eval_every`` steps
+and at each epoch end; the model with the best validation AUC is kept (``RUN/best``), training
+stops after ``patience`` validations without improvement, and that model becomes the run's
+``checkpoint/`` and is what the test figures describe.
 """
 
 from __future__ import annotations
@@ -18,21 +23,20 @@ from typing import Any
 import torch.nn.functional as F
 
 from genctr_rec.checkpoint import load_model, save_model
-from genctr_rec.config import TRANSFERS, ConfigError, RunConfig
+from genctr_rec.config import TRANSFER_PREFIXES, TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.writer import atomic_write_json
+from genctr_rec.factory import feature_schema
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
 from genctr_rec.training.evaluate import evaluate_ctr
-from genctr_rec.training.loop import run_metrics, train_run
+from genctr_rec.training.loop import Validation, run_metrics, train_run
 
 logger = logging.getLogger(__name__)
-TRANSFER_PREFIXES = {
-    "ps": ["embeddings."],
-    "ps_decoder": ["embeddings."],
-    "ps_mi": ["embeddings.", "decoder."],
-}
+EVALS_PER_EPOCH = 4  # validation cadence when --eval-every is 0
+BEST_DIR = "best"
 
 
 def _inherit_from_pretraining(cfg: RunConfig) -> None:
@@ -51,17 +55,23 @@ def _inherit_from_pretraining(cfg: RunConfig) -> None:
                 f"{pre.num_items} items / {pre.num_categories} categories, the data "
                 f"has {cfg.num_items} / {cfg.num_categories}"
             )
-        cfg.model = pre.model
+        for name in ("dim", "num_layers", "num_heads", "decoder", "lookup"):
+            setattr(cfg.model, name, getattr(pre.model, name))
         cfg.max_history = pre.max_history
 
 
 def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
-    """Train stage 2, evaluate on test, write ``out/``. Returns the metrics."""
+    """Train stage 2, select by validation, evaluate on test, write ``out/``. Returns the
+    metrics."""
     out = Path(out)
     meta = DatasetMeta.read(cfg.data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
+    if cfg.model.side_features:
+        cfg.features = meta.feature_schema(cfg.data).to_json()
     _inherit_from_pretraining(cfg)
+    split = ValidationSplit.for_dataset(cfg.data, cfg.train.valid_fraction)
+    features = feature_schema(cfg)
     ctx = init_distributed()
     built = build_model(cfg, ctx)
     dmp = built.dmp
@@ -72,18 +82,40 @@ def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
         )
     reader = ImpressionReader(
         cfg.data,
-        "train",
+        split.train_split,
         cfg.train.batch_size,
         ctx.rank,
         ctx.world_size,
         seed=cfg.train.seed,
         max_history=cfg.max_history,
+        features=features,
+        time_range=split.train_range,
     )
 
     def step(batch):
         batch = batch.to(ctx.device)
-        return F.binary_cross_entropy_with_logits(dmp(batch.sparse_features), batch.labels)
+        return F.binary_cross_entropy_with_logits(dmp(*batch.model_inputs()), batch.labels)
 
+    validation = None
+    if split.valid_split is not None:
+        every = cfg.train.eval_every or max(1, len(reader) // EVALS_PER_EPOCH)
+        validation = Validation(
+            evaluate=lambda: evaluate_ctr(
+                dmp,
+                cfg.data,
+                ctx,
+                cfg.train.batch_size,
+                cfg.max_history,
+                split.valid_split,
+                features,
+                split.valid_range,
+            ),
+            metric="auc",
+            every_steps=every,
+            patience=cfg.train.patience,
+            save_best=lambda: save_model(dmp, out / BEST_DIR),
+        )
+        logger.info("validation: %s, every %d steps", split.describe(), every)
     history = train_run(
         cfg,
         out,
@@ -91,13 +123,16 @@ def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
         step,
         built,
         ctx,
-        f"finetune[{cfg.backbone},{cfg.transfer}]",
+        "finetune",
         None,
         stop_after_steps,
+        validation,
     )
     if history is None:  # stopped early on request; the checkpoint resumes it
         return None
-    test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history)
+    if history["best"] is not None:
+        load_model(dmp, out / BEST_DIR)
+    test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history, "test", features)
     save_model(dmp, out / "checkpoint")
     metrics = {
         **run_metrics("finetune", history, built, ctx),
@@ -105,6 +140,7 @@ def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
         "transfer": cfg.transfer,
         "init_from": cfg.init_from,
         "loaded_tensors": len(loaded),
+        "validation_split": split.describe(),
         "test": test,
     }
     if ctx.is_main:

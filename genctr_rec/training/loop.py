@@ -1,4 +1,5 @@
 """The training loop shared by both stages: epochs over a reader, one optimizer step per batch,
+validation every N steps and at each epoch end with early stopping and the best model kept,
 checkpoints every N steps and at each epoch end, exact resume from the latest checkpoint,
 progress on rank 0 (tqdm), TensorBoard scalars, and the loss history."""
 
@@ -10,6 +11,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,25 @@ from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.sharding import sharding_summary
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Validation:
+    """How a stage validates and selects its model.
+
+    Args:
+        evaluate: collective; returns metrics on held-out data (the same on every rank).
+        metric: the one that selects (higher is better), e.g. ``auc`` or ``ndcg@10_category``.
+        every_steps: also validate every N steps (0: at epoch ends only).
+        patience: validations without improvement before training stops (0: never).
+        save_best: collective; keeps the current model as the best one so far.
+    """
+
+    evaluate: Callable[[], dict[str, float]]
+    metric: str
+    every_steps: int
+    patience: int
+    save_best: Callable[[], None]
 
 
 def tensorboard_writer(run_dir: Path, ctx: DistContext):
@@ -63,16 +84,29 @@ def train_epochs(
     checkpoints: CheckpointManager | None = None,
     generators: dict[str, torch.Generator] | None = None,
     stop_after_steps: int = 0,
+    validation: Validation | None = None,
+    max_steps: int = 0,
 ) -> dict[str, Any] | None:
-    """Runs ``epochs`` epochs; ``step(batch)`` returns the loss, whose backward also applies the
-    fused embedding optimizer. Resumes from ``checkpoints.latest()`` when there is one.
+    """Runs ``epochs`` epochs (or ``max_steps`` steps when > 0); ``step(batch)`` returns the
+    loss, whose backward also applies the fused embedding optimizer. Resumes from
+    ``checkpoints.latest()`` when there is one. With ``validation``, validates every
+    ``every_steps`` steps and at each epoch end, keeps the best model through ``save_best`` and
+    stops after ``patience`` validations without improvement (``history["valid"]`` lists them,
+    ``history["best"]`` names the selected one).
 
     ``stop_after_steps`` > 0 ends this invocation after that many steps in total (a
     checkpoint is written first) and returns None: the job is resumed by running it again,
     the way preemptible or time-limited allocations are used.
     Returns per-epoch mean losses and throughput."""
     generators = generators or {}
-    history: dict[str, Any] = {"epoch_loss": [], "examples_per_s": []}
+    history: dict[str, Any] = {
+        "epoch_loss": [],
+        "examples_per_s": [],
+        "valid": [],
+        "best": None,
+        "bad_validations": 0,
+        "stopped": None,
+    }
     acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
     global_step, start_epoch, mid_epoch = 0, 0, False
     latest = checkpoints.latest() if checkpoints else None
@@ -83,6 +117,9 @@ def train_epochs(
         built.load_app_state(state)
         reader.load_state_dict(progress["reader"])
         history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
+        for key, empty in (("valid", []), ("best", None), ("bad_validations", 0)):
+            history.setdefault(key, empty)
+        history.setdefault("stopped", None)
         start_epoch = reader.state_dict()["epoch"]
         mid_epoch = reader.state_dict()["batches_done"] > 0
         if rng is not None:
@@ -102,7 +139,40 @@ def train_epochs(
         checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
 
     writer = tensorboard_writer(run_dir, ctx)
+
+    def validate(epoch: int) -> bool:
+        """Validate now; True when training should stop (patience used up)."""
+        assert validation is not None
+        metrics = validation.evaluate()
+        record = {"step": global_step, "epoch": epoch, **metrics}
+        history["valid"].append(record)
+        best = history["best"]
+        if best is None or metrics[validation.metric] > best[validation.metric]:
+            validation.save_best()
+            history["best"], history["bad_validations"] = record, 0
+        else:
+            history["bad_validations"] += 1
+        if writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"valid/{name}", value, global_step)
+        logger.info(
+            "%s validation at step %d: %s %.4f (best %.4f at step %d)",
+            desc,
+            global_step,
+            validation.metric,
+            metrics[validation.metric],
+            history["best"][validation.metric],
+            history["best"]["step"],
+        )
+        return 0 < validation.patience <= history["bad_validations"]
+
+    def finished() -> bool:
+        return history["stopped"] is not None or (0 < max_steps <= global_step)
+
     for epoch in range(start_epoch, epochs):
+        if finished():
+            break
         if not mid_epoch:
             reader.set_epoch(epoch)
             acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
@@ -134,6 +204,15 @@ def train_epochs(
                 writer.add_scalar(f"{desc}/loss", value, global_step)
             if acc["count"] % 20 == 0:
                 bar.set_postfix(loss=f"{acc['total'] / acc['count']:.4f}")
+            if (
+                validation is not None
+                and validation.every_steps > 0
+                and global_step % validation.every_steps == 0
+                and validate(epoch)
+            ):
+                history["stopped"] = {"step": global_step, "reason": "patience"}
+            if 0 < max_steps <= global_step and history["stopped"] is None:
+                history["stopped"] = {"step": global_step, "reason": "max_steps"}
             periodic = checkpoints is not None and checkpoints.every_steps > 0
             stopping = 0 < stop_after_steps <= global_step
             if stopping or (periodic and global_step % checkpoints.every_steps == 0):
@@ -146,6 +225,8 @@ def train_epochs(
                 if writer is not None:
                     writer.close()
                 return None
+            if finished():
+                break
         acc["seconds"] += time.perf_counter() - start
         history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
         history["examples_per_s"].append(
@@ -159,6 +240,18 @@ def train_epochs(
             history["examples_per_s"][-1],
             ctx.world_size,
         )
+        validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == global_step
+        if validation is not None and not validated_now and history["stopped"] is None:
+            if validate(epoch):
+                history["stopped"] = {"step": global_step, "reason": "patience"}
+        if history["stopped"] is not None and history["stopped"]["reason"] == "patience":
+            logger.info(
+                "%s: no improvement in %d validations, stopping at step %d; best at step %d",
+                desc,
+                validation.patience,
+                global_step,
+                history["best"]["step"],
+            )
         if checkpoints:
             save()
     if writer is not None:
@@ -176,9 +269,11 @@ def train_run(
     desc: str,
     generators: dict[str, torch.Generator] | None = None,
     stop_after_steps: int = 0,
+    validation: Validation | None = None,
 ) -> dict[str, Any] | None:
     """A stage's training in its run directory: config written (or checked, when resuming),
-    checkpoints per the config, resumed from the latest one. None when stopped early."""
+    checkpoints per the config, resumed from the latest one. None when stopped on request
+    (``stop_after_steps``)."""
     cfg.prepare_run_dir(out, ctx.is_main)
     checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     return train_epochs(
@@ -192,6 +287,8 @@ def train_run(
         checkpoints,
         generators,
         stop_after_steps,
+        validation,
+        cfg.train.steps,
     )
 
 
@@ -201,6 +298,9 @@ def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContex
         "stage": stage,
         "epoch_loss": history["epoch_loss"],
         "examples_per_s": history["examples_per_s"],
+        "valid": history.get("valid", []),
+        "selected": history.get("best"),
+        "stopped": history.get("stopped"),
         "embedding_optimizer": built.embedding_optimizer,
         "embedding_lr": built.embedding_lr,
         "sharding": sharding_summary(built.dmp),

@@ -1,0 +1,58 @@
+"""The backbone's dense input ``x0``, assembled the same way in training and in serving.
+
+``x0 = [e(target item), e(target category), e(query category), mean e(history items),
+mean e(history categories), pooled side features (user, declared id / ids), dense features]``.
+Dense features are standardised with the training data's mean and standard deviation
+(:class:`DenseNorm`, kept in the run's config and the artifact) and clipped to +-8, so that an
+outlier at serving time cannot swamp the other inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BASE_FIELDS = 5  # target item, target category, query category, pooled history items / cats
+
+
+def input_width(dim: int, num_side: int, num_dense: int) -> int:
+    """Width of ``x0`` for embeddings of width ``dim``, ``num_side`` pooled side features
+    (``user_id`` included) and ``num_dense`` dense features."""
+    return (BASE_FIELDS + num_side) * dim + num_dense
+
+
+class DenseNorm(nn.Module):
+    """(x - mean) / std, clipped to +-``clip``; the statistics are fixed buffers.
+
+    Args:
+        means, stds: one per dense feature (``FeatureSchema.dense_moments()``).
+    """
+
+    def __init__(self, means: list[float], stds: list[float], clip: float = 8.0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(means, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(stds, dtype=torch.float32), persistent=False)
+        self.clip = clip
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return ((dense - self.mean) / self.std).clamp(-self.clip, self.clip)
+
+
+def impression_input(
+    target_item: torch.Tensor,
+    target_cat: torch.Tensor,
+    query_cat: torch.Tensor,
+    history_items: torch.Tensor,
+    history_cats: torch.Tensor,
+    side: torch.Tensor | None,
+    dense: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x0`` [B, input_width]: every argument has one row per impression (the histories
+    already mean-pooled); ``side`` [B, F * dim] and ``dense`` [B, num_dense] (standardised) may
+    be None."""
+    parts = [target_item, target_cat, query_cat, history_items, history_cats]
+    if side is not None:
+        parts.append(side)
+    if dense is not None:
+        parts.append(dense)
+    return torch.cat(parts, dim=1)
