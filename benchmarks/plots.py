@@ -86,25 +86,80 @@ def _training_throughput(payload: dict, plt) -> Any:
     return fig
 
 
+TABLE1_NAMES = {
+    1: "backbone",
+    2: "+PS",
+    3: "+dec",
+    4: "+dec PS",
+    5: "GenCTR\n(PS+MI)",
+    6: "PS+MI\nCS+SD",
+    7: "PS+MI\nRS+CD",
+    8: "PS+MI\nRS+SD",
+}
+
+
 def _table1(payload: dict, plt) -> Any:
+    """One panel per dataset: each configuration's test AUC (mean +- std over seeds) per
+    backbone as points (no lines: the rows are configurations, not an axis), peers dashed."""
     results = payload["results"]
     datasets = list(results)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         auc = results[dataset]["auc"]
         backbones = list(dict.fromkeys(k.split("/")[0] for k in auc))
         rows = sorted({int(k.split("/")[1]) for k in auc})
+        x = np.arange(len(rows))
         for k, backbone in enumerate(backbones):
             means = [np.mean(auc[f"{backbone}/{r}"]) for r in rows]
             stds = [np.std(auc[f"{backbone}/{r}"]) for r in rows]
-            ax.errorbar(
-                np.array(rows) + 0.1 * k, means, yerr=stds, fmt="o-", capsize=3, label=backbone
+            ax.errorbar(x + 0.12 * (k - 1), means, yerr=stds, fmt="o", capsize=3, label=backbone)
+        for peer, runs in results[dataset].get("peers", {}).items():
+            ax.axhline(np.mean([r["test"]["auc"] for r in runs]), ls="--", lw=1, color="grey")
+            ax.annotate(
+                f"DeepCTR {peer}",
+                (x[-1] + 0.3, np.mean([r["test"]["auc"] for r in runs])),
+                fontsize=9,
+                va="center",
             )
-        ax.set(xlabel="Table 1 row (1 = backbone alone, 8 = GenCTR)", ylabel="test AUC")
-        ax.set_title(dataset)
-        ax.legend()
+        ax.set_xticks(x, [TABLE1_NAMES[r] for r in rows], fontsize=9)
+        ax.set(ylabel="test AUC")
+        ax.set_title(f"{dataset}: Table 1 rows, mean ± std over seeds", fontsize=11)
+        ax.legend(fontsize=9)
+    fig.suptitle(_machine_title(payload), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _transfer_levers(payload: dict, plt) -> Any:
+    """Per dataset: test AUC minus the backbone alone's, per seed, for each fine-tuning lever."""
+    results = payload["results"]
+    datasets = list(results)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        auc = results[dataset]["auc"]
+        base = np.array(auc["none"])
+        names = [v for v in auc if v != "none"]
+        deltas = [np.array(auc[v]) - base for v in names]
+        ax.bar(
+            range(len(names)),
+            [d.mean() for d in deltas],
+            yerr=[d.std() for d in deltas],
+            capsize=3,
+            color=["#bbb" if v == "before" else "#4a7" for v in names],
+        )
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=9)
+        ax.set(ylabel="test AUC − backbone alone")
+        ax.set_title(f"{dataset}: what each lever adds (mean ± std over seeds)", fontsize=11)
+    fig.suptitle(_machine_title(payload), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _machine_title(payload: dict) -> str:
+    m = payload.get("machine", {})
+    where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, CPU only"
+    return f"measured on {where}, {m.get('date', '')}"
 
 
 def _serving_latency(payload: dict, plt) -> Any:
@@ -212,6 +267,7 @@ PLOTTERS: dict[str, Callable] = {
     "table_scale": _table_scale,
     "training_throughput": _training_throughput,
     "table1": _table1,
+    "transfer_levers": _transfer_levers,
     "serving_latency": _serving_latency,
     "decoder_cost": _decoder_cost,
     "sharding_matrix": _sharding_matrix,

@@ -1,12 +1,16 @@
 """Reproduce the layout of the paper's Table 1: eight configurations x three backbones, test AUC
 and LogLoss as mean +- std over seeds, on the synthetic data and on MovieLens-100k.
 
-    python -m benchmarks.table1 [--seeds 0 1 2] [--datasets synth movielens]
+    python -m benchmarks.table1 [--seeds 0 1 2] [--datasets synth movielens] [--rows 1 2 5]
+                                [--peers din dcnmix]
 
 Rows (as in the paper): 1 backbone; 2 backbone + PS (CS+CD); 3 +decoder from scratch;
 4 +decoder with PS; 5 +decoder PS+MI (GenCTR); 6 PS+MI with CS+SD; 7 RS+CD; 8 RS+SD.
-Every run is a full pre-training (3 epochs) or fine-tuning (1 epoch) with a fixed seed; runs
-already finished under --workdir are reused.
+Every run is a full pre-training or fine-tuning with the project's defaults (user and declared
+side features, validation-selected length) and a fixed seed; runs already finished under
+--workdir are reused. Peers: DeepCTR-Torch DIN and DCNMix on the same splits and features, with
+the same embedding width, validation and epoch budget (``benchmarks/peers.py``; needs
+``requirements/bench.txt``), with their training examples/s beside ours.
 """
 
 from __future__ import annotations
@@ -68,27 +72,39 @@ def metrics_of(run: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_dataset(name: str, workdir: Path, seeds: list[int], backbones: list[str]) -> dict:
+def run_dataset(
+    name: str,
+    workdir: Path,
+    seeds: list[int],
+    backbones: list[str],
+    rows: list[int],
+    peers: list[str],
+    peer_seeds: list[int] | None = None,
+) -> dict:
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
 
     data = prepare(name, workdir)
-    results: dict = {"auc": {}, "logloss": {}, "pretrain": {}}
+    results: dict = {"auc": {}, "logloss": {}, "pretrain": {}, "speed": {}, "peers": {}}
+    chosen = [r for r in ROWS if r[0] in rows]
+    variants = {v for _, _, _, v in chosen if v}
     for seed in seeds:
         for variant, (negatives, decoder) in VARIANTS.items():
+            if variant not in variants:
+                continue
             run = workdir / name / f"pretrain-{variant}-s{seed}"
             cfg = RunConfig(
                 "pretrain",
                 str(data),
                 ModelConfig(decoder=decoder),
-                TrainConfig(epochs=3, batch_size=32, seed=seed, negatives=negatives),
+                TrainConfig(seed=seed, negatives=negatives),
             )
             m = metrics_of(run) or pretrain(cfg, run)
             results["pretrain"].setdefault(variant, []).append(
                 {k: v for k, v in m.items() if "@" in k}
             )
         for backbone in backbones:
-            for row, _, transfer, variant in ROWS:
+            for row, _, transfer, variant in chosen:
                 run = workdir / name / f"ft-{backbone}-row{row}-s{seed}"
                 init = str(workdir / name / f"pretrain-{variant}-s{seed}") if variant else None
                 cfg = RunConfig(
@@ -100,21 +116,39 @@ def run_dataset(name: str, workdir: Path, seeds: list[int], backbones: list[str]
                     transfer=transfer,
                     init_from=init,
                 )
-                test = (metrics_of(run) or finetune(cfg, run))["test"]
+                metrics = metrics_of(run) or finetune(cfg, run)
+                test = metrics["test"]
                 key = f"{backbone}/{row}"
                 results["auc"].setdefault(key, []).append(test["auc"])
                 results["logloss"].setdefault(key, []).append(test["logloss"])
+                results["speed"].setdefault(key, []).append(max(metrics["examples_per_s"]))
                 print(
                     json.dumps(
                         {"dataset": name, "seed": seed, "backbone": backbone, "row": row, **test}
                     ),
                     flush=True,
                 )
+        for peer in peers:
+            from benchmarks.peers import train_peer
+
+            if peer_seeds is not None and seed not in peer_seeds:
+                continue
+            path = workdir / name / f"peer-{peer}-s{seed}.json"
+            if path.is_file():
+                result = json.loads(path.read_text())
+            else:
+                result = train_peer(peer, data, seed)
+                path.write_text(json.dumps(result))
+            results["peers"].setdefault(peer, []).append(result)
+            print(json.dumps({"dataset": name, "seed": seed, "peer": peer, **result["test"]}))
     return results
 
 
 def _fmt(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+PEER_LABELS = {"din": "DeepCTR-Torch DIN", "dcnmix": "DeepCTR-Torch DCNMix"}
 
 
 def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> str:
@@ -125,7 +159,8 @@ def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> st
         head,
         "|---|---|" + "---|---|" * len(backbones),
     ]
-    for row, label, _, _ in ROWS:
+    present = [r for r in ROWS if f"{backbones[0]}/{r[0]}" in res["auc"]]
+    for row, label, _, _ in present:
         cells = [
             f"{_fmt(res['auc'][f'{b}/{row}'])} | {_fmt(res['logloss'][f'{b}/{row}'])}"
             for b in backbones
@@ -137,6 +172,11 @@ def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> st
         "|---|---|" + "---|" * len(backbones) + "---|",
     ]
     for claim, better, worse in CLAIMS:
+        if (
+            f"{backbones[0]}/{better}" not in res["auc"]
+            or f"{backbones[0]}/{worse}" not in res["auc"]
+        ):
+            continue
         deltas = [
             np.mean(res["auc"][f"{b}/{better}"]) - np.mean(res["auc"][f"{b}/{worse}"])
             for b in backbones
@@ -146,6 +186,42 @@ def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> st
             f"| {claim} | {better} vs {worse} | "
             + " | ".join(f"{d:+.4f}" for d in deltas)
             + f" | {holds}/{len(deltas)} |"
+        )
+    if res.get("peers"):
+        lines += [
+            "",
+            "Peers on the same splits and features, and what GenCTR (row 5) does beside them "
+            "(training examples/s: one process, best epoch's throughput for ours):",
+            "",
+            "| model | seeds | test AUC | LogLoss | epochs selected / run | training examples/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for peer, runs in res["peers"].items():
+            aucs = [r["test"]["auc"] for r in runs]
+            lines.append(
+                f"| {PEER_LABELS.get(peer, peer)} | {len(runs)} | {_fmt(aucs)} | "
+                f"{_fmt([r['test']['logloss'] for r in runs])} | "
+                f"{np.mean([r['epoch'] for r in runs]):.1f} / "
+                f"{np.mean([r['epochs_run'] for r in runs]):.1f} | "
+                f"{np.mean([r['examples_per_s'] for r in runs]):,.0f} |"
+            )
+        best_peer = max(np.mean([r["test"]["auc"] for r in v]) for v in res["peers"].values())
+        for b in backbones:
+            key = f"{b}/5"
+            if key in res["auc"]:
+                lines.append(
+                    f"| GenCTR ({b}) | {len(res['auc'][key])} | {_fmt(res['auc'][key])} | "
+                    f"{_fmt(res['logloss'][key])} | "
+                    f"- | {np.mean(res['speed'][key]):,.0f} |"
+                )
+        lines.append("")
+        lines.append(
+            "GenCTR (row 5) minus the best peer, mean AUC: "
+            + ", ".join(
+                f"{b} {np.mean(res['auc'][f'{b}/5']) - best_peer:+.4f}"
+                for b in backbones
+                if f"{b}/5" in res["auc"]
+            )
         )
     pre = res["pretrain"]
     lines += [
@@ -169,13 +245,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["synth", "movielens"])
     parser.add_argument("--backbones", nargs="+", default=BACKBONES)
+    parser.add_argument("--rows", type=int, nargs="+", default=[r[0] for r in ROWS])
+    parser.add_argument("--peers", nargs="+", default=[], choices=["din", "dcnmix"])
+    parser.add_argument(
+        "--peer-seeds",
+        nargs="+",
+        default=[],
+        metavar="DATASET=SEED[,SEED]",
+        help="train the peers on fewer seeds for a dataset, e.g. synth=0 (default: every seed)",
+    )
     parser.add_argument("--workdir", default="runs/table1")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(args.workdir)
     all_results, sections = {}, []
     for name in args.datasets:
-        all_results[name] = run_dataset(name, workdir, args.seeds, args.backbones)
+        limits = dict(item.split("=", 1) for item in args.peer_seeds)
+        peer_seeds = [int(x) for x in limits[name].split(",")] if name in limits else None
+        all_results[name] = run_dataset(
+            name, workdir, args.seeds, args.backbones, args.rows, args.peers, peer_seeds
+        )
         sections.append(markdown(name, all_results[name], args.backbones, args.seeds))
     print(
         write_results("table1", {"results": all_results, "args": vars(args)}, "\n\n".join(sections))

@@ -30,7 +30,8 @@ MODEL_KEY = "model"
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
-    """Collective: every rank calls it. ``path`` appears only once complete."""
+    """Collective: every rank calls it. ``path`` appears only once complete, with a manifest of
+    its files' sizes and SHA-256 sums that :func:`load_model` verifies."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -43,6 +44,7 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        write_manifest(tmp)
         if path.exists():
             old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -70,6 +72,10 @@ def load_model(
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
+    if (path / MANIFEST).is_file():
+        verify_manifest(path)
+    else:
+        logger.warning("%s has no %s (written before genctr-rec 0.3): not verified", path, MANIFEST)
     check_table_layout(path)
     state = model.state_dict()
     if prefixes is not None:
@@ -89,6 +95,10 @@ OLD_TABLE_KEYS = (
 )
 
 
+# genctr-rec 0.2 ended every backbone in one linear layer over [h, g]
+OLD_HEAD_KEY = "backbone.final.weight"
+
+
 def check_table_layout(path: Path) -> None:
     """Refuse, with the reason, a checkpoint whose tables use 0.1's one-module layout (since
     0.2 every table is its own module, ``embeddings.tables.item.*``): DCP would only report
@@ -100,6 +110,12 @@ def check_table_layout(path: Path) -> None:
             f"{path} was written by genctr-rec 0.1 (both tables in one module, e.g. {old[0]}); "
             "this version keeps each table in its own module (embeddings.tables.item.*). "
             "Re-run the stage that wrote it, or read it with genctr-rec 0.1."
+        )
+    if f"{MODEL_KEY}.{OLD_HEAD_KEY}" in keys:
+        raise CheckpointError(
+            f"{path} is a fine-tuning checkpoint of genctr-rec 0.2 ({OLD_HEAD_KEY}); since 0.3 "
+            "the backbones end in a ContextHead and read user and side features. Re-run the "
+            "fine-tuning (its pre-training run still loads), or read it with genctr-rec 0.2."
         )
 
 

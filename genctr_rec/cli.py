@@ -74,7 +74,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     synth = data_sub.add_parser("synth", help="simulate a search-advertising dataset")
     synth.add_argument("--out", required=True, help="dataset directory to write")
-    synth.add_argument("--preset", default="default", choices=["toy", "default", "1m", "10m"])
+    synth.add_argument(
+        "--preset", default="default", choices=["toy", "method", "default", "1m", "10m"]
+    )
     for name in (
         "num_users",
         "num_items",

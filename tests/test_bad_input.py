@@ -264,3 +264,15 @@ def test_every_training_option_has_its_help_from_the_config_docstrings() -> None
     helps = {a.dest: a.help for a in finetune._actions}
     assert "replicated (data_parallel)" in helps["replicate_max_mb"]
     assert "sharded over ranks" in " ".join(finetune.format_help().split())
+
+
+def test_evaluate_refuses_a_dataset_with_another_catalogue(
+    runs: dict[str, Path], small_dataset: Path, capsys
+) -> None:
+    """A model trained on 2,000 items evaluated on a 50-item dataset: one clear line, exit 2,
+    no AUC."""
+    from genctr_rec.cli import main
+
+    assert main(["evaluate", "--data", str(small_dataset), "--run", str(runs["genctr"])]) == 2
+    err = capsys.readouterr().err
+    assert "50 items / 5 categories; the model was trained on 2000 / 20" in err

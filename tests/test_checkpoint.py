@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,3 +343,42 @@ def test_checkpoint_from_the_one_module_table_layout_is_refused_with_the_reason(
     model.embeddings = SharedEmbeddings(5, 2, dim=4, device=torch.device("cpu"))
     with pytest.raises(CheckpointError, match=r"embeddings\.tables\.embedding_bags\.item"):
         load_model(model, manager.latest())
+
+
+def test_final_checkpoint_is_verified_before_evaluate_and_export(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """RUN/checkpoint (what evaluate, export and --init-from read) has a manifest: flipped
+    bytes or a truncated shard are refused with the file named, never a silent other AUC."""
+    from genctr_rec.checkpoint import MANIFEST, CheckpointError
+    from genctr_rec.serving.artifact import load_trained
+    from genctr_rec.training.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["genctr"], run)
+    assert (run / "checkpoint" / MANIFEST).is_file()
+    shard = max((run / "checkpoint").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    cfg = json.loads((run / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=f"{shard.name} fails its SHA-256 check"):
+        evaluate_run(cfg["data"], run)
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(CheckpointError, match=f"{shard.name} has 100 bytes"):
+        load_trained(run)
+
+
+def test_fine_tuning_checkpoint_of_0_2_is_refused_with_the_reason(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from genctr_rec.checkpoint import CheckpointError, check_table_layout
+
+    torch_dcp_path = tmp_path / "old"
+    dcp.save(
+        {"model": {"backbone.final.weight": torch.zeros(1, 4)}},
+        checkpoint_id=str(torch_dcp_path),
+        no_dist=True,
+    )
+    with pytest.raises(CheckpointError, match=r"genctr-rec 0\.2.*Re-run the fine-tuning"):
+        check_table_layout(torch_dcp_path)

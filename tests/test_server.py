@@ -229,6 +229,26 @@ def test_bad_requests_get_4xx_with_a_message(server, kind: str) -> None:
     assert httpx.get(f"{url}/healthz").status_code == 200
 
 
+def test_nan_and_infinity_get_422_and_the_connection_stays_usable(server) -> None:
+    """Values JSON cannot carry back are refused like any bad value: one error shape, no 500,
+    and the keep-alive connection serves the next valid request."""
+    url, _ = server
+    headers = {"content-type": "application/json"}
+    valid = _body(np.random.default_rng(3), 4, 2)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for raw in (
+            b'{"history": {"item_ids": [NaN]}, "query_category_id": 0, "candidates": []}',
+            b'{"history": {"item_ids": [1]}, "query_category_id": Infinity, '
+            b'"candidates": [{"item_id": 3}]}',
+            b'{"history": {"item_ids": [1]}, "query_category_id": 0, '
+            b'"candidates": [{"item_id": 3}], "features": {"user_activity": NaN}}',
+        ):
+            response = http.post("/score", content=raw, headers=headers)
+            assert response.status_code == 422, response.text
+            assert set(response.json()) == {"detail", "field"}
+            assert http.post("/score", json=valid).status_code == 200
+
+
 def test_malformed_and_huge_bodies(server) -> None:
     url, _ = server
     headers = {"content-type": "application/json"}

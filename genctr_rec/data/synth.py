@@ -96,9 +96,13 @@ class SynthConfig:
 
     @classmethod
     def preset(cls, name: str) -> SynthConfig:
-        """Named sizes: toy (seconds), default, 1m and 10m impressions (1M items)."""
+        """Named sizes: toy (seconds), method (small, with a strong planted style signal: what
+        the method's own tests train on), default, 1m and 10m impressions (1M items)."""
         presets = {
             "toy": cls(num_users=600, num_items=2_000, num_categories=20),
+            "method": cls(
+                num_users=1_200, num_items=300, num_categories=10, style_weight=2.5, max_sessions=16
+            ),
             "default": cls(),
             "1m": cls(num_users=15_625, num_items=1_000_000, num_categories=2_000),
             "10m": cls(num_users=156_250, num_items=1_000_000, num_categories=2_000),

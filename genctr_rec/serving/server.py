@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
@@ -217,6 +218,15 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.message, "field": exc.field}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """The same {detail, field} shape as every other 4xx; the offending value is never
+        echoed (NaN or Infinity cannot be written as JSON: echoing them was a 500)."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        message = str(first.get("msg", "invalid request"))
+        return JSONResponse({"detail": message, "field": ".".join(where) or None}, status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

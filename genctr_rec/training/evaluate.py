@@ -11,6 +11,7 @@ from genctr_rec.checkpoint import load_model
 from genctr_rec.config import ConfigError, RunConfig
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
+from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import TimeRange
 from genctr_rec.factory import feature_schema
 from genctr_rec.metrics import ctr_metrics, gather_arrays
@@ -60,11 +61,30 @@ def evaluate_ctr(
     return ctr_metrics(gathered["scores"], gathered["labels"], gathered["users"])
 
 
+def check_catalogue(cfg: RunConfig, data: str | Path) -> None:
+    """Refuse, before any work, a dataset whose ids or declared features the model was not
+    trained for (ids past its tables would be scored with the wrong rows or fail deep inside)."""
+    meta = DatasetMeta.read(data)
+    trained = (cfg.num_items, cfg.num_categories)
+    if (meta.num_items, meta.num_categories) != trained:
+        raise ConfigError(
+            f"{data} has {meta.num_items} items / {meta.num_categories} categories; the model "
+            f"was trained on {trained[0]} / {trained[1]}: evaluate it on its own dataset"
+        )
+    schema = feature_schema(cfg)
+    if schema is not None and tuple(meta.features) != schema.features:
+        raise ConfigError(
+            f"{data} declares features {[f.name for f in meta.features]}; the model reads "
+            f"{[f.name for f in schema.features]} with their vocabularies"
+        )
+
+
 def evaluate_run(data: str | Path, run: str | Path, batch_size: int | None = None) -> dict:
     """Rebuild a fine-tuning run's model from its config, load its checkpoint, evaluate."""
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
+    check_catalogue(cfg, data)
     ctx = init_distributed()
     built = build_model(cfg, ctx)
     load_model(built.dmp, Path(run) / "checkpoint")
