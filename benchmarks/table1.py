@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_results
+from benchmarks.common import RESULTS, machine, write_results
 from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data import movielens
 from genctr_rec.data.schema import META_FILE
@@ -255,20 +255,36 @@ def main() -> None:
         help="train the peers on fewer seeds for a dataset, e.g. synth=0 (default: every seed)",
     )
     parser.add_argument("--workdir", default="runs/table1")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the committed results of the datasets not run now (one dataset per command)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(args.workdir)
-    all_results, sections = {}, []
+    all_results, sections, commands = {}, [], {}
+    previous = RESULTS / "table1.json"
+    if args.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        for name, res in old["results"].items():
+            if name not in args.datasets:
+                all_results[name] = res
+                commands[name] = old.get("commands", {}).get(name, old["machine"]["command"])
     for name in args.datasets:
         limits = dict(item.split("=", 1) for item in args.peer_seeds)
         peer_seeds = [int(x) for x in limits[name].split(",")] if name in limits else None
         all_results[name] = run_dataset(
             name, workdir, args.seeds, args.backbones, args.rows, args.peers, peer_seeds
         )
-        sections.append(markdown(name, all_results[name], args.backbones, args.seeds))
-    print(
-        write_results("table1", {"results": all_results, "args": vars(args)}, "\n\n".join(sections))
-    )
+        commands[name] = machine()["command"]
+    for name, res in all_results.items():
+        backbones = list(dict.fromkeys(k.split("/")[0] for k in res["auc"]))
+        seeds = sorted({len(v) for v in res["auc"].values()})
+        section = markdown(name, res, backbones, list(range(max(seeds))))
+        sections.append(f"{section}\n\n(command: `{commands[name]}`)")
+    payload = {"results": all_results, "args": vars(args), "commands": commands}
+    print(write_results("table1", payload, "\n\n".join(sections)))
 
 
 if __name__ == "__main__":

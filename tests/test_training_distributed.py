@@ -18,6 +18,7 @@ from torchrec import KeyedJaggedTensor
 
 from genctr_rec.checkpoint import load_model
 from genctr_rec.config import TRANSFER_PREFIXES, ModelConfig, RunConfig, TrainConfig
+from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionBatch, ImpressionReader
 from genctr_rec.data.synth import SynthConfig, generate
 from genctr_rec.training.build import build_model
@@ -39,7 +40,7 @@ def _set_known_tables(dmp) -> None:
     for key, value in dmp.state_dict().items():
         if "embeddings.tables" not in key or not key.endswith("weight"):
             continue
-        salt = 1 if ".item." in key else 2
+        salt = 1 if ".item." in key else 3 if ".features." in key else 2
         if isinstance(value, ShardedTensor):
             full = _known_table(*value.size(), salt)
             for shard in value.local_shards():
@@ -49,22 +50,42 @@ def _set_known_tables(dmp) -> None:
             value.detach().copy_(_known_table(*value.shape, salt))
 
 
-def _rows(batch: ImpressionBatch, start: int, stop: int) -> ImpressionBatch:
-    kjt = batch.sparse_features
+def _slice(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
     values, lengths = [], []
     for key in kjt.keys():
         jt = kjt[key]
         offsets = jt.offsets()
         values.append(jt.values()[offsets[start] : offsets[stop]])
         lengths.append(jt.lengths()[start:stop])
-    sliced = KeyedJaggedTensor(
-        keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths)
+    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def _rows(batch: ImpressionBatch, start: int, stop: int) -> ImpressionBatch:
+    side = batch.side_features
+    return ImpressionBatch(
+        _slice(batch.sparse_features, start, stop),
+        batch.labels[start:stop],
+        batch.user_ids[start:stop],
+        None if side is None else _slice(side, start, stop),
     )
-    return ImpressionBatch(sliced, batch.labels[start:stop], batch.user_ids[start:stop])
 
 
-def _train_steps(rank: int, world: int, data: str, sharding: dict[str, str], steps: int):
+USERS = 400  # the small dataset's user_id is the row number: later rows share the default row
+
+
+def _train_steps(
+    rank: int,
+    world: int,
+    data: str,
+    sharding: dict[str, str],
+    steps: int,
+    features: bool,
+    split: int = GLOBAL_BATCH // 2,
+):
+    """``split``: rank 0 of 2 takes that many rows of each batch, rank 1 the rest (uneven
+    batches make sharded lookups pad to the largest rank's)."""
     ctx = init_distributed()
+    schema = FeatureSchema(num_users=USERS) if features else None
     cfg = RunConfig(
         "finetune",
         data,
@@ -75,19 +96,20 @@ def _train_steps(rank: int, world: int, data: str, sharding: dict[str, str], ste
         num_items=NUM_ITEMS,
         num_categories=NUM_CATEGORIES,
         max_history=MAX_HISTORY,
+        features=schema.to_json() if schema else None,
     )
     built = build_model(cfg, ctx)
     dmp = built.dmp
     _set_known_tables(dmp)
-    reader = ImpressionReader(data, "train", GLOBAL_BATCH, 0, 1, shuffle=False)
-    per = GLOBAL_BATCH // world
+    reader = ImpressionReader(data, "train", GLOBAL_BATCH, 0, 1, shuffle=False, features=schema)
+    bounds = [0, GLOBAL_BATCH] if world == 1 else [0, split, GLOBAL_BATCH]
     logits_out, losses = [], []
     for i, batch in enumerate(reader):
         if i == steps:
             break
-        mine = _rows(batch, rank * per, (rank + 1) * per)
+        mine = _rows(batch, bounds[rank], bounds[rank + 1])
         built.dense_optimizer.zero_grad()
-        logits = dmp(mine.sparse_features)
+        logits = dmp(mine.sparse_features, mine.side_features)
         loss = F.binary_cross_entropy_with_logits(logits, mine.labels)
         logits_out.append(logits.detach())
         losses.append(float(loss))
@@ -109,28 +131,37 @@ def _train_steps(rank: int, world: int, data: str, sharding: dict[str, str], ste
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "item,category",
+    "item,category,user",
     [
-        ("row_wise", "row_wise"),
-        ("table_wise", "table_wise"),
-        ("data_parallel", "data_parallel"),
-        ("row_wise", "data_parallel"),  # the default plan at scale: big table sharded
+        ("row_wise", "row_wise", None),
+        ("table_wise", "table_wise", None),
+        ("data_parallel", "data_parallel", None),
+        ("row_wise", "data_parallel", None),  # the default plan at scale: big table sharded
+        ("row_wise", "data_parallel", "row_wise"),  # a sharded user table in the features
     ],
 )
 def test_sharded_training_matches_one_process(
-    small_dataset: Path, item: str, category: str
+    small_dataset: Path, item: str, category: str, user: str | None
 ) -> None:
     """Same initial weights and batches: same forward outputs and loss trajectory, whichever
-    the plan; replicated tables stay equal on every rank and keep the tables' optimizer."""
+    the plan; replicated tables stay equal on every rank and keep the tables' optimizer. With
+    a sharded user table, an uneven split of the batch (50 / 46 rows) gives the same outputs."""
     steps = 4
     sharding = {"item": item, "category": category}
-    single = run_ranks(_train_steps, 1, str(small_dataset), sharding, steps)[0]
-    sharded = run_ranks(_train_steps, 2, str(small_dataset), sharding, steps)
+    if user:
+        sharding["user_id"] = user
+    args = (str(small_dataset), sharding, steps, user is not None)
+    single = run_ranks(_train_steps, 1, *args)[0]
+    sharded = run_ranks(_train_steps, 2, *args)
     for step in range(steps):
         together = torch.cat([r["logits"][step] for r in sharded])
         assert torch.allclose(together, single["logits"][step], atol=1e-5), f"step {step}"
         mean_loss = sum(r["losses"][step] for r in sharded) / 2
         assert mean_loss == pytest.approx(single["losses"][step], abs=1e-5)
+    if user:  # forward only: an uneven step trains differently under DDP's mean
+        uneven = run_ranks(_train_steps, 2, *args[:2], 1, True, 50)
+        together = torch.cat([r["logits"][0] for r in uneven])
+        assert torch.allclose(together, single["logits"][0], atol=1e-5)
     assert single["losses"][-1] != single["losses"][0], "the model trained"
     plan = {table: spec for module in sharded[0]["plan"].values() for table, spec in module.items()}
     assert {table: spec.sharding_type for table, spec in plan.items()} == sharding
