@@ -15,6 +15,7 @@ from torch import nn
 from torchrec.modules.crossnet import LowRankMixtureCrossNet
 from torchrec.modules.mlp import MLP
 
+from genctr_rec.config import BACKBONE_NAMES
 from genctr_rec.models.layers import ContextHead, TargetAttention
 
 
@@ -132,6 +133,8 @@ class DCNv2TA(DCNv2):
 
 
 BACKBONES: dict[str, type[Backbone]] = {"dnn": DNN, "dcnv2": DCNv2, "dcnv2_ta": DCNv2TA}
+# the CLI offers config.BACKBONE_NAMES without importing the models: one list, kept in step
+assert tuple(BACKBONES) == BACKBONE_NAMES, "add a new backbone to config.BACKBONE_NAMES too"
 
 
 def build_backbone(

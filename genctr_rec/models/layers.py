@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genctr_rec.config import CONTEXT_FUSIONS
+
 
 class TargetAttention(nn.Module):
     """Attention over the behaviour sequence keyed by the target ad (DIN / ESU style).
@@ -30,8 +32,6 @@ class TargetAttention(nn.Module):
         weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # empty histories pool to zero
         return torch.einsum("bl,bld->bd", weights, history)
 
-
-CONTEXT_FUSIONS = ("concat", "residual", "product")
 
 
 class ContextHead(nn.Module):
