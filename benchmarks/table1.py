@@ -79,7 +79,7 @@ def run_dataset(
     backbones: list[str],
     rows: list[int],
     peers: list[str],
-    peer_seeds: list[int] | None = None,
+    peer_seeds: dict[str, list[int]] | None = None,
 ) -> dict:
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
@@ -131,7 +131,8 @@ def run_dataset(
         for peer in peers:
             from benchmarks.peers import train_peer
 
-            if peer_seeds is not None and seed not in peer_seeds:
+            allowed = (peer_seeds or {}).get(f"{name}.{peer}", (peer_seeds or {}).get(name))
+            if allowed is not None and seed not in allowed:
                 continue
             path = workdir / name / f"peer-{peer}-s{seed}.json"
             if path.is_file():
@@ -251,8 +252,8 @@ def main() -> None:
         "--peer-seeds",
         nargs="+",
         default=[],
-        metavar="DATASET=SEED[,SEED]",
-        help="train the peers on fewer seeds for a dataset, e.g. synth=0 (default: every seed)",
+        metavar="DATASET[.PEER]=SEED[,SEED]",
+        help="train the peers on fewer seeds, e.g. synth.din=0 (default: every seed)",
     )
     parser.add_argument("--workdir", default="runs/table1")
     parser.add_argument(
@@ -273,7 +274,7 @@ def main() -> None:
                 commands[name] = old.get("commands", {}).get(name, old["machine"]["command"])
     for name in args.datasets:
         limits = dict(item.split("=", 1) for item in args.peer_seeds)
-        peer_seeds = [int(x) for x in limits[name].split(",")] if name in limits else None
+        peer_seeds = {key: [int(x) for x in value.split(",")] for key, value in limits.items()}
         all_results[name] = run_dataset(
             name, workdir, args.seeds, args.backbones, args.rows, args.peers, peer_seeds
         )

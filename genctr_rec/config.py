@@ -85,7 +85,8 @@ class TrainConfig:
         decoder_lr: Adam learning rate of an inherited decoder while fine-tuning
             (default: lr).
         valid_fraction: fine-tuning validation: a valid/ split when the dataset has one,
-            else the newest fraction of train/ by timestamp (0: no validation, no selection).
+            else the newest fraction of train/ by timestamp (0: no validation, no selection;
+            in pre-training 0 turns off the validation on the held-out last clicks).
         eval_every: also validate every N steps (0: 4 times an epoch in fine-tuning, once an
             epoch in pre-training).
         patience: validations without improvement before training stops (0: never; default

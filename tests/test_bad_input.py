@@ -276,3 +276,26 @@ def test_evaluate_refuses_a_dataset_with_another_catalogue(
     assert main(["evaluate", "--data", str(small_dataset), "--run", str(runs["genctr"])]) == 2
     err = capsys.readouterr().err
     assert "50 items / 5 categories; the model was trained on 2000 / 20" in err
+
+
+def test_overwrite_replaces_only_what_genctr_wrote(
+    runs: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """--overwrite on a directory of the user's (no meta.json / artifact.json) deletes nothing;
+    on a dataset genctr wrote it replaces it."""
+    from genctr_rec.cli import main
+
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("x")
+    for argv in (
+        ["data", "synth", "--preset", "toy", "--out", str(mine), "--overwrite"],
+        ["export", "--run", str(runs["genctr"]), "--out", str(mine), "--overwrite"],
+    ):
+        assert main(argv) == 2
+        assert "was not written by genctr" in capsys.readouterr().err
+        assert (mine / "notes.txt").read_text() == "x" and (mine / "sub").is_dir()
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--preset", "toy", "--out", str(data)]) == 0
+    assert main(["data", "synth", "--preset", "toy", "--out", str(data), "--overwrite"]) == 0
+    assert (data / "meta.json").is_file()

@@ -37,6 +37,7 @@ from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
     ITEMS_FILE,
     ITEMS_SCHEMA,
+    META_FILE,
     SEQUENCE_SCHEMA,
     DataFormatError,
     DatasetMeta,
@@ -377,7 +378,7 @@ def convert(
     offsets = lengths_to_offsets(lengths)
     is_test = t >= split_time
 
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
         pq.write_table(
             pa.table(
                 {"item_id": np.arange(len(movies)), "category_id": item_category, **item_cols},

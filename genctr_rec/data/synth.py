@@ -39,6 +39,7 @@ from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
     ITEMS_FILE,
     ITEMS_SCHEMA,
+    META_FILE,
     SEQUENCE_SCHEMA,
     DatasetMeta,
 )
@@ -426,7 +427,7 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
     split_time = (cfg.days - 1) * DAY
     counts = {"train": 0, "test": 0, "sequences": 0, "clicks": 0}
     impression_schema = IMPRESSION_WRITE_SCHEMA
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
         columns = {
             "item_id": np.arange(cfg.num_items, dtype=np.int64),
             "category_id": catalogue.category,

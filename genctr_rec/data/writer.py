@@ -28,12 +28,30 @@ DICTIONARY_COLUMNS = [
 ]
 
 
-@contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``target`` only if the block succeeds."""
+def check_replaceable(target: str | Path, overwrite: bool, marker: str | None = None) -> None:
+    """Refuse an existing ``target`` unless ``overwrite``; and even then, unless it holds
+    ``marker`` (the file our own tool writes there): --overwrite replaces what we wrote, never
+    a directory of the user's."""
     target = Path(target)
-    if target.exists() and not overwrite:
+    if not target.exists():
+        return
+    if not overwrite:
         raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    if marker is not None and not (target / marker).is_file():
+        raise FileExistsError(
+            f"{target} exists and has no {marker}: it was not written by genctr, so --overwrite "
+            "will not delete it; choose another path"
+        )
+
+
+@contextmanager
+def atomic_directory(
+    target: str | Path, overwrite: bool = False, marker: str | None = None
+) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``target`` only if the block succeeds
+    (``marker``: see :func:`check_replaceable`)."""
+    target = Path(target)
+    check_replaceable(target, overwrite, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

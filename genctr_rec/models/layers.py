@@ -33,7 +33,6 @@ class TargetAttention(nn.Module):
         return torch.einsum("bl,bld->bd", weights, history)
 
 
-
 class ContextHead(nn.Module):
     """The final layer, where GenCTR's g(s, c) joins the backbone (model integration).
 

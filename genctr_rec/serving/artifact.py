@@ -43,7 +43,7 @@ from genctr_rec.data.reader import (
 )
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.stream import Jagged
-from genctr_rec.data.writer import atomic_directory
+from genctr_rec.data.writer import atomic_directory, check_replaceable
 from genctr_rec.factory import build_stage_model, feature_schema
 from genctr_rec.metrics import ctr_metrics
 from genctr_rec.models.ctr import CTRModel
@@ -172,6 +172,7 @@ def export_run(
     trained one beyond the tolerances above.
     """
     started = time.time()
+    check_replaceable(out, overwrite, META_FILE)  # before 10 s of work, not after
     cfg, trained = load_trained(run)
     data = Path(data or cfg.data)
     if not data.is_dir():
@@ -254,7 +255,7 @@ def write_artifact(
 ) -> None:
     """Write the artifact's files under a temporary name with their manifest, then rename."""
     metadata = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **metadata}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
         torch.jit.save(served, str(tmp / MODEL_FILE))
         np.save(tmp / ITEM_CATEGORIES_FILE, np.asarray(catalogue.categories, dtype=np.int64))
         np.savez(tmp / ITEM_FEATURES_FILE, **_catalogue_arrays(catalogue))
