@@ -114,13 +114,10 @@ def _table1(payload: dict, plt) -> Any:
             stds = [np.std(auc[f"{backbone}/{r}"]) for r in rows]
             ax.errorbar(x + 0.12 * (k - 1), means, yerr=stds, fmt="o", capsize=3, label=backbone)
         for peer, runs in results[dataset].get("peers", {}).items():
-            ax.axhline(np.mean([r["test"]["auc"] for r in runs]), ls="--", lw=1, color="grey")
-            ax.annotate(
-                f"DeepCTR {peer}",
-                (x[-1] + 0.3, np.mean([r["test"]["auc"] for r in runs])),
-                fontsize=9,
-                va="center",
-            )
+            level = np.mean([r["test"]["auc"] for r in runs])
+            ax.axhline(level, ls="--", lw=1, color="grey")
+            ax.annotate(f"DeepCTR-Torch {peer}", (-0.55, level), fontsize=8, va="bottom")
+        ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_xticks(x, [TABLE1_NAMES[r] for r in rows], fontsize=9)
         ax.set(ylabel="test AUC")
         ax.set_title(f"{dataset}: Table 1 rows, mean ± std over seeds", fontsize=11)

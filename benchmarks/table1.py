@@ -48,6 +48,7 @@ BACKBONES = ["dnn", "dcnv2", "dcnv2_ta"]
 CLAIMS = [  # (claim, better row, worse row)
     ("GenCTR beats the backbone", 5, 1),
     ("PS alone helps", 2, 1),
+    ("PS+MI beats PS alone", 5, 2),
     ("PS helps with a decoder", 4, 3),
     ("MI adds to PS", 5, 4),
     ("CS beats RS (CD)", 5, 7),
@@ -169,7 +170,9 @@ def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> st
         lines.append(f"| {row} | {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| paper's claim | rows | " + " | ".join(f"{b} ΔAUC" for b in backbones) + " | holds on |",
+        "| paper's claim | rows | "
+        + " | ".join(f"{b} ΔAUC, paired per seed (seeds > 0)" for b in backbones)
+        + " | holds on |",
         "|---|---|" + "---|" * len(backbones) + "---|",
     ]
     for claim, better, worse in CLAIMS:
@@ -178,15 +181,17 @@ def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> st
             or f"{backbones[0]}/{worse}" not in res["auc"]
         ):
             continue
-        deltas = [
-            np.mean(res["auc"][f"{b}/{better}"]) - np.mean(res["auc"][f"{b}/{worse}"])
+        paired = [
+            np.array(res["auc"][f"{b}/{better}"]) - np.array(res["auc"][f"{b}/{worse}"])
             for b in backbones
         ]
-        holds = sum(d > 0 for d in deltas)
+        holds = sum(d.mean() > 0 for d in paired)
         lines.append(
             f"| {claim} | {better} vs {worse} | "
-            + " | ".join(f"{d:+.4f}" for d in deltas)
-            + f" | {holds}/{len(deltas)} |"
+            + " | ".join(
+                f"{d.mean():+.4f} ± {d.std():.4f} ({(d > 0).sum()}/{len(d)})" for d in paired
+            )
+            + f" | {holds}/{len(paired)} |"
         )
     if res.get("peers"):
         lines += [
