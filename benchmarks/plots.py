@@ -135,7 +135,8 @@ def _transfer_levers(payload: dict, plt) -> Any:
     for ax, dataset in zip(axes[0], datasets, strict=True):
         auc = results[dataset]["auc"]
         base = np.array(auc["none"])
-        names = [v for v in auc if v != "none"]
+        order = ["before", "ps", "mi_concat", "mi_residual", "mi_product"]
+        names = [v for v in order if v in auc] + sorted(v for v in auc if v not in order + ["none"])
         deltas = [np.array(auc[v]) - base for v in names]
         ax.bar(
             range(len(names)),
