@@ -29,21 +29,16 @@ def evaluate_ctr(
     split: str = "test",
     features: FeatureSchema | None = None,
     time_range: TimeRange | None = None,
+    reader: ImpressionReader | None = None,
 ) -> dict[str, float]:
-    """AUC, GAUC, LogLoss of the (sharded) model on ``split`` (rows within ``time_range``)."""
+    """AUC, GAUC, LogLoss of the (sharded) model on ``split`` (rows within ``time_range``).
+    ``reader``: a reader built once for repeated evaluations (validation), reused from its
+    first row; otherwise one is built from the other arguments."""
     model = dmp.module
     model.eval()
-    reader = ImpressionReader(
-        data,
-        split,
-        batch_size,
-        ctx.rank,
-        ctx.world_size,
-        shuffle=False,
-        max_history=max_history,
-        features=features,
-        time_range=time_range,
-    )
+    if reader is None:
+        reader = eval_reader(data, split, batch_size, ctx, max_history, features, time_range)
+    reader.set_epoch(0)
     scores, labels, users = [], [], []
     for batch in reader:
         logits = dmp(*batch.to(ctx.device).model_inputs())
@@ -59,6 +54,29 @@ def evaluate_ctr(
         }
     )
     return ctr_metrics(gathered["scores"], gathered["labels"], gathered["users"])
+
+
+def eval_reader(
+    data: str | Path,
+    split: str,
+    batch_size: int,
+    ctx: DistContext,
+    max_history: int,
+    features: FeatureSchema | None = None,
+    time_range: TimeRange | None = None,
+) -> ImpressionReader:
+    """This rank's share of ``split`` in file order (the same rows every time)."""
+    return ImpressionReader(
+        data,
+        split,
+        batch_size,
+        ctx.rank,
+        ctx.world_size,
+        shuffle=False,
+        max_history=max_history,
+        features=features,
+        time_range=time_range,
+    )
 
 
 def check_catalogue(cfg: RunConfig, data: str | Path) -> None:

@@ -31,7 +31,7 @@ from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.factory import feature_schema
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
-from genctr_rec.training.evaluate import evaluate_ctr
+from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
 from genctr_rec.training.loop import Validation, run_metrics, train_run
 
 logger = logging.getLogger(__name__)
@@ -99,16 +99,18 @@ def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
     validation = None
     if split.valid_split is not None:
         every = cfg.train.eval_every or max(1, len(reader) // EVALS_PER_EPOCH)
+        valid_reader = eval_reader(
+            cfg.data,
+            split.valid_split,
+            cfg.train.batch_size,
+            ctx,
+            cfg.max_history,
+            features,
+            split.valid_range,
+        )  # built once: its row selection reads train/'s timestamps
         validation = Validation(
             evaluate=lambda: evaluate_ctr(
-                dmp,
-                cfg.data,
-                ctx,
-                cfg.train.batch_size,
-                cfg.max_history,
-                split.valid_split,
-                features,
-                split.valid_range,
+                dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history, reader=valid_reader
             ),
             metric="auc",
             every_steps=every,
