@@ -95,25 +95,25 @@ class ImpressionBatch:
         """What a CTR model's forward takes: (sparse, side, dense)."""
         return self.sparse_features, self.side_features, self.dense_features
 
-    def _map(self, fn) -> ImpressionBatch:
-        return ImpressionBatch(
-            *(
-                None if t is None else fn(t)
-                for t in (
-                    self.sparse_features,
-                    self.labels,
-                    self.user_ids,
-                    self.side_features,
-                    self.dense_features,
-                )
-            )
+    def _parts(self) -> tuple:
+        return (
+            self.sparse_features,
+            self.labels,
+            self.user_ids,
+            self.side_features,
+            self.dense_features,
         )
+
+    def _map(self, fn) -> ImpressionBatch:
+        return ImpressionBatch(*(None if t is None else fn(t) for t in self._parts()))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ImpressionBatch:
         return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        self._map(lambda t: t.record_stream(stream) or t)
+        for part in self._parts():
+            if part is not None:
+                part.record_stream(stream)
 
     def pin_memory(self) -> ImpressionBatch:
         return self._map(lambda t: t.pin_memory())
