@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from genctr_rec.data.features import FeatureSchema
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.metrics import ctr_metrics
 from genctr_rec.training.sharding import default_sharding
@@ -54,6 +55,18 @@ def test_default_sharding(lookup: str) -> None:
     both = {"item": "data_parallel", "category": "data_parallel"} if lookup == "pooled" else {}
     assert default_sharding(emb.tables, 4, 2.0) == both
     assert default_sharding(emb.tables, 2, 0.0) == {}
+
+
+def test_default_sharding_spreads_a_large_user_table_row_wise() -> None:
+    """The user table is the one that grows without bound: past replicate_max_mb it is
+    row-wise on more than one rank; small, it is replicated like any small table."""
+    for users, expected in ((100_000, "row_wise"), (1_000, "data_parallel")):
+        emb = SharedEmbeddings(
+            50, 5, dim=16, device=torch.device("meta"), features=FeatureSchema(num_users=users)
+        )
+        plan = default_sharding(emb.tables, 2, 1.0)
+        assert plan["user_id"] == expected
+        assert default_sharding(emb.tables, 1, 1.0)["user_id"] == "table_wise"
 
 
 def _brute_auc(scores, labels) -> float:

@@ -24,6 +24,7 @@ from torchrec.distributed.types import ParameterSharding, ShardingPlan, Sharding
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from genctr_rec.config import ConfigError
+from genctr_rec.data.features import USER_ID
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.training.distributed import DistContext
 
@@ -65,6 +66,10 @@ def default_sharding(
       Below about a megabyte the all-reduce is the cheaper (``benchmarks/training_throughput``).
       Sequence tables cannot be replicated on CPU (the sharding benchmark records fbgemm's
       error), so they are left to the planner.
+    - More ranks, a larger user table: ``row_wise``. In production it is the largest table and
+      grows with the user base; row-wise spreads it (and its lookups) evenly over every rank,
+      where the planner, left alone, may put it whole on one. Other large tables stay the
+      planner's choice.
     """
     chosen = {}
     for module in tables.values():
@@ -76,6 +81,8 @@ def default_sharding(
                 chosen[config.name] = ShardingType.TABLE_WISE.value
             elif pooled and size_mb <= replicate_max_mb:
                 chosen[config.name] = ShardingType.DATA_PARALLEL.value
+            elif config.name == USER_ID:
+                chosen[config.name] = ShardingType.ROW_WISE.value
     return chosen
 
 
