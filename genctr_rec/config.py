@@ -133,6 +133,14 @@ class TrainConfig:
         for name, value in STAGE_DEFAULTS[stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if not 0 <= self.valid_fraction < 1:
+            raise ConfigError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("patience", "eval_every", "steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         return self
 
     def resolved_embedding_optimizer(self, device: torch.device) -> str:

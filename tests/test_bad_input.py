@@ -299,3 +299,23 @@ def test_overwrite_replaces_only_what_genctr_wrote(
     assert main(["data", "synth", "--preset", "toy", "--out", str(data)]) == 0
     assert main(["data", "synth", "--preset", "toy", "--out", str(data), "--overwrite"]) == 0
     assert (data / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--valid-fraction", "1.5", "--valid-fraction must be in [0, 1)"),
+        ("--epochs", "0", "--epochs must be positive"),
+        ("--patience", "-1", "--patience must not be negative"),
+    ],
+)
+def test_bad_training_numbers_are_one_line(
+    small_dataset: Path, tmp_path: Path, capsys, flag: str, value: str, message: str
+) -> None:
+    from genctr_rec.cli import main
+
+    out = tmp_path / "ft"
+    argv = ["finetune", "--data", str(small_dataset), "--out", str(out), "--backbone", "dnn"]
+    assert main([*argv, flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
