@@ -222,11 +222,13 @@ class _Reader:
         self.stream.load_state_dict(state)
 
 
-def side_feature_kjt(
+def side_inputs(
     schema: FeatureSchema, scalars: dict[str, np.ndarray], lists: dict[str, Jagged], n: int
-) -> KeyedJaggedTensor:
-    """The side-feature KJT of ``n`` rows: ``user_id`` and ``id`` features one value a row,
-    ``ids`` features their lists (empty bags allowed)."""
+) -> tuple[KeyedJaggedTensor, torch.Tensor | None]:
+    """A model's side inputs for ``n`` rows, from per-row columns (training batches and serving
+    requests alike): the side-feature KJT (``user_id`` and ``id`` features one value a row,
+    ``ids`` features their lists, empty bags allowed) and the dense features [n, D] (None
+    without dense features)."""
     values, lengths = [], []
     for key in schema.sparse_keys:
         if key in lists:
@@ -236,11 +238,18 @@ def side_feature_kjt(
         else:
             values.append(np.asarray(scalars[key], dtype=np.int64))
             lengths.append(np.ones(n, dtype=np.int32))
-    return KeyedJaggedTensor(
+    kjt = KeyedJaggedTensor(
         keys=schema.sparse_keys,
         values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
         lengths=torch.from_numpy(np.concatenate(lengths)),
     )
+    names = schema.dense_names
+    dense = (
+        torch.from_numpy(np.stack([scalars[k] for k in names], axis=1).astype(np.float32))
+        if names
+        else None
+    )
+    return kjt, dense
 
 
 class ImpressionReader(_Reader):
@@ -348,14 +357,8 @@ class ImpressionReader(_Reader):
                     scalars.update(item_scalars)
                     lists.update(item_lists)
                 scalars[USER_ID] = np.minimum(block.scalars[USER_ID], self.features.num_users)
-                batch.side_features = side_feature_kjt(
+                batch.side_features, batch.dense_features = side_inputs(
                     self.features, scalars, lists, block.num_rows
-                )
-                names = self.features.dense_names
-                batch.dense_features = (
-                    torch.from_numpy(np.stack([scalars[n] for n in names], axis=1))
-                    if names
-                    else None
                 )
             yield batch
 

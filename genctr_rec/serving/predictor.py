@@ -34,6 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genctr_rec.data.features import USER_ID
+from genctr_rec.data.jagged import lengths_to_offsets
+from genctr_rec.data.reader import side_inputs
+from genctr_rec.data.stream import Jagged
 from genctr_rec.serving.artifact import Artifact, RequestTensors, load_artifact
 
 OOV_POLICIES = ("reject", "skip_history")
@@ -337,40 +341,26 @@ class Predictor:
                 torch.zeros(0, dtype=torch.int32),
                 torch.zeros(n, 0),
             )
-        reps = np.asarray(counts)
-        values, lengths = [np.repeat([r.user_row for r in batch], reps)], [np.ones(n, np.int32)]
-        dense = []
-        for spec in self.schema.features:
-            if spec.where == "item":
-                if spec.kind == "ids":
-                    jag = self.catalogue.lists[spec.name].rows(cand_items)
-                    values.append(jag.values[jag.flat_index()])
-                    lengths.append(jag.lengths.astype(np.int32))
-                elif spec.kind == "id":
-                    values.append(self.catalogue.scalars[spec.name][cand_items])
-                    lengths.append(np.ones(n, np.int32))
-                else:
-                    dense.append(self.catalogue.scalars[spec.name][cand_items])
-                continue
+        rows = np.repeat(np.arange(len(batch)), counts)  # each candidate's request
+        scalars = {USER_ID: np.array([r.user_row for r in batch])[rows]}
+        lists: dict[str, Jagged] = {}
+        if self.catalogue is not None:  # item features: each candidate's own
+            item_scalars, item_lists = self.catalogue.gather(cand_items)
+            scalars.update(item_scalars)
+            lists.update(item_lists)
+        for spec in self.schema.of("impression"):  # impression features: the request's
             given = [r.impression[spec.name] for r in batch]
-            if spec.kind == "dense":
-                dense.append(np.repeat(np.asarray(given, dtype=np.float32), reps))
+            if spec.kind == "ids":
+                sizes = np.array([len(v) for v in given], dtype=np.int64)
+                flat = np.concatenate(given).astype(np.int64)
+                jag = Jagged(flat, lengths_to_offsets(sizes)[:-1], sizes)
+                lists[spec.name] = jag.rows(rows)
             elif spec.kind == "id":
-                values.append(np.repeat(np.concatenate(given), reps))
-                lengths.append(np.ones(n, np.int32))
+                scalars[spec.name] = np.concatenate(given)[rows]
             else:
-                values.append(
-                    np.concatenate([np.tile(v, c) for v, c in zip(given, counts, strict=True)])
-                )
-                lengths.append(np.repeat([len(v) for v in given], reps).astype(np.int32))
-        dense_matrix = (
-            np.stack(dense, axis=1).astype(np.float32) if dense else np.zeros((n, 0), np.float32)
-        )
-        return (
-            torch.from_numpy(np.concatenate(values).astype(np.int64)),
-            torch.from_numpy(np.concatenate(lengths)),
-            torch.from_numpy(dense_matrix),
-        )
+                scalars[spec.name] = np.asarray(given, dtype=np.float32)[rows]
+        kjt, dense = side_inputs(self.schema, scalars, lists, n)
+        return kjt.values(), kjt.lengths(), dense if dense is not None else torch.zeros(n, 0)
 
     @torch.inference_mode()
     def score_prepared(self, batch: Sequence[PreparedRequest]) -> list[np.ndarray]:

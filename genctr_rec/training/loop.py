@@ -45,6 +45,17 @@ class Validation:
     save_best: Callable[[], None]
 
 
+def _new_history() -> dict[str, Any]:
+    return {
+        "epoch_loss": [],
+        "examples_per_s": [],
+        "valid": [],
+        "best": None,
+        "bad_validations": 0,
+        "stopped": None,
+    }
+
+
 def tensorboard_writer(run_dir: Path, ctx: DistContext):
     """A SummaryWriter on rank 0, None elsewhere (or when tensorboard is unavailable)."""
     if not ctx.is_main:
@@ -99,14 +110,7 @@ def train_epochs(
     the way preemptible or time-limited allocations are used.
     Returns per-epoch mean losses and throughput."""
     generators = generators or {}
-    history: dict[str, Any] = {
-        "epoch_loss": [],
-        "examples_per_s": [],
-        "valid": [],
-        "best": None,
-        "bad_validations": 0,
-        "stopped": None,
-    }
+    history = _new_history()
     acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
     global_step, start_epoch, mid_epoch = 0, 0, False
     latest = checkpoints.latest() if checkpoints else None
@@ -117,9 +121,8 @@ def train_epochs(
         built.load_app_state(state)
         reader.load_state_dict(progress["reader"])
         history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
-        for key, empty in (("valid", []), ("best", None), ("bad_validations", 0)):
+        for key, empty in _new_history().items():  # checkpoints of 0.2 lack the newer keys
             history.setdefault(key, empty)
-        history.setdefault("stopped", None)
         start_epoch = reader.state_dict()["epoch"]
         mid_epoch = reader.state_dict()["batches_done"] > 0
         if rng is not None:
@@ -140,8 +143,8 @@ def train_epochs(
 
     writer = tensorboard_writer(run_dir, ctx)
 
-    def validate(epoch: int) -> bool:
-        """Validate now; True when training should stop (patience used up)."""
+    def validate(epoch: int) -> None:
+        """Validate now; marks the run stopped when patience is used up."""
         assert validation is not None
         metrics = validation.evaluate()
         record = {"step": global_step, "epoch": epoch, **metrics}
@@ -165,7 +168,8 @@ def train_epochs(
             history["best"][validation.metric],
             history["best"]["step"],
         )
-        return 0 < validation.patience <= history["bad_validations"]
+        if 0 < validation.patience <= history["bad_validations"]:
+            history["stopped"] = {"step": global_step, "reason": "patience"}
 
     def finished() -> bool:
         return history["stopped"] is not None or (0 < max_steps <= global_step)
@@ -208,9 +212,8 @@ def train_epochs(
                 validation is not None
                 and validation.every_steps > 0
                 and global_step % validation.every_steps == 0
-                and validate(epoch)
             ):
-                history["stopped"] = {"step": global_step, "reason": "patience"}
+                validate(epoch)
             if 0 < max_steps <= global_step and history["stopped"] is None:
                 history["stopped"] = {"step": global_step, "reason": "max_steps"}
             periodic = checkpoints is not None and checkpoints.every_steps > 0
@@ -242,8 +245,7 @@ def train_epochs(
         )
         validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == global_step
         if validation is not None and not validated_now and history["stopped"] is None:
-            if validate(epoch):
-                history["stopped"] = {"step": global_step, "reason": "patience"}
+            validate(epoch)
         if history["stopped"] is not None and history["stopped"]["reason"] == "patience":
             logger.info(
                 "%s: no improvement in %d validations, stopping at step %d; best at step %d",
