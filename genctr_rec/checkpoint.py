@@ -190,6 +190,31 @@ def verify_manifest(directory: Path, checksums: bool = True) -> None:
             raise CheckpointError(f"{directory}: {name} fails its SHA-256 check")
 
 
+# Moving a table between these layouts and any other cannot carry its optimizer state: fbgemm
+# keeps row-wise Adagrad state per row (a column-wise shard has a different one), and a
+# replicated table is stepped by the dense optimizer, not the fused one
+OPTIMIZER_STATE_BOUND = frozenset({"column_wise", "table_column_wise", "data_parallel"})
+
+
+def optimizer_cannot_move(
+    saved: dict[str, str] | None, current: dict[str, str] | None
+) -> list[str]:
+    """The tables (``name: saved -> current``) whose optimizer state cannot follow a change of
+    sharding; empty when the plans are unknown or every change is one DCP reshards."""
+    if not saved or not current:
+        return []
+    return [
+        f"{table}: {saved[table]} -> {kind}"
+        for table, kind in sorted(current.items())
+        if table in saved and saved[table] != kind and OPTIMIZER_STATE_BOUND & {saved[table], kind}
+    ]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 class CheckpointManager:
     """Training checkpoints under ``RUN/checkpoints/step-NNNNNNNNN``, the last ``keep`` kept.
 
@@ -213,6 +238,36 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def newest_valid(self) -> Path | None:
+        """Collective: the newest checkpoint whose files match its manifest (rank 0 checks,
+        every rank gets the answer). Damaged newer ones are skipped with a warning naming the
+        file and the reason; None when there are none; CheckpointError when every one is
+        damaged (training from scratch over a run's checkpoints must be the user's choice)."""
+        chosen, skipped = None, []
+        if _rank() == 0:
+            for path in reversed(self.checkpoints()):
+                try:
+                    verify_manifest(path)
+                    check_table_layout(path)
+                except CheckpointError as exc:
+                    skipped.append(str(exc))
+                    logger.warning("skipping checkpoint %s: %s", path.name, exc)
+                    continue
+                chosen = path.name
+                break
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [chosen, skipped]
+            dist.broadcast_object_list(box, src=0)
+            chosen, skipped = box
+        if chosen is None and skipped:
+            raise CheckpointError(
+                f"no checkpoint under {self.root} can be resumed ({'; '.join(skipped)}); "
+                f"delete {self.root} to train from the start"
+            )
+        if chosen is not None and skipped:
+            logger.warning("resuming from %s, the newest valid checkpoint", chosen)
+        return self.root / chosen if chosen is not None else None
 
     def save(
         self, step: int, app_state: dict[str, Any], progress: dict[str, Any], rng: dict[str, Any]
@@ -260,34 +315,43 @@ class CheckpointManager:
         return final
 
     def load(
-        self, path: Path, app_state: dict[str, Any], resettable: Sequence[str] = ("optim",)
+        self,
+        path: Path,
+        app_state: dict[str, Any],
+        plan: dict[str, str] | None = None,
+        resettable: Sequence[str] = ("optim",),
+        verified: bool = False,
     ) -> tuple[dict[str, Any], dict | None]:
-        """Collective: verify, load ``app_state`` in place; returns (progress, this rank's RNG
-        states or None when the world size changed).
+        """Collective: verify (unless ``verified``), load ``app_state`` in place; returns
+        (progress, this rank's RNG states or None when the world size changed).
 
-        Entries named in ``resettable`` may fail to reshard (fbgemm keeps row-wise Adagrad
-        state per row, which cannot move between column-wise and other layouts): they are
-        then left as they are, with a warning, and everything else is loaded.
+        ``plan`` is this model's table -> sharding type. The entries named in ``resettable``
+        (the optimizer) are left as they are, with a warning, only where resharding is known to
+        need it (:func:`optimizer_cannot_move`); any other failure to load is an error that
+        names the checkpoint, never a silent restart of the optimizer.
         """
-        verify_manifest(path)
-        check_table_layout(path)
+        if not verified:
+            verify_manifest(path)
+            check_table_layout(path)
+        progress = json.loads((path / PROGRESS).read_text())
         try:
             dcp.load(app_state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as exc:
             kept = {k: v for k, v in app_state.items() if k not in resettable}
-            if len(kept) == len(app_state):
-                raise CheckpointError(f"{path}: cannot load ({exc})") from exc
+            moved = optimizer_cannot_move(progress.get("sharding"), plan)
+            if len(kept) == len(app_state) or not moved:
+                raise CheckpointError(f"{path}: cannot load ({_first_line(exc)})") from exc
             try:
                 dcp.load(kept, checkpoint_id=str(path))
             except (Exception, CheckpointException) as exc2:
-                raise CheckpointError(f"{path}: cannot load ({exc2})") from exc2
+                raise CheckpointError(f"{path}: cannot load ({_first_line(exc2)})") from exc2
             app_state["resharding_reset"] = list(resettable)
             logger.warning(
-                "%s: %s could not be resharded to this plan and restarts (%s); "
+                "%s: %s restarts: its state cannot move between these layouts (%s); "
                 "the model loaded in full",
                 path,
                 ", ".join(resettable),
-                str(exc).splitlines()[0][:200],
+                ", ".join(moved),
             )
         progress = json.loads((path / PROGRESS).read_text())
         rng_file = path / f"rng-rank{_rank()}.pt"

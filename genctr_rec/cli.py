@@ -251,7 +251,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     fine.set_defaults(func=_finetune)
 
     ev = sub.add_parser("evaluate", help="AUC, GAUC, LogLoss of a finetune run on test")
-    ev.add_argument("--data", required=True)
+    ev.add_argument(
+        "--data", default=None, help="dataset whose test/ to score (default: the run's own)"
+    )
     # --run-dir: the same option under torchrun, whose own parser claims "--run" as an
     # abbreviation of its --run-path
     ev.add_argument("--run", "--run-dir", dest="run", required=True)
@@ -309,7 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.artifact,
         args.host,
         args.port,
-        ServeConfig(args.max_batch, args.max_wait_ms, args.max_body_bytes),
+        ServeConfig(args.max_batch, args.max_wait_ms, args.max_body_bytes, args.shutdown_timeout),
         args.cache_size,
         args.oov,
         args.max_candidates,
@@ -339,6 +341,12 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         help="wait this long for more requests before a batch (0: take what is queued)",
     )
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to finish the requests already received before exiting",
+    )
     srv.add_argument("--max-candidates", type=int, default=1000)
     srv.add_argument("--max-request-history", type=int, default=10_000)
     srv.add_argument("--cache-size", type=int, default=100_000, help="g(s, c) cache entries")

@@ -154,6 +154,12 @@ class TrainConfig:
         return 1e-3 if self.resolved_embedding_optimizer(device) == "adam" else 0.05
 
 
+def absolute_location(location: str | Path) -> str:
+    """A local path made absolute (symlinks resolved); a URL (``scheme://...``) as given."""
+    text = str(location)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs to be rebuilt: stage, data, model, training, transfer."""
@@ -172,25 +178,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.train.resolve(self.stage)
+        # absolute, so that a run read from another directory (export, evaluate, --init-from)
+        # finds its data, and a resume names the same directory however it is spelt
+        self.data = absolute_location(self.data)
+        if self.init_from:
+            self.init_from = absolute_location(self.init_from)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-    def prepare_run_dir(self, run_dir: Path, is_main: bool) -> None:
-        """Create ``run_dir`` with this config, or check that an existing run (being resumed)
-        was started with the same one."""
-        path = Path(run_dir) / "config.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved != json.loads(json.dumps(self.to_json())):
-                changed = sorted(k for k in saved if saved.get(k) != self.to_json().get(k))
-                raise ConfigError(
-                    f"{run_dir} holds a run with a different configuration "
-                    f"(differs in {changed}); use another --out"
-                )
-        elif is_main:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.save(run_dir)
 
     def save(self, run_dir: Path) -> None:
         from genctr_rec.data.writer import atomic_write_json

@@ -115,17 +115,39 @@ def _pretrain_until(data: Path, run: Path, steps: int) -> None:
     )
 
 
-def test_damaged_checkpoint_is_refused_clearly(toy_synth: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    _pretrain_until(toy_synth, run, 6)
-    (latest,) = CheckpointManager(run).checkpoints()
-    shard = next(latest.glob("*.distcp"))
+def _flip_a_byte(checkpoint: Path) -> Path:
+    shard = next(checkpoint.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    proc = _cli("pretrain", "--data", str(toy_synth), "--out", str(run), *PRETRAIN, check=False)
+    return shard
+
+
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_valid_one(
+    toy_synth: Path, tmp_path: Path
+) -> None:
+    """Newest checkpoint damaged: resume says which one it skipped and why, resumes from the one
+    before, and finishes; every checkpoint damaged: one clear error naming the files."""
+    run = tmp_path / "run"
+    _pretrain_until(toy_synth, run, 12)
+    older, newest = CheckpointManager(run).checkpoints()
+    shard = _flip_a_byte(newest)
+    proc = _cli("pretrain", "--data", str(toy_synth), "--out", str(run), *PRETRAIN)
+    assert f"skipping checkpoint {newest.name}" in proc.stderr
+    assert f"{shard.name} fails its SHA-256 check" in proc.stderr
+    assert f"resumed from {older}" in proc.stderr
+    assert (run / "metrics.json").is_file()
+
+    only = tmp_path / "only"
+    _pretrain_until(toy_synth, only, 6)
+    (latest,) = CheckpointManager(only).checkpoints()
+    shard = _flip_a_byte(latest)
+    proc = _cli("pretrain", "--data", str(toy_synth), "--out", str(only), *PRETRAIN, check=False)
     assert proc.returncode == 2
-    assert "fails its SHA-256 check" in proc.stderr and shard.name in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "no checkpoint under" in error and "can be resumed" in error
+    assert shard.name in error and "fails its SHA-256 check" in error
+    assert not (only / "metrics.json").exists()
 
 
 def _limit_file_size() -> None:
@@ -255,7 +277,7 @@ def _load_resharded(rank: int, world: int, run: str, sharding: str, reference: s
     built.dense_optimizer.init_state()
     state = built.app_state()
     manager = CheckpointManager(run)
-    manager.load(manager.latest(), state)
+    manager.load(manager.latest(), state, sharding_summary(built.dmp))
     built.load_app_state(state)
     ref = torch.load(reference, weights_only=False)
     mismatches: list[str] = []
@@ -314,18 +336,46 @@ def test_resharding_across_world_sizes_and_plans(toy_synth: Path, tmp_path: Path
         assert result["compared"] == result["model_tensors"] and result["mismatches"] == []
 
 
-def test_optimizer_state_that_cannot_reshard_is_reset_not_fatal(tmp_path: Path) -> None:
-    """Row-wise Adagrad state cannot move between column-wise and other layouts; loading then
-    keeps the model and restarts the optimizer state, and says so."""
+def test_optimizer_state_is_reset_only_where_resharding_needs_it(tmp_path: Path) -> None:
+    """Row-wise Adagrad state cannot move between column-wise and other layouts: loading across
+    that change keeps the model and restarts the optimizer, and says so. The same failure on the
+    same plan (a broken optimizer state, not a resharding) is an error naming the checkpoint."""
+    from genctr_rec.checkpoint import CheckpointError
+
     manager = CheckpointManager(tmp_path)
     weights = torch.arange(12.0).view(3, 4)
-    manager.save(1, {"model": {"w": weights}, "optim": {"m": torch.ones(3)}}, {"world_size": 1}, {})
-    target = {"model": {"w": torch.zeros(3, 4)}, "optim": {"m": torch.zeros(4)}}  # new layout
-    manager.load(manager.latest(), target)
+    saved_plan = {"item": "column_wise"}
+    progress = {"world_size": 1, "sharding": saved_plan}
+    manager.save(1, {"model": {"w": weights}, "optim": {"m": torch.ones(3)}}, progress, {})
+
+    def new_layout() -> dict:
+        return {"model": {"w": torch.zeros(3, 4)}, "optim": {"m": torch.zeros(4)}}
+
+    target = new_layout()
+    manager.load(manager.latest(), target, {"item": "row_wise"})
     assert torch.equal(target["model"]["w"], weights)
     assert target["resharding_reset"] == ["optim"]
-    with pytest.raises(Exception, match="cannot load"):
-        manager.load(manager.latest(), {"model": {"w": torch.zeros(2, 2)}})
+    for plan in (saved_plan, None):  # the same plan; a plan not known
+        target = new_layout()
+        with pytest.raises(CheckpointError, match=f"{manager.latest()}: cannot load"):
+            manager.load(manager.latest(), target, plan)
+        assert "resharding_reset" not in target
+    with pytest.raises(CheckpointError, match="cannot load"):
+        manager.load(manager.latest(), {"model": {"w": torch.zeros(2, 2)}}, {"item": "row_wise"})
+
+
+def test_which_sharding_changes_cannot_carry_the_optimizer_state() -> None:
+    from genctr_rec.checkpoint import optimizer_cannot_move
+
+    assert optimizer_cannot_move({"a": "row_wise"}, {"a": "table_wise"}) == []  # DCP reshards
+    assert optimizer_cannot_move({"a": "row_wise"}, {"a": "row_wise"}) == []
+    assert optimizer_cannot_move({"a": "row_wise"}, {"a": "data_parallel"}) == [
+        "a: row_wise -> data_parallel"
+    ]
+    assert optimizer_cannot_move({"a": "column_wise", "b": "row_wise"}, {"a": "table_wise"}) == [
+        "a: column_wise -> table_wise"
+    ]
+    assert optimizer_cannot_move(None, {"a": "column_wise"}) == []
 
 
 def test_checkpoint_from_the_one_module_table_layout_is_refused_with_the_reason(

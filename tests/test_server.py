@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,72 +10,17 @@ import httpx
 import numpy as np
 import pytest
 
-from genctr_rec.serving.predictor import Predictor, Request
-from genctr_rec.training.distributed import free_port
+from genctr_rec.serving.predictor import Predictor
 from tests.helpers import TOY_FEATURES
-
-NUM_ITEMS, NUM_CATEGORIES = 2000, 20
+from tests.serving import NUM_ITEMS, as_request, score_body, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def server(artifacts: dict) -> Iterator[tuple[str, Path]]:
     path = artifacts["genctr-int8"]["path"]
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(path),
-            "--port", str(port), "--max-request-history", "300", "--max-candidates", "200",
-            "--max-body-bytes", "65536", "--threads", "1",
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
+    proc, url = start_server(path)
     yield url, path
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def _body(rng: np.random.Generator, history: int, candidates: int) -> dict:
-    items = rng.integers(0, NUM_ITEMS, history).tolist()
-    return {
-        "history": {
-            "item_ids": items,
-            "category_ids": rng.integers(0, NUM_CATEGORIES, history).tolist(),
-        },
-        "query_category_id": int(rng.integers(0, NUM_CATEGORIES)),
-        "user_id": int(rng.integers(0, 700)),  # past the toy's 600 users: the default row
-        "features": TOY_FEATURES,
-        "candidates": [
-            {"item_id": int(i), "category_id": int(rng.integers(0, NUM_CATEGORIES))}
-            for i in rng.integers(0, NUM_ITEMS, candidates)
-        ],
-    }
-
-
-def _as_request(body: dict) -> Request:
-    return Request(
-        body["history"]["item_ids"],
-        body["history"].get("category_ids"),
-        body["query_category_id"],
-        [c["item_id"] for c in body["candidates"]],
-        [c.get("category_id") for c in body["candidates"]],
-        user_id=body.get("user_id"),
-        features=body.get("features"),
-    )
+    stop_server(proc)
 
 
 def test_scores_equal_the_predictor(server) -> None:
@@ -87,12 +28,12 @@ def test_scores_equal_the_predictor(server) -> None:
     predictor = Predictor(path)
     rng = np.random.default_rng(0)
     for history, candidates in [(0, 1), (7, 3), (50, 100), (120, 20)]:
-        body = _body(rng, history, candidates)
+        body = score_body(rng, history, candidates)
         response = httpx.post(f"{url}/score", json=body, timeout=30)
         assert response.status_code == 200, response.text
         scores = response.json()["scores"]
         assert len(scores) == candidates
-        np.testing.assert_allclose(scores, predictor.score(_as_request(body)), atol=1e-6)
+        np.testing.assert_allclose(scores, predictor.score(as_request(body)), atol=1e-6)
 
 
 def test_metadata_health_and_openapi(server) -> None:
@@ -234,7 +175,7 @@ def test_nan_and_infinity_get_422_and_the_connection_stays_usable(server) -> Non
     and the keep-alive connection serves the next valid request."""
     url, _ = server
     headers = {"content-type": "application/json"}
-    valid = _body(np.random.default_rng(3), 4, 2)
+    valid = score_body(np.random.default_rng(3), 4, 2)
     with httpx.Client(base_url=url, timeout=10) as http:
         for raw in (
             b'{"history": {"item_ids": [NaN]}, "query_category_id": 0, "candidates": []}',
@@ -275,8 +216,8 @@ def test_concurrent_load_has_no_errors_and_is_batched(server) -> None:
     predictor = Predictor(path)
     rng = np.random.default_rng(5)
     sizes = zip(rng.integers(0, 60, 40), rng.integers(1, 30, 40), strict=True)
-    pool = [_body(rng, int(h), int(c)) for h, c in sizes]
-    expected = [predictor.score(_as_request(b)) for b in pool]
+    pool = [score_body(rng, int(h), int(c)) for h, c in sizes]
+    expected = [predictor.score(as_request(b)) for b in pool]
     before = httpx.get(f"{url}/metadata").json()["batching"]
 
     def client(seed: int) -> int:

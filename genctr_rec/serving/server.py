@@ -11,6 +11,7 @@ batches grow by themselves under load. Every bad request gets a
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genctr_rec.serving.predictor import Predictor, PreparedRequest, RequestError
 from genctr_rec.serving.predictor import Request as ScoringRequest
@@ -80,6 +82,7 @@ class ServeConfig:
     max_batch: int = 64
     max_wait_ms: float = 0.0
     max_body_bytes: int = 1 << 20
+    shutdown_timeout_s: float = 30.0
 
 
 class BodyLimit:
@@ -121,7 +124,7 @@ class BodyLimit:
 
     async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
         response = JSONResponse(
-            {"detail": f"request body over {self.limit} bytes"}, status_code=413
+            {"detail": f"request body over {self.limit} bytes", "field": None}, status_code=413
         )
         await response(scope, receive, send)
 
@@ -219,6 +222,16 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.message, "field": exc.field}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """404, 405, and 400 for a body that cannot be parsed at all (invalid UTF-8, nesting
+        deeper than the parser's limit): the same shape as every other 4xx."""
+        return JSONResponse(
+            {"detail": str(exc.detail), "field": None},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         """The same {detail, field} shape as every other 4xx; the offending value is never
@@ -286,6 +299,43 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
     return BodyLimit(app, config.max_body_bytes)
 
 
+class DrainingServer:
+    """uvicorn's server, saying on SIGTERM / SIGINT what it drains: it stops accepting, answers
+    every request already received (up to ``shutdown_timeout_s``), then exits 0."""
+
+    @staticmethod
+    def run(app: Any, host: str, port: int, shutdown_timeout_s: float) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if not self.should_exit:
+                    logger.warning(
+                        "%s: draining %d in-flight connection(s) (at most %.0f s), "
+                        "accepting no new ones",
+                        signal.Signals(sig).name,
+                        len(self.server_state.tasks),
+                        shutdown_timeout_s,
+                    )
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=shutdown_timeout_s,
+        )
+        # uvicorn re-raises the signal once it has shut down; drained is a clean exit
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _exit_cleanly)
+        Server(config).run()
+
+
+def _exit_cleanly(sig: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def serve(
     artifact: str,
     host: str = "127.0.0.1",
@@ -296,8 +346,7 @@ def serve(
     max_candidates: int = 1000,
     max_request_history: int = 10_000,
 ) -> None:
-    import uvicorn
-
+    config = config or ServeConfig()
     predictor = Predictor(artifact, cache_size, oov, max_candidates, max_request_history)
     logger.info("serving %s on http://%s:%d", artifact, host, port)
-    uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning")
+    DrainingServer.run(create_app(predictor, config), host, port, config.shutdown_timeout_s)

@@ -97,11 +97,13 @@ def check_catalogue(cfg: RunConfig, data: str | Path) -> None:
         )
 
 
-def evaluate_run(data: str | Path, run: str | Path, batch_size: int | None = None) -> dict:
-    """Rebuild a fine-tuning run's model from its config, load its checkpoint, evaluate."""
+def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | None = None) -> dict:
+    """Rebuild a fine-tuning run's model from its config, load its checkpoint, evaluate on
+    ``data``'s test split (the run's own dataset when None)."""
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
+    data = data or cfg.data
     check_catalogue(cfg, data)
     ctx = init_distributed()
     built = build_model(cfg, ctx)

@@ -30,9 +30,11 @@ from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.factory import feature_schema
 from genctr_rec.training.build import build_model
-from genctr_rec.training.distributed import init_distributed
+from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
 from genctr_rec.training.loop import Validation, run_metrics, train_run
+from genctr_rec.training.rundir import open_run
+from genctr_rec.training.sharding import check_overrides
 
 logger = logging.getLogger(__name__)
 EVALS_PER_EPOCH = 4  # validation cadence when --eval-every is 0
@@ -71,8 +73,16 @@ def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
         cfg.features = meta.feature_schema(cfg.data).to_json()
     _inherit_from_pretraining(cfg)
     split = ValidationSplit.for_dataset(cfg.data, cfg.train.valid_fraction)
-    features = feature_schema(cfg)
     ctx = init_distributed()
+    check_overrides(cfg.train.sharding)
+    with open_run(cfg, out, ctx):
+        return _train_and_test(cfg, out, ctx, split, stop_after_steps)
+
+
+def _train_and_test(
+    cfg: RunConfig, out: Path, ctx: DistContext, split: ValidationSplit, stop_after_steps: int
+) -> dict[str, Any] | None:
+    features = feature_schema(cfg)
     built = build_model(cfg, ctx)
     dmp = built.dmp
     loaded: list[str] = []

@@ -113,11 +113,12 @@ def train_epochs(
     history = _new_history()
     acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
     global_step, start_epoch, mid_epoch = 0, 0, False
-    latest = checkpoints.latest() if checkpoints else None
+    latest = checkpoints.newest_valid() if checkpoints else None
+    plan = sharding_summary(built.dmp)
     if latest is not None:
         built.dense_optimizer.init_state()  # Adam's state must exist to be loaded into
         state = built.app_state()
-        progress, rng = checkpoints.load(latest, state)
+        progress, rng = checkpoints.load(latest, state, plan, verified=True)
         built.load_app_state(state)
         reader.load_state_dict(progress["reader"])
         history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
@@ -138,6 +139,7 @@ def train_epochs(
             "history": history,
             "epoch_acc": acc,
             "world_size": ctx.world_size,
+            "sharding": plan,
         }
         checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
 
@@ -273,10 +275,9 @@ def train_run(
     stop_after_steps: int = 0,
     validation: Validation | None = None,
 ) -> dict[str, Any] | None:
-    """A stage's training in its run directory: config written (or checked, when resuming),
-    checkpoints per the config, resumed from the latest one. None when stopped on request
+    """A stage's training in its run directory (opened by ``rundir.open_run``): checkpoints per
+    the config, resumed from the newest valid one. None when stopped on request
     (``stop_after_steps``)."""
-    cfg.prepare_run_dir(out, ctx.is_main)
     checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     return train_epochs(
         reader,

@@ -31,6 +31,8 @@ from genctr_rec.models.negatives import NegativeSampler
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.loop import Validation, run_metrics, train_run
+from genctr_rec.training.rundir import open_run
+from genctr_rec.training.sharding import check_overrides
 
 logger = logging.getLogger(__name__)
 EVAL_CANDIDATES = 100
@@ -114,6 +116,14 @@ def pretrain(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict
     meta = DatasetMeta.read(cfg.data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
+    check_overrides(cfg.train.sharding)
+    with open_run(cfg, out, ctx):
+        return _train_and_evaluate(cfg, out, ctx, stop_after_steps)
+
+
+def _train_and_evaluate(
+    cfg: RunConfig, out: Path, ctx: DistContext, stop_after_steps: int
+) -> dict[str, Any] | None:
     built = build_model(cfg, ctx)
     dmp = built.dmp
     sampler = NegativeSampler.from_dataset(cfg.data, cfg.train.negatives, cfg.train.seed, ctx.rank)

@@ -93,18 +93,23 @@ def apply_fused_optimizer(tables: nn.Module, name: str, lr: float) -> None:
     apply_optimizer_in_backward(FUSED_OPTIMIZERS[name], tables.parameters(), {"lr": lr})
 
 
-def make_planner(
-    ctx: DistContext, batch_size: int, overrides: dict[str, str]
-) -> EmbeddingShardingPlanner:
-    """TorchRec's planner for this job's topology, per-table sharding types forced by
-    ``overrides`` (its ``plan(model, sharders())`` keeps the chosen options and their
-    storage / perf estimates, which the sharding benchmark reports)."""
+def check_overrides(overrides: dict[str, str]) -> None:
+    """``--sharding`` types must be TorchRec's (checked before a run directory is touched)."""
     for table, sharding in overrides.items():
         if sharding not in SHARDING_TYPES:
             raise ConfigError(
                 f"table {table}: unknown sharding type {sharding!r}; "
                 f"choose from {sorted(SHARDING_TYPES)}"
             )
+
+
+def make_planner(
+    ctx: DistContext, batch_size: int, overrides: dict[str, str]
+) -> EmbeddingShardingPlanner:
+    """TorchRec's planner for this job's topology, per-table sharding types forced by
+    ``overrides`` (its ``plan(model, sharders())`` keeps the chosen options and their
+    storage / perf estimates, which the sharding benchmark reports)."""
+    check_overrides(overrides)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
             world_size=ctx.world_size, local_world_size=ctx.local_world_size

@@ -1,0 +1,236 @@
+"""A training run's directory: checked, locked, configured, before any work is done.
+
+``open_run`` is what every stage enters first (rank 0 acts, every rank gets the same outcome):
+
+1. ``--out`` must be a run directory of ours (``config.json``), an empty directory, or not exist:
+   a directory of somebody else's files is refused rather than mixed with ours.
+2. It must be writable: a clear error names it otherwise, once, not one traceback a rank.
+3. It is locked (``RUN/.lock``: host, pid, process start time, job id, start date) for as long
+   as the stage runs, so that two jobs never train into the same directory. A lock left by a
+   dead process on this host is stale and taken over (and said so); a restart of the same
+   torchrun / torchx job (same ``TORCHELASTIC_RUN_ID``) takes over its own lock on any host; a
+   lock held elsewhere is refused with how to clear it.
+4. Its ``config.json`` is written, or compared with the existing run's for a resume. A run that
+   never wrote a checkpoint has nothing to resume: its configuration is replaced (a dataset
+   rejected at its first row group, corrected at another path, then runs in the same ``--out``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from genctr_rec.config import ConfigError, absolute_location
+from genctr_rec.training.distributed import DistContext
+
+logger = logging.getLogger(__name__)
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+SAVED_STATE = ("checkpoints", "checkpoint", "best")  # what a resume or a reader would use
+JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+
+
+class RunDirError(ConfigError):
+    """``--out`` cannot be used as this run's directory; the message says why and what to do."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), to tell a live owner from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's live process
+        return True
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    host: str
+    pid: int
+    process_start: str | None
+    job: str | None
+    since: str
+
+    @classmethod
+    def me(cls) -> LockOwner:
+        job = next((os.environ[v] for v in JOB_ID_VARIABLES if os.environ.get(v)), None)
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), job, since)
+
+    def describe(self) -> str:
+        job = f", job {self.job}" if self.job else ""
+        return f"pid {self.pid} on {self.host}{job}, since {self.since}"
+
+
+class RunLock:
+    """``RUN/.lock``, created exclusively; :meth:`release` removes it if it is still ours."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.owner = LockOwner.me()
+
+    def _read(self) -> LockOwner | None:
+        try:
+            return LockOwner(**json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None  # vanished, or half-written by a writer killed mid-write
+
+    def _write(self, exclusive: bool) -> None:
+        text = json.dumps(asdict(self.owner), indent=1)
+        if exclusive:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            return
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+    def acquire(self) -> None:
+        try:
+            self._write(exclusive=True)
+            return
+        except FileExistsError:
+            pass
+        holder = self._read()
+        me = self.owner
+        if holder is None:
+            reason = "unreadable lock file (its writer died while writing it)"
+        elif holder.job is not None and holder.job == me.job:
+            reason = f"a restart of the same job ({holder.describe()})"
+        elif holder.host == me.host and not _alive(holder.pid, holder.process_start):
+            reason = f"stale lock: {holder.describe()} is not running"
+        elif holder.host == me.host and holder.pid == me.pid:
+            reason = "already held by this process"
+        else:
+            where = "this host" if holder.host == me.host else holder.host
+            raise RunDirError(
+                f"{self.path.parent} is in use by {holder.describe()}. Two jobs cannot train "
+                f"into one directory: stop that job, or use another --out. If nothing on "
+                f"{where} uses it any more, delete {self.path}"
+            )
+        logger.warning("%s: taking over the lock (%s)", self.path, reason)
+        self._write(exclusive=False)
+
+    def release(self) -> None:
+        holder = self._read()
+        if holder is not None and (holder.host, holder.pid) == (self.owner.host, self.owner.pid):
+            self.path.unlink(missing_ok=True)
+
+
+def has_saved_state(run_dir: Path) -> bool:
+    """True when the run wrote anything a resume, an evaluation or an export would read."""
+    return any((run_dir / name).exists() for name in SAVED_STATE)
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """Refuse a directory that holds files and is not a run (no ``config.json``)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunDirError(f"--out {run_dir} is a file, not a directory")
+    if (run_dir / CONFIG_FILE).is_file():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise RunDirError(
+            f"--out {run_dir} holds files that are not a genctr run ({shown}; no {CONFIG_FILE}): "
+            "choose an empty or new directory"
+        )
+
+
+def make_writable_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(
+            f"cannot write to --out {run_dir}: {exc.strerror or exc}; choose a directory "
+            "this user can write"
+        ) from exc
+
+
+def write_or_check_config(cfg: Any, run_dir: Path) -> None:
+    """Write ``config.json``, or check it equals the saved one when there is a run to resume."""
+    path = run_dir / CONFIG_FILE
+    current = json.loads(json.dumps(cfg.to_json()))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        for key in ("data", "init_from"):  # written relative before 0.4
+            if saved.get(key):
+                saved[key] = absolute_location(saved[key])
+        if saved == current:
+            return
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if has_saved_state(run_dir):
+            raise RunDirError(
+                f"{run_dir} holds a run with a different configuration (differs in "
+                f"{changed}); resume it with the same arguments, or use another --out"
+            )
+        logger.warning(
+            "%s: replacing the configuration of a run that never saved a checkpoint "
+            "(differs in %s)",
+            run_dir,
+            changed,
+        )
+    cfg.save(run_dir)
+
+
+def _agree(ctx: DistContext, error: str | None) -> None:
+    """Every rank raises rank 0's error, or none does."""
+    if dist.is_initialized() and ctx.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RunDirError(error)
+
+
+@contextmanager
+def open_run(cfg: Any, run_dir: str | Path, ctx: DistContext) -> Iterator[Path]:
+    """Collective: the checked, locked, configured run directory, unlocked on leaving."""
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir)
+    error = None
+    if ctx.is_main:
+        try:
+            check_out_dir(run_dir)
+            make_writable_dir(run_dir)
+            lock.acquire()
+            try:
+                write_or_check_config(cfg, run_dir)
+            except BaseException:
+                lock.release()
+                raise
+        except (RunDirError, ConfigError) as exc:
+            error = str(exc)
+    _agree(ctx, error)
+    try:
+        yield run_dir
+    finally:
+        if ctx.is_main:
+            lock.release()
