@@ -161,23 +161,50 @@ def _machine_title(payload: dict) -> str:
 
 
 def _serving_latency(payload: dict, plt) -> Any:
+    """In process: p50 bars with p99 whiskers per mode; over HTTP: p50 / p99 and requests/s per
+    client count and batching, the in-process rate beside it."""
     rows = payload["in_process"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    for ax, history in zip(axes, (50, 200), strict=True):
+    for ax, history in zip(axes[:2], (50, 200), strict=True):
         sel = [r for r in rows if r["history"] == history and r["candidates"] == 100]
         x = np.arange(len(modes))
         for k, tables in enumerate(("fp32", "int8")):
-            p50 = [
-                next(r["p50_ms"] for r in sel if r["mode"] == m and r["tables"] == tables)
-                for m in modes
+            found = [
+                next(r for r in sel if r["mode"] == m and r["tables"] == tables) for m in modes
             ]
-            ax.bar(x + 0.4 * k, p50, 0.4, label=tables)
-        ax.set_xticks(x + 0.2, [m.replace(" (", "\n(") for m in modes], fontsize=7)
-        ax.set_title(f"100 candidates, history {history}")
-        ax.set_ylabel("p50 latency per request (ms)")
-        ax.legend()
-    fig.tight_layout()
+            p50 = np.array([r["p50_ms"] for r in found])
+            p99 = np.array([r["p99_ms"] for r in found])
+            ax.bar(x + 0.4 * k, p50, 0.4, label=f"{tables} p50")
+            ax.errorbar(
+                x + 0.4 * k, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt="none",
+                ecolor="black", capsize=3, label="p99" if k == 0 else None,
+            )  # fmt: skip
+        ax.set_xticks(x + 0.2, [m.replace(" (", "\n(") for m in modes], fontsize=8)
+        ax.set_title(f"in process: 100 candidates, history {history}", fontsize=10)
+        ax.set_ylabel("latency per request (ms)")
+        ax.legend(fontsize=8)
+    http = payload.get("http", [])
+    ax = axes[2]
+    if http:
+        labels = [
+            f"{r['clients']} client{'s' if r['clients'] > 1 else ''}\n"
+            f"batch {r['max_batch']}, wait {r['max_wait_ms']:g} ms"
+            for r in http
+        ]
+        x = np.arange(len(http))
+        ax.bar(x - 0.2, [r["p50_ms"] for r in http], 0.4, label="p50")
+        ax.bar(x + 0.2, [r["p99_ms"] for r in http], 0.4, label="p99")
+        for i, r in enumerate(http):
+            ax.annotate(
+                f"{r['requests_per_s']:.0f} req/s", (i, r["p99_ms"]), ha="center",
+                va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points",
+            )  # fmt: skip
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_ylabel("latency per request (ms)")
+        ax.set_title("over HTTP: 100 candidates, history 200", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
 
 
@@ -204,8 +231,9 @@ def _sharding_matrix(payload: dict, plt) -> Any:
     worlds = sorted({r["world"] for r in rows})
     speed_worlds = [w for w in (1, 2) if w in worlds] or worlds[:1]
     shardings = list(dict.fromkeys(r["sharding"] for r in rows))
+    colour = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(shardings)}
     nrows = len(speed_worlds) + 1
-    fig, axes = plt.subplots(nrows, len(dims), figsize=(6 * len(dims), 4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, len(dims), figsize=(7 * len(dims), 4 * nrows), squeeze=False)
 
     def ok(world: int, module: str, sharding: str, dim: int) -> list[dict]:
         key = (world, module, sharding, dim)
@@ -227,7 +255,7 @@ def _sharding_matrix(payload: dict, plt) -> Any:
             ax.plot(
                 sizes, [x["embedding_lookups_per_s"] for x in b], "k:", label="nn.Embedding sparse"
             )
-            for module, style in (("pooled", "-"), ("sequence", "-.")):
+            for module, style, marker in (("pooled", "-", "o"), ("sequence", "--", "s")):
                 for sharding in shardings:
                     sel = ok(world, module, sharding, dim)
                     if sel:
@@ -235,12 +263,13 @@ def _sharding_matrix(payload: dict, plt) -> Any:
                             [r["rows"] for r in sel],
                             [r["lookups_per_s"] for r in sel],
                             style,
-                            marker="o",
+                            color=colour[sharding],
+                            marker=marker,
                             label=f"{module} {sharding}",
                         )
             ax.set(xscale="log", yscale="log", xlabel="item rows", ylabel="lookups/s per rank")
-            ax.set_title(f"forward+backward, world size {world}, dim {dim}")
-            ax.legend(fontsize=6)
+            ax.set_title(f"forward+backward, world size {world}, dim {dim}", fontsize=10)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         ax = axes[-1][col]
         for sharding in shardings:
             for w in worlds:
@@ -249,13 +278,15 @@ def _sharding_matrix(payload: dict, plt) -> Any:
                     ax.plot(
                         [r["rows"] for r in sel],
                         [r["peak_rss_bytes"] / 2**30 for r in sel],
+                        ("-", "--", ":", "-.")[worlds.index(w) % 4],
+                        color=colour[sharding],
                         marker="o",
-                        label=f"{sharding} w{w}",
+                        label=f"{sharding}, {w} rank{'s' if w > 1 else ''}",
                     )
         ax.set(xscale="log", yscale="log", xlabel="item rows", ylabel="peak RSS per rank (GiB)")
-        ax.set_title(f"pooled tables, dim {dim}: memory per rank")
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+        ax.set_title(f"pooled tables, dim {dim}: memory per rank", fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
 
 
@@ -281,7 +312,9 @@ def plot(name: str) -> None:
 
     payload = json.loads((RESULTS / f"{name}.json").read_text())
     fig = PLOTTERS[name](payload, plt)
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    if not fig._suptitle:  # every figure says where it was measured
+        fig.text(0.995, 0.005, _machine_title(payload), ha="right", va="bottom", fontsize=8)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -6,12 +6,31 @@ only our own loggers speak at INFO.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
+from typing import Any
 
 OUR_LOGGERS = ("genctr", "genctr_rec")
 # TorchRec's planner warns about dry-run estimates and prints large stats tables at INFO
 QUIET_LOGGERS = ("torchrec.distributed.planner",)
+# The stack's own deprecation and TorchScript notices, one per library call we cannot change:
+# hidden unless -v. Anything not listed here still shows, through logging.
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"HeuristicalStorageReservation is known to cause issues"),
+    (FutureWarning, r"`broadcast_buffers` is deprecated"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized"),
+    (UserWarning, r"The TorchScript type system doesn't support instance-level annotations"),
+    (UserWarning, r"TorchScript will treat type annotations of Tensor dtype-specific subtypes"),
+    (DeprecationWarning, r"`torch\.jit\.(load|script|trace)` is deprecated"),
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (UserWarning, r"\s*Failed to import: fbgemm_gpu"),
+    (DeprecationWarning, r"\s*The Python module fbgemm_gpu\.split_table_batched_embeddings_ops"),
+)
+# loggers of the stack that warn through logging rather than warnings
+KNOWN_WARNING_LOGGERS = ("torch.fx._symbolic_trace",)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -25,3 +44,29 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)  # what still warns comes out in the same format
+    if not verbose:
+        hide_known_warnings()
+
+
+def hide_known_warnings() -> None:
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in KNOWN_WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """Floats rounded for people (metrics files keep full precision)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def as_json(value: Any, digits: int = 4) -> str:
+    """A result for a log line: compact JSON, floats rounded."""
+    return json.dumps(rounded(value, digits), sort_keys=True)

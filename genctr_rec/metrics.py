@@ -1,13 +1,23 @@
 """Evaluation metrics: AUC (torchmetrics), GAUC (per-user AUC weighted by impressions), LogLoss,
-and next-item HR@K / NDCG@K. Inputs are gathered from every rank first."""
+normalized entropy and calibration (TorchRec's own definitions, ``torchrec.metrics``), and
+next-item HR@K / NDCG@K.
+
+Exact AUC and GAUC need every prediction in one place: they are gathered to rank 0 only
+(:func:`on_main`), computed there, and the few numbers broadcast back."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
+from torchrec.metrics.calibration import compute_calibration
+from torchrec.metrics.ne import compute_cross_entropy, compute_ne
+
+NE_ETA = 1e-12  # TorchRec's NEMetric default
 
 
 def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -17,6 +27,28 @@ def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     parts: list[dict[str, np.ndarray] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, arrays)
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def gather_to_main(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Concatenate each array over ranks on rank 0 (None on the others)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return arrays
+    parts: list[dict[str, np.ndarray] | None] | None = (
+        [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    )
+    dist.gather_object(arrays, parts, dst=0)
+    if parts is None:
+        return None
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def on_main(arrays: dict[str, np.ndarray], compute: Callable[..., dict]) -> dict:
+    """``compute(**arrays)`` over every rank's rows, run on rank 0; every rank gets its result."""
+    gathered = gather_to_main(arrays)
+    result = [compute(**gathered) if gathered is not None else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray):
@@ -46,14 +78,32 @@ def _group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray):
 
 
 def ctr_metrics(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
-    """AUC, GAUC and LogLoss of click probabilities ``scores`` against 0/1 ``labels``."""
+    """AUC, GAUC, LogLoss, NE and calibration of click probabilities ``scores`` against 0/1
+    ``labels``.
+
+    NE (normalized entropy) is the cross-entropy over that of always predicting the base rate
+    (below 1 is better than the base rate); calibration is predicted clicks over actual clicks
+    (1 is calibrated). Both through ``torchrec.metrics``' functions, as production jobs report
+    them."""
     p = torch.from_numpy(scores.astype(np.float64))
     y = torch.from_numpy(labels.astype(np.float64))
     auc = float(binary_auroc(p, y.long()))
     logloss = float(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
     group_auc, n, valid = _group_auc(scores, labels, users)
     gauc = float((group_auc * n)[valid].sum() / n[valid].sum()) if valid.any() else float("nan")
-    return {"auc": auc, "gauc": gauc, "logloss": logloss, "rows": int(len(scores))}
+    ones = torch.ones_like(y)
+    ce_sum = compute_cross_entropy(y, p, ones, NE_ETA).sum()
+    positives = y.sum()
+    ne = compute_ne(ce_sum, ones.sum(), positives, ones.sum() - positives, NE_ETA)
+    calibration = compute_calibration(p.sum(), positives)
+    return {
+        "auc": auc,
+        "gauc": gauc,
+        "logloss": logloss,
+        "ne": float(ne),
+        "calibration": float(calibration),
+        "rows": int(len(scores)),
+    }
 
 
 def ranking_metrics(scores: torch.Tensor, k: int = 10) -> dict[str, float]:

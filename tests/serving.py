@@ -70,10 +70,8 @@ def score_body(rng: np.random.Generator, history: int, candidates: int) -> dict:
         "query_category_id": int(rng.integers(0, NUM_CATEGORIES)),
         "user_id": int(rng.integers(0, 700)),  # past the toy's 600 users: the default row
         "features": TOY_FEATURES,
-        "candidates": [
-            {"item_id": int(i), "category_id": int(rng.integers(0, NUM_CATEGORIES))}
-            for i in rng.integers(0, NUM_ITEMS, candidates)
-        ],
+        # candidates' categories come from the artifact's catalogue
+        "candidates": [{"item_id": int(i)} for i in rng.integers(0, NUM_ITEMS, candidates)],
     }
 
 

@@ -93,3 +93,40 @@ def test_auc_gauc_logloss_against_brute_force() -> None:
     p = np.clip(scores, 1e-7, 1 - 1e-7)
     expected = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
     assert out["logloss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_ne_and_calibration_against_their_definitions() -> None:
+    """NE: cross-entropy over the base rate's entropy; calibration: predicted over actual
+    clicks (TorchRec's functions, checked against the formulas)."""
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.01, 0.99, 3000)
+    y = (rng.random(3000) < p * 0.8).astype(np.float64)
+    m = ctr_metrics(p, y, rng.integers(0, 40, 3000))
+    base = y.mean()
+    logloss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    entropy = -(base * np.log(base) + (1 - base) * np.log(1 - base))
+    assert m["ne"] == pytest.approx(logloss / entropy, rel=1e-9)
+    assert m["calibration"] == pytest.approx(p.sum() / y.sum(), rel=1e-12)
+    assert m["calibration"] > 1.1  # the labels were drawn at 0.8 p: over-predicting
+    constant = ctr_metrics(np.full(3000, base), y, np.zeros(3000))
+    assert constant["ne"] == pytest.approx(1.0, abs=1e-9)  # the base rate itself: NE 1
+
+
+def _metrics_on_ranks(rank: int, world: int, seed: int) -> dict:
+    from genctr_rec.metrics import on_main
+
+    rng = np.random.default_rng(seed)
+    p, y, u = rng.uniform(size=900), rng.integers(0, 2, 900), rng.integers(0, 30, 900)
+    mine = slice(rank * 900 // world, (rank + 1) * 900 // world)
+    return on_main({"scores": p[mine], "labels": y[mine], "users": u[mine]}, ctr_metrics)
+
+
+@pytest.mark.slow
+def test_metrics_over_ranks_equal_one_process() -> None:
+    """Gathered to rank 0 only, computed there, the figures broadcast: every rank reports
+    what one process computes over all rows."""
+    from tests.distributed import run_ranks
+
+    whole = _metrics_on_ranks(0, 1, 9)
+    for result in run_ranks(_metrics_on_ranks, 3, 9):
+        assert result == whole

@@ -181,3 +181,30 @@ def test_serve_component_is_a_replicated_service_with_a_port() -> None:
         command = " ".join(container["command"])
         assert "serve --host 0.0.0.0 --port 8080 --artifact /models/a" in command
         assert container["ports"][0]["containerPort"] == 8080
+
+
+def test_plain_kubernetes_dryrun_needs_no_docker_daemon() -> None:
+    """.torchxconfig sets no workspace: the documented command works as typed, with no
+    `--workspace ""` and no Docker daemon, and runs the image it is given."""
+    proc = _torchx(
+        "run", "--dryrun", "-s", "kubernetes", "launchers/genctr.py:pretrain",
+        "--image", "registry/genctr:2", "--", "--data", "/d", "--out", "/r",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = yaml.safe_load(proc.stdout.split("=== SCHEDULER REQUEST ===", 1)[1])
+    (container,) = job["spec"]["tasks"][0]["template"]["spec"]["containers"]
+    assert container["image"] == "registry/genctr:2"
+
+
+def test_image_recipe_installs_through_the_project_script() -> None:
+    """Dockerfile.torchx (torchx's workspace convention) copies only paths that exist, installs
+    with scripts/install.sh and puts its environment on PATH; .dockerignore keeps the local
+    environment and runs out of the build context."""
+    recipe = (ROOT / "Dockerfile.torchx").read_text().splitlines()
+    copies = [line.split()[1] for line in recipe if line.startswith("COPY ")]
+    for source in copies:
+        assert (ROOT / source).exists(), source
+    assert any(line.startswith("RUN scripts/install.sh") for line in recipe)
+    assert "ENV PATH=/app/.venv/bin:${PATH}" in recipe
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv/", "runs/", ".git/"} <= set(ignored)

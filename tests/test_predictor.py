@@ -37,15 +37,22 @@ class CountingModel:
 
 
 def _request(
-    rng: np.random.Generator, history: int, candidates: int, cats: int, make=Request
+    rng: np.random.Generator,
+    history: int,
+    candidates: int,
+    cats: int,
+    catalogue: np.ndarray,
+    make=Request,
 ) -> PlainRequest:
-    categories = rng.choice(NUM_CATEGORIES, cats, replace=False)
+    """Candidates from ``cats`` categories, each with its catalogue category."""
+    categories = rng.choice(np.unique(catalogue), cats, replace=False)
+    items = rng.choice(np.flatnonzero(np.isin(catalogue, categories)), candidates)
     return make(
         history_items=rng.integers(0, NUM_ITEMS, history).tolist(),
         history_categories=rng.integers(0, NUM_CATEGORIES, history).tolist(),
         query_category=int(categories[0]),
-        candidate_items=rng.integers(0, NUM_ITEMS, candidates).tolist(),
-        candidate_categories=rng.choice(categories, candidates).tolist(),
+        candidate_items=items.tolist(),
+        candidate_categories=catalogue[items].tolist(),
     )
 
 
@@ -57,7 +64,7 @@ def genctr(artifacts: dict) -> Predictor:
 def test_context_once_per_distinct_category_then_cached(genctr: Predictor) -> None:
     counting = CountingModel(genctr.model)
     genctr.model = counting
-    request = _request(np.random.default_rng(0), history=30, candidates=100, cats=3)
+    request = _request(np.random.default_rng(0), 30, 100, 3, genctr.item_categories)
     assert len(set(request.candidate_categories)) == 3
     first = genctr.score(request)
     assert counting.context_rows == [3]  # 100 candidates, 3 categories: 3 decoder rows
@@ -78,7 +85,9 @@ def test_cache_and_batching_change_no_score(artifacts: dict) -> None:
     cached, uncached = Predictor(path, cache_size=1000), Predictor(path, cache_size=0)
     assert uncached.cache is None
     rng = np.random.default_rng(1)
-    requests = [_request(rng, h, c, k) for h, c, k in [(0, 5, 2), (12, 40, 4), (50, 1, 1)] * 2]
+    catalogue = cached.item_categories
+    sizes = [(0, 5, 2), (12, 40, 4), (50, 1, 1)] * 2
+    requests = [_request(rng, h, c, k, catalogue) for h, c, k in sizes]
     one_by_one = [uncached.score(r) for r in requests]
     batched = cached.score_prepared([cached.prepare(r) for r in requests])
     for a, b in zip(one_by_one, batched, strict=True):
@@ -111,8 +120,28 @@ def test_cache_is_bounded_lru() -> None:
 def test_backbone_without_mi_has_no_cache(artifacts: dict) -> None:
     predictor = Predictor(artifacts["ta64-none"]["path"])
     assert predictor.cache is None
-    scores = predictor.score(_request(np.random.default_rng(2), 10, 7, 2, PlainRequest))
+    request = _request(np.random.default_rng(2), 10, 7, 2, predictor.item_categories, PlainRequest)
+    scores = predictor.score(request)
     assert scores.shape == (7,) and np.all((scores > 0) & (scores < 1))
+
+
+def test_a_candidate_category_against_the_catalogue_is_refused_unless_trusted(
+    artifacts: dict,
+) -> None:
+    path = artifacts["genctr-none"]["path"]
+    strict = Predictor(path)
+    item = 7
+    right = int(strict.item_categories[item])
+    wrong = (right + 1) % NUM_CATEGORIES
+    assert strict.score(Request([1], [0], 0, [3, item], [None, right])).shape == (2,)
+    with pytest.raises(RequestError) as err:
+        strict.score(Request([1], [0], 0, [3, item], [None, wrong]))
+    assert err.value.field == "candidates[1].category_id"
+    assert f"item {item} is in category {right}" in err.value.message
+    trusting = Predictor(path, trust_request_categories=True)
+    as_given = trusting.score(Request([1], [0], 0, [item], [wrong]))
+    as_catalogue = trusting.score(Request([1], [0], 0, [item]))
+    assert as_given.shape == (1,) and not np.allclose(as_given, as_catalogue)
 
 
 def test_oov_reject_names_the_field(genctr: Predictor) -> None:

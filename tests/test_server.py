@@ -12,7 +12,14 @@ import pytest
 
 from genctr_rec.serving.predictor import Predictor
 from tests.helpers import TOY_FEATURES
-from tests.serving import NUM_ITEMS, as_request, score_body, start_server, stop_server
+from tests.serving import (
+    NUM_CATEGORIES,
+    NUM_ITEMS,
+    as_request,
+    score_body,
+    start_server,
+    stop_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +45,72 @@ def test_scores_equal_the_predictor(server) -> None:
 
 def test_metadata_health_and_openapi(server) -> None:
     url, _ = server
-    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    for path in ("/healthz", "/readyz", "/livez"):
+        assert httpx.get(f"{url}{path}").json() == {"status": "ok"}
     meta = httpx.get(f"{url}/metadata").json()
     assert meta["quantize"] == "int8" and meta["model_integration"] is True
     assert meta["num_items"] == NUM_ITEMS and meta["oov_policy"] == "reject"
     assert meta["limits"]["max_candidates"] == 200
+    assert meta["ready"] is True and meta["warm_up_s"] > 0  # warmed up before ready
+    assert meta["categories"] == "catalogue"
     spec = httpx.get(f"{url}/openapi.json").json()
-    assert {"/score", "/healthz", "/metadata"} <= set(spec["paths"])
+    assert {"/score", "/healthz", "/readyz", "/livez", "/metadata", "/metrics"} <= set(
+        spec["paths"]
+    )
     assert "ScoreBody" in spec["components"]["schemas"]
+    declared = spec["paths"]["/score"]["post"]["responses"]
+    assert {"413", "422"} <= set(declared)
+    assert declared["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse"
+    )
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value from Prometheus exposition text."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == (f"{name}{{{want}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_prometheus_metrics_count_requests_latency_batches_and_cache(server) -> None:
+    url, path = server
+    catalogue = Predictor(path).item_categories
+    before = httpx.get(f"{url}/metrics").text
+    body = score_body(np.random.default_rng(31), 6, 3)
+    for _ in range(5):
+        assert httpx.post(f"{url}/score", json=body).status_code == 200
+    assert httpx.post(f"{url}/score", json={"history": {}}).status_code == 422
+    response = httpx.get(f"{url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    after = response.text
+
+    def grew(name: str, **labels: str) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew("genctr_requests_total", route="/score", status="200") == 5
+    assert grew("genctr_requests_total", route="/score", status="422") == 1
+    assert grew("genctr_request_seconds_count", route="/score") == 6
+    assert grew("genctr_batch_requests_count") == 5  # the 422 never reached the model
+    # g(s, c) once per distinct candidate category, then from the cache
+    categories = len({int(catalogue[c["item_id"]]) for c in body["candidates"]})
+    assert grew("genctr_context_cache_misses") == categories
+    assert grew("genctr_context_cache_hits") == 4 * categories
+    assert _metric(after, "genctr_ready") == 1
+
+
+def test_a_candidate_category_against_the_catalogue_gets_422(server) -> None:
+    url, path = server
+    catalogue = Predictor(path).item_categories
+    body = score_body(np.random.default_rng(32), 3, 2)
+    item = body["candidates"][1]["item_id"]
+    body["candidates"][1]["category_id"] = int(catalogue[item] + 1) % NUM_CATEGORIES
+    response = httpx.post(f"{url}/score", json=body)
+    assert response.status_code == 422
+    assert response.json()["field"] == "candidates[1].category_id"
+    assert "--trust-request-categories" in response.json()["detail"]
 
 
 BAD_REQUESTS = {

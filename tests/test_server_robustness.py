@@ -254,9 +254,11 @@ def test_soak_of_valid_and_malformed_requests(server) -> None:
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(artifacts: dict) -> None:
     """Requests held in a batch (max-wait 1.5 s) when SIGTERM arrives are all answered, then
-    the process exits 0 and stops accepting connections."""
+    the process exits 0 and stops accepting connections; the access log lists them."""
     path = artifacts["genctr-int8"]["path"]
-    proc, url = start_server(path, "--max-wait-ms", "1500", "--shutdown-timeout", "20")
+    proc, url = start_server(
+        path, "--max-wait-ms", "1500", "--shutdown-timeout", "20", "--access-log"
+    )
     try:
         rng = np.random.default_rng(8)
         bodies = [score_body(rng, 10, 4) for _ in range(6)]
@@ -282,6 +284,7 @@ def test_sigterm_drains_in_flight_requests(artifacts: dict) -> None:
             httpx.get(f"{url}/healthz", timeout=2)
         log = proc.stdout.read()
         assert "draining" in log and "Traceback" not in log, log[-2000:]
+        assert log.count('"POST /score HTTP/1.1" 200') == 6, "the access log has every request"
     finally:
         if proc.poll() is None:
             stop_server(proc)

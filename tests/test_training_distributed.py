@@ -301,8 +301,9 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     assert handoff["world_size"] == 1 and handoff["loaded_tensors"] == 2
     out = _torchrun(["evaluate", "--data", str(data), "--run-dir", str(tmp_path / "ft")], tmp_path)
     last = json.loads(out.strip().splitlines()[-1])
-    assert set(last) == {"auc", "gauc", "logloss", "rows"}
-    assert last["auc"] == pytest.approx(test["auc"], abs=1e-6)
+    assert set(last) == {"auc", "gauc", "logloss", "ne", "calibration", "rows"}
+    for name in ("auc", "gauc", "ne", "calibration"):
+        assert last[name] == pytest.approx(test[name], abs=1e-6), name
     assert last["rows"] == test["rows"]
     # serving handoff: one process exports the 2-rank sharded checkpoint
     exported = subprocess.run(

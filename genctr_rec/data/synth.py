@@ -44,6 +44,7 @@ from genctr_rec.data.schema import (
     DatasetMeta,
 )
 from genctr_rec.data.writer import PartitionWriter, atomic_directory
+from genctr_rec.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +446,7 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
             "test": PartitionWriter(tmp / "test", impression_schema, cfg.row_group_size),
             "sequences": PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, cfg.row_group_size),
         }
+        progress = Progress(f"simulating {out}", cfg.num_users, "user")
         try:
             for first in range(0, cfg.num_users, cfg.users_per_chunk):
                 n = min(cfg.users_per_chunk, cfg.num_users - first)
@@ -459,8 +461,9 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
                 writers["sequences"].write(seq)
                 counts["sequences"] += seq.num_rows
                 counts["clicks"] += int(clicks["count"].sum())
-                logger.info("simulated users %d..%d", first, first + n)
+                progress.update(n, impressions=f"{counts['train'] + counts['test']:,}")
         finally:
+            progress.close()
             for writer in writers.values():
                 writer.close()
         meta = DatasetMeta(

@@ -33,6 +33,7 @@ from genctr_rec.data.schema import (
     DatasetMeta,
     split_files,
 )
+from genctr_rec.progress import Progress
 
 
 @dataclass
@@ -184,16 +185,21 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
     }
     summaries: dict[str, SplitSummary] = {}
     splits = ["train", "test"] + ([VALID_SPLIT] if (data_dir / VALID_SPLIT).is_dir() else [])
+    files = {split: split_files(data_dir, split) for split in [*splits, "sequences"]}
+    progress = Progress(f"validate {data_dir}", sum(map(len, files.values())), "file")
     for split in splits:
         summary = SplitSummary()
-        for path in split_files(data_dir, split):
+        for path in files[split]:
             _validate_impressions(path, meta, item_category, summary)
+            progress.update(1, rows=f"{summary.rows:,}")
         if summary.rows == 0:
             raise DataFormatError(data_dir / split, f"the '{split}' split holds no rows")
         summaries[split] = summary
     seq = SplitSummary()
-    for path in split_files(data_dir, "sequences"):
+    for path in files["sequences"]:
         _validate_sequences(path, meta, seq)
+        progress.update(1)
+    progress.close()
     if seq.rows == 0:
         raise DataFormatError(data_dir / "sequences", "the pre-training corpus holds no rows")
     train, test = summaries["train"], summaries["test"]

@@ -48,6 +48,7 @@ from genctr_rec.factory import build_stage_model, feature_schema
 from genctr_rec.metrics import ctr_metrics
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.jagged import to_padded
+from genctr_rec.progress import Progress
 from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.model import build_serving_model
 
@@ -143,11 +144,13 @@ def compare_on_split(
         data, split, batch_size, shuffle=False, max_history=max_history, features=features
     )
     ours, theirs, labels, users = [], [], [], []
-    for batch in reader:
-        theirs.append(torch.sigmoid(trained(*batch.model_inputs())).double().numpy())
-        ours.append(served(*impressions_as_requests(batch).args()).double().numpy())
-        labels.append(batch.labels.numpy())
-        users.append(batch.user_ids.numpy())
+    with Progress(f"export check on {split}", len(reader), "batch") as progress:
+        for batch in reader:
+            theirs.append(torch.sigmoid(trained(*batch.model_inputs())).double().numpy())
+            ours.append(served(*impressions_as_requests(batch).args()).double().numpy())
+            labels.append(batch.labels.numpy())
+            users.append(batch.user_ids.numpy())
+            progress.update(1, batch.batch_size)
     ours_a, theirs_a = np.concatenate(ours), np.concatenate(theirs)
     labels_a, users_a = np.concatenate(labels), np.concatenate(users)
     return {

@@ -26,6 +26,7 @@ item features come from the artifact's catalogue for each candidate.
 import hashlib
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ class Predictor:
         oov: str = "reject",
         max_candidates: int = 1000,
         max_request_history: int = 10_000,
+        trust_request_categories: bool = False,
     ) -> None:
         if oov not in OOV_POLICIES:
             raise ValueError(f"oov must be one of {OOV_POLICIES}, got {oov!r}")
@@ -173,6 +175,7 @@ class Predictor:
         self.oov = oov
         self.max_candidates = max_candidates
         self.max_request_history = max_request_history
+        self.trust_request_categories = trust_request_categories
         self.cache = ContextCache(cache_size) if cache_size > 0 and self.model_integration else None
         self.schema = self.artifact.features
         self.catalogue = self.artifact.catalogue
@@ -223,6 +226,8 @@ class Predictor:
                 f"candidates[{bad}].category_id",
                 f"{cand_cats[bad]} is outside [0, {self.num_categories})",
             )
+        if request.candidate_categories is not None and not self.trust_request_categories:
+            self._check_against_catalogue(cand_items, cand_cats)
         key = b""
         if self.cache is not None:
             key = hashlib.blake2b(items.tobytes() + b"|" + cats.tobytes(), digest_size=16).digest()
@@ -269,6 +274,19 @@ class Predictor:
             values[name] = array
         return user_row, values
 
+    def _check_against_catalogue(self, items: np.ndarray, cats: np.ndarray) -> None:
+        """A candidate's category must be its catalogue's: the model was trained so, and a
+        wrong one is scored silently wrong."""
+        known = self.item_categories[items]
+        wrong = np.flatnonzero(cats != known)
+        if wrong.size:
+            i = int(wrong[0])
+            raise RequestError(
+                f"candidates[{i}].category_id",
+                f"{cats[i]} contradicts the catalogue (item {items[i]} is in category "
+                f"{known[i]}); leave category_id out, or serve with --trust-request-categories",
+            )
+
     def _categories(
         self, given: Sequence[int | None] | None, items: np.ndarray, name: str
     ) -> np.ndarray:
@@ -300,6 +318,29 @@ class Predictor:
         raise RequestError(
             f"history.{field_name}[{bad}]", f"{value} is outside the vocabulary [0, {vocab})"
         )
+
+    def warm_up(self, rounds: int = 3, candidates: int = 100) -> float:
+        """Score a synthetic request of a typical size ``rounds`` times (TorchScript's profiling
+        runs, allocator arenas), leaving the cache as it was. Returns the seconds it took."""
+        started = time.perf_counter()
+        features: dict[str, object] = {}
+        for spec in self.schema.of("impression") if self.schema is not None else []:
+            features[spec.name] = 0.0 if spec.kind == "dense" else 0 if spec.kind == "id" else [0]
+        history = np.arange(min(self.max_history, 50)) % self.num_items
+        request = Request(
+            history.tolist(),
+            None,
+            int(self.item_categories[0]),
+            (np.arange(min(candidates, self.num_items)) % self.num_items).tolist(),
+            features=features,
+        )
+        cache, self.cache = self.cache, None
+        try:
+            for _ in range(rounds):
+                self.score(request)
+        finally:
+            self.cache = cache
+        return time.perf_counter() - started
 
     # -- scoring ----------------------------------------------------------------------------
     def score(self, request: Request) -> np.ndarray:

@@ -1,12 +1,16 @@
 """``genctr serve``: the HTTP scoring service (FastAPI on uvicorn).
 
-Endpoints: ``POST /score``, ``GET /healthz``, ``GET /metadata``, and FastAPI's ``/openapi.json``
-and ``/docs``. Concurrent requests are micro-batched: each batch takes every request that queued
-while the model was busy with the previous one (up to ``max_batch``), and optionally waits
+Endpoints: ``POST /score``; ``GET /livez`` (the process answers), ``GET /readyz`` and
+``/healthz`` (503 until a warm-up of the model has run, then 200), ``GET /metadata``,
+``GET /metrics`` (Prometheus), and FastAPI's ``/openapi.json`` and ``/docs``.
+
+Concurrent requests are micro-batched: each batch takes every request that queued while the
+model was busy with the previous one (up to ``max_batch``), and optionally waits
 ``max_wait_ms`` for more; it is scored in one model call on one worker thread (the event loop
-never runs the model). With the default ``max_wait_ms=0`` a lone request waits for nothing, and
-batches grow by themselves under load. Every bad request gets a
-4xx with a message; an unexpected failure gets a 500 for the requests of that batch only.
+never runs the model). With the default ``max_wait_ms=0`` a lone request waits for nothing,
+and batches grow by themselves under load. Every bad request gets a 4xx
+``{"detail", "field"}``; an unexpected failure gets a 500 for the requests of that batch only.
+SIGTERM stops accepting and drains what was received.
 """
 
 import asyncio
@@ -22,12 +26,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genctr_rec.serving.predictor import Predictor, PreparedRequest, RequestError
 from genctr_rec.serving.predictor import Request as ScoringRequest
+from genctr_rec.serving.telemetry import MeasuredApp, ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class ServeConfig:
     max_wait_ms: float = 0.0
     max_body_bytes: int = 1 << 20
     shutdown_timeout_s: float = 30.0
+    warm_up_rounds: int = 3
 
 
 class BodyLimit:
@@ -137,8 +143,10 @@ class MicroBatcher:
         score_batch: Callable[[list[PreparedRequest]], list[np.ndarray]],
         max_batch: int,
         max_wait_ms: float,
+        observe_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.score_batch = score_batch
+        self.observe_batch = observe_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -194,6 +202,8 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.requests += len(live)
+            if self.observe_batch is not None:
+                self.observe_batch(len(live))
             for (_, future), result in zip(live, results, strict=True):
                 if not future.done():
                     future.set_result(result)
@@ -202,13 +212,34 @@ class MicroBatcher:
 def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
     """The ASGI application (FastAPI wrapped in the body-size limit)."""
     config = config or ServeConfig()
-    batcher = MicroBatcher(predictor.score_prepared, config.max_batch, config.max_wait_ms)
+    telemetry = ServiceMetrics(predictor.cache.stats if predictor.cache is not None else None)
+    batcher = MicroBatcher(
+        predictor.score_prepared,
+        config.max_batch,
+        config.max_wait_ms,
+        telemetry.batch_size.observe,
+    )
     started = time.time()
+    state: dict[str, Any] = {"ready": False, "warm_up_s": None}
+
+    async def warm_up() -> None:
+        """On the scoring thread, so that it never runs beside a batch; ready when done."""
+        if config.warm_up_rounds > 0:
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                batcher.executor, predictor.warm_up, config.warm_up_rounds
+            )
+            state["warm_up_s"] = round(seconds, 3)
+            telemetry.warm_up_seconds.set(seconds)
+            logger.info("warmed up in %.2f s: ready", seconds)
+        state["ready"] = True
+        telemetry.ready.set(1)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         batcher.start()
+        warming = asyncio.get_running_loop().create_task(warm_up())
         yield
+        warming.cancel()
         await batcher.stop()
 
     app = FastAPI(
@@ -241,10 +272,24 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
         message = str(first.get("msg", "invalid request"))
         return JSONResponse({"detail": message, "field": ".".join(where) or None}, status_code=422)
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: the model is loaded and the batcher is running."""
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        """Liveness: the process answers (while warming up too)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "still warming up"}})
+    @app.get("/healthz", responses={503: {"description": "still warming up"}})
+    async def readyz() -> JSONResponse:
+        """Readiness: the model is loaded and warmed up, the batcher running; 503 before."""
+        if state["ready"]:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "warming up"}, status_code=503)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus exposition: requests, latency, batch sizes, cache, readiness."""
+        body, content_type = telemetry.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/metadata")
     async def metadata() -> dict[str, Any]:
@@ -271,6 +316,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
                 "requests": batcher.requests,
             },
             "cache": predictor.cache.stats() if predictor.cache is not None else None,
+            "categories": "trusted" if predictor.trust_request_categories else "catalogue",
+            "ready": state["ready"],
+            "warm_up_s": state["warm_up_s"],
             "uptime_s": round(time.time() - started, 1),
         }
 
@@ -296,7 +344,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
         result = await batcher.submit(prepared)
         return ScoreResponse(scores=result.tolist())
 
-    return BodyLimit(app, config.max_body_bytes)
+    return MeasuredApp(BodyLimit(app, config.max_body_bytes), telemetry)
 
 
 class DrainingServer:
@@ -323,7 +371,7 @@ class DrainingServer:
             app,
             host=host,
             port=port,
-            log_level="warning",
+            log_config=None,  # our logging set-up and format; levels set by serve()
             timeout_graceful_shutdown=shutdown_timeout_s,
         )
         # uvicorn re-raises the signal once it has shut down; drained is a clean exit
@@ -345,8 +393,14 @@ def serve(
     oov: str = "reject",
     max_candidates: int = 1000,
     max_request_history: int = 10_000,
+    trust_request_categories: bool = False,
+    access_log: bool = False,
 ) -> None:
     config = config or ServeConfig()
-    predictor = Predictor(artifact, cache_size, oov, max_candidates, max_request_history)
+    predictor = Predictor(
+        artifact, cache_size, oov, max_candidates, max_request_history, trust_request_categories
+    )
+    logging.getLogger("uvicorn.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     logger.info("serving %s on http://%s:%d", artifact, host, port)
     DrainingServer.run(create_app(predictor, config), host, port, config.shutdown_timeout_s)

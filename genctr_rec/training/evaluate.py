@@ -14,7 +14,8 @@ from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import TimeRange
 from genctr_rec.factory import feature_schema
-from genctr_rec.metrics import ctr_metrics, gather_arrays
+from genctr_rec.metrics import ctr_metrics, on_main
+from genctr_rec.progress import Progress
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 
@@ -40,20 +41,20 @@ def evaluate_ctr(
         reader = eval_reader(data, split, batch_size, ctx, max_history, features, time_range)
     reader.set_epoch(0)
     scores, labels, users = [], [], []
-    for batch in reader:
-        logits = dmp(*batch.to(ctx.device).model_inputs())
-        scores.append(torch.sigmoid(logits).double().cpu().numpy())
-        labels.append(batch.labels.numpy())
-        users.append(batch.user_ids.numpy())
+    with Progress(f"evaluate {split}", len(reader), "batch", ctx.is_main) as progress:
+        for batch in reader:
+            logits = dmp(*batch.to(ctx.device).model_inputs())
+            scores.append(torch.sigmoid(logits).double().cpu().numpy())
+            labels.append(batch.labels.numpy())
+            users.append(batch.user_ids.numpy())
+            progress.update(1, batch.batch_size * ctx.world_size)
     model.train()
-    gathered = gather_arrays(
-        {
-            "scores": np.concatenate(scores),
-            "labels": np.concatenate(labels),
-            "users": np.concatenate(users),
-        }
-    )
-    return ctr_metrics(gathered["scores"], gathered["labels"], gathered["users"])
+    arrays = {
+        "scores": np.concatenate(scores),
+        "labels": np.concatenate(labels),
+        "users": np.concatenate(users),
+    }
+    return on_main(arrays, ctr_metrics)
 
 
 def eval_reader(

@@ -29,10 +29,11 @@ from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.factory import feature_schema
+from genctr_rec.logs import as_json
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
-from genctr_rec.training.loop import Validation, run_metrics, train_run
+from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
 
@@ -155,7 +156,8 @@ def _train_and_test(
         "validation_split": split.describe(),
         "test": test,
     }
+    write_hparams(out, cfg, test, ctx)
     if ctx.is_main:
         atomic_write_json(out / "metrics.json", metrics)
-    logger.info("finetune done: %s", test)
+    logger.info("finetune done: %s", as_json(test))
     return metrics

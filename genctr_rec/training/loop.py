@@ -1,14 +1,13 @@
 """The training loop shared by both stages: epochs over a reader, one optimizer step per batch,
 validation every N steps and at each epoch end with early stopping and the best model kept,
 checkpoints every N steps and at each epoch end, exact resume from the latest checkpoint,
-progress on rank 0 (tqdm), TensorBoard scalars, and the loss history."""
+progress on rank 0 (genctr_rec.progress), TensorBoard scalars, and the loss history."""
 
 from __future__ import annotations
 
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from genctr_rec.checkpoint import CheckpointManager
+from genctr_rec.progress import Progress
 from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.sharding import sharding_summary
 
@@ -56,6 +55,16 @@ def _new_history() -> dict[str, Any]:
     }
 
 
+def learning_rates(built: Any) -> dict[str, float]:
+    """The tables' fused optimizer and the dense parameter groups (the second, when there is
+    one, is an inherited decoder's: ``--decoder-lr``)."""
+    rates = {"embeddings": float(built.embedding_lr)}
+    names = ("dense", "decoder")
+    for i, group in enumerate(getattr(built.dense_optimizer, "param_groups", [])):
+        rates[names[i] if i < len(names) else f"dense{i}"] = float(group["lr"])
+    return rates
+
+
 def tensorboard_writer(run_dir: Path, ctx: DistContext):
     """A SummaryWriter on rank 0, None elsewhere (or when tensorboard is unavailable)."""
     if not ctx.is_main:
@@ -65,6 +74,33 @@ def tensorboard_writer(run_dir: Path, ctx: DistContext):
     except ImportError:  # pragma: no cover - tensorboard is a declared dependency
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def hparams_of(cfg: Any) -> dict[str, int | float | str | bool]:
+    """The run's configuration flattened for TensorBoard's HPARAMS tab (``model.dim``, ...)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in cfg.to_json().items():
+        inner = value.items() if isinstance(value, dict) and key in ("model", "train") else None
+        for name, item in inner or [(None, value)]:
+            full = f"{key}.{name}" if name else key
+            if isinstance(item, bool | int | float | str):
+                flat[full] = item
+            elif item is None:
+                flat[full] = "none"
+            elif isinstance(item, dict) and key == "train" and name == "sharding":
+                flat[full] = ",".join(f"{t}={k}" for t, k in sorted(item.items())) or "auto"
+    return flat
+
+
+def write_hparams(run_dir: Path, cfg: Any, results: dict[str, Any], ctx: DistContext) -> None:
+    """The configuration and the final figures into the run's TensorBoard directory, so that
+    ``tensorboard --logdir runs/`` compares runs by their settings."""
+    writer = tensorboard_writer(run_dir, ctx)
+    if writer is None:
+        return
+    numbers = {f"test/{k}": float(v) for k, v in results.items() if isinstance(v, float)}
+    writer.add_hparams(hparams_of(cfg), numbers, run_name=".")
+    writer.close()
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -82,6 +118,14 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
     random.setstate(state["python"])
     for name, g in generators.items():
         g.set_state(state["generators"][name])
+
+
+def _steps_left(reader: Any) -> int | None:
+    """Batches this rank still reads this epoch (None when the reader cannot say)."""
+    try:
+        return len(reader) - reader.state_dict().get("batches_done", 0)
+    except TypeError:
+        return None
 
 
 def train_epochs(
@@ -160,7 +204,7 @@ def train_epochs(
         if writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, float):
-                    writer.add_scalar(f"valid/{name}", value, global_step)
+                    writer.add_scalar(f"eval/{name}", value, global_step)
         logger.info(
             "%s validation at step %d: %s %.4f (best %.4f at step %d)",
             desc,
@@ -184,15 +228,10 @@ def train_epochs(
             acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
         mid_epoch = False
         start = time.perf_counter()
-        show = ctx.is_main and sys.stderr.isatty()  # a bar in a log file is noise
-        bar = tqdm(
-            reader,
-            desc=f"{desc} epoch {epoch + 1}/{epochs}",
-            disable=not show,
-            leave=False,
-            mininterval=1.0,
+        progress = Progress(
+            f"{desc} epoch {epoch + 1}/{epochs}", _steps_left(reader), enabled=ctx.is_main
         )
-        for batch in bar:
+        for batch in reader:
             built.dense_optimizer.zero_grad(set_to_none=True)
             loss = step(batch)
             loss.backward()
@@ -207,9 +246,8 @@ def train_epochs(
             acc["examples"] += batch.batch_size
             global_step += 1
             if writer is not None:
-                writer.add_scalar(f"{desc}/loss", value, global_step)
-            if acc["count"] % 20 == 0:
-                bar.set_postfix(loss=f"{acc['total'] / acc['count']:.4f}")
+                writer.add_scalar("train/loss", value, global_step)
+            progress.update(1, batch.batch_size * ctx.world_size, loss=acc["total"] / acc["count"])
             if (
                 validation is not None
                 and validation.every_steps > 0
@@ -226,17 +264,24 @@ def train_epochs(
                 if checkpoints is not None:
                     save()
             if stopping:
+                progress.close()
                 logger.info("stopping after step %d as asked; run again to resume", global_step)
                 if writer is not None:
                     writer.close()
                 return None
             if finished():
                 break
+        progress.close()
         acc["seconds"] += time.perf_counter() - start
         history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
         history["examples_per_s"].append(
             acc["examples"] * ctx.world_size / max(acc["seconds"], 1e-9)
         )
+        if writer is not None:
+            writer.add_scalar("train/epoch_loss", history["epoch_loss"][-1], global_step)
+            writer.add_scalar("train/examples_per_s", history["examples_per_s"][-1], global_step)
+            for name, lr in learning_rates(built).items():
+                writer.add_scalar(f"train/lr/{name}", lr, global_step)
         logger.info(
             "%s epoch %d: loss %.4f, %.0f examples/s over %d ranks",
             desc,

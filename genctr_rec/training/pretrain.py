@@ -26,11 +26,12 @@ from genctr_rec.config import RunConfig
 from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.writer import atomic_write_json
+from genctr_rec.logs import as_json
 from genctr_rec.metrics import gather_arrays
 from genctr_rec.models.negatives import NegativeSampler
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
-from genctr_rec.training.loop import Validation, run_metrics, train_run
+from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
 
@@ -177,7 +178,8 @@ def _train_and_evaluate(
         "negatives": cfg.train.negatives,
         **quality,
     }
+    write_hparams(out, cfg, quality, ctx)
     if ctx.is_main:
         atomic_write_json(out / "metrics.json", metrics)
-    logger.info("pretrain done: %s", {k: v for k, v in metrics.items() if "@" in k})
+    logger.info("pretrain done: %s", as_json({k: v for k, v in metrics.items() if "@" in k}))
     return metrics
