@@ -290,6 +290,22 @@ def _sharding_matrix(payload: dict, plt) -> Any:
     return fig
 
 
+def _finetune_speed(payload: dict, plt) -> Any:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in payload["rows"]:
+        speed = row["examples_per_s"]
+        style = "--" if "baseline" in row["name"] else "-"
+        ax.plot(range(1, len(speed) + 1), speed, style, marker="o", label=row["name"])
+    if payload.get("din"):
+        ax.axhline(payload["din"]["examples_per_s"], color="black", ls=":", label="DeepCTR DIN")
+    ax.set(xlabel="epoch", ylabel="training examples/s (one process)", yscale="log")
+    ax.set_xticks(range(1, payload["epochs"] + 1))
+    ax.set_title("fine-tuning speed per epoch", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 PLOTTERS: dict[str, Callable] = {
     "reader_throughput": _reader,
     "lookup_layouts": _lookup_layouts,
@@ -300,6 +316,7 @@ PLOTTERS: dict[str, Callable] = {
     "serving_latency": _serving_latency,
     "decoder_cost": _decoder_cost,
     "sharding_matrix": _sharding_matrix,
+    "finetune_speed": _finetune_speed,
 }
 
 

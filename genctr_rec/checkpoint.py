@@ -40,7 +40,7 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         tmp.parent.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp))
+    dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp), no_dist=_one_process())
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -82,7 +82,7 @@ def load_model(
         state = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
         if not state:
             raise KeyError(f"the model has no state under {list(prefixes)}")
-    dcp.load({MODEL_KEY: state}, checkpoint_id=str(path), no_dist=no_dist)
+    dcp.load({MODEL_KEY: state}, checkpoint_id=str(path), no_dist=no_dist or _one_process())
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), path)
     return sorted(state)
@@ -130,6 +130,15 @@ class CheckpointError(RuntimeError):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _one_process() -> bool:
+    """DCP's collectives are skipped in a one-process job. They would exchange every tensor's
+    metadata through gloo, whose worker thread then copies a large buffer with OpenMP: a second
+    OpenMP team, after which libgomp stops spin-waiting (more threads than cores) and every
+    later training step runs up to a third slower (measured: benchmarks/results/
+    finetune_speed.md). A multi-process job under torchrun runs one OpenMP thread a rank."""
+    return not dist.is_initialized() or dist.get_world_size() == 1
 
 
 def _barrier() -> None:
@@ -287,7 +296,7 @@ class CheckpointManager:
         if not _all_ok(error is None):
             raise CheckpointError(f"cannot create {tmp}: {error or 'failed on rank 0'}")
         try:
-            dcp.save(app_state, checkpoint_id=str(tmp))
+            dcp.save(app_state, checkpoint_id=str(tmp), no_dist=_one_process())
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
         except (Exception, CheckpointException) as exc:  # every failure must reach every rank
             error = exc
@@ -335,14 +344,14 @@ class CheckpointManager:
             check_table_layout(path)
         progress = json.loads((path / PROGRESS).read_text())
         try:
-            dcp.load(app_state, checkpoint_id=str(path))
+            dcp.load(app_state, checkpoint_id=str(path), no_dist=_one_process())
         except (Exception, CheckpointException) as exc:
             kept = {k: v for k, v in app_state.items() if k not in resettable}
             moved = optimizer_cannot_move(progress.get("sharding"), plan)
             if len(kept) == len(app_state) or not moved:
                 raise CheckpointError(f"{path}: cannot load ({_first_line(exc)})") from exc
             try:
-                dcp.load(kept, checkpoint_id=str(path))
+                dcp.load(kept, checkpoint_id=str(path), no_dist=_one_process())
             except (Exception, CheckpointException) as exc2:
                 raise CheckpointError(f"{path}: cannot load ({_first_line(exc2)})") from exc2
             app_state["resharding_reset"] = list(resettable)

@@ -434,3 +434,32 @@ def test_fine_tuning_checkpoint_of_0_2_is_refused_with_the_reason(tmp_path: Path
     )
     with pytest.raises(CheckpointError, match=r"genctr-rec 0\.2.*Re-run the fine-tuning"):
         check_table_layout(torch_dcp_path)
+
+
+def test_a_one_process_job_checkpoints_without_collectives(tmp_path: Path, monkeypatch) -> None:
+    """With one process, DCP's metadata exchange through gloo is skipped: its large copy on
+    gloo's thread made a second OpenMP team and slowed every later training step (issue 13).
+    Any object collective during save or load fails this test."""
+    import torch.distributed as dist
+
+    from genctr_rec.checkpoint import load_model, save_model
+    from genctr_rec.training.distributed import init_distributed
+
+    init_distributed()
+    assert dist.is_initialized() and dist.get_world_size() == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective in a one-process checkpoint")
+
+    for name in ("all_gather_object", "gather_object", "scatter_object_list", "all_gather"):
+        monkeypatch.setattr(dist, name, refuse)
+    model = torch.nn.Linear(4, 3)
+    save_model(model, tmp_path / "m")
+    target = torch.nn.Linear(4, 3)
+    load_model(target, tmp_path / "m")
+    assert torch.equal(target.weight, model.weight)
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, {"model": model.state_dict()}, {"world_size": 1}, {})
+    state = {"model": torch.nn.Linear(4, 3).state_dict()}
+    manager.load(manager.latest(), state)
+    assert torch.equal(state["model"]["weight"], model.weight)

@@ -29,6 +29,13 @@ from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.models.inputs import DenseNorm, impression_input, input_width
 from genctr_rec.models.jagged import mean_pool, row_positions, to_padded
 
+# g(s, c) for fine-tuning is one query a row: linear in the history, so padding the batch to
+# its longest row wastes little, while grouping rows by length (what pre-training's quadratic
+# attention needs) costs a Python loop of small ops: 1.3x-1.6x slower fine-tuning on CPU
+# (benchmarks/results/finetune_speed.md). Only a multi-layer decoder's item self-attention is
+# quadratic; from that many layers on, rows are grouped.
+JAGGED_TARGET_MIN_LAYERS = 2
+
 
 class PretrainModel(nn.Module):
     """Stage 1: next-item prediction over click sequences.
@@ -157,7 +164,11 @@ class CTRModel(nn.Module):
             self.dense_norm(dense) if self.dense_norm is not None and dense is not None else None,
         )
         uses_history = self.backbone.uses_history
-        jagged = self.decoder is not None and self.decoder.jagged
+        jagged = (
+            self.decoder is not None
+            and self.decoder.jagged
+            and len(self.decoder.blocks) >= JAGGED_TARGET_MIN_LAYERS
+        )
         needs_padded = uses_history or (self.decoder is not None and not jagged)
         padded_items = to_padded(h_item, lengths) if needs_padded else None
         padded_cats = to_padded(h_cat, lengths) if needs_padded else None

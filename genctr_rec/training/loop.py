@@ -253,7 +253,9 @@ def train_epochs(
                 and validation.every_steps > 0
                 and global_step % validation.every_steps == 0
             ):
+                acc["seconds"] += time.perf_counter() - start  # examples/s counts training only
                 validate(epoch)
+                start = time.perf_counter()
             if 0 < max_steps <= global_step and history["stopped"] is None:
                 history["stopped"] = {"step": global_step, "reason": "max_steps"}
             periodic = checkpoints is not None and checkpoints.every_steps > 0

@@ -1,0 +1,170 @@
+"""Fine-tuning speed, epoch by epoch: GenCTR (PS + MI) and the backbones alone against
+DeepCTR-Torch's DIN on the same data, and GenCTR with 0.3's checkpoint path as the baseline.
+
+Why: in 0.3 a one-process GenCTR run lost up to 40 % of its speed from epoch 2 on. Cause
+(measured, see benchmarks/README.md): every checkpoint went through torch.distributed
+.checkpoint's collectives even in a one-process job; gloo's worker thread then copies a large
+buffer with OpenMP, which makes a second OpenMP team; with more OpenMP threads than cores
+libgomp stops spin-waiting, and every later parallel region wakes its threads through the
+kernel. Since 0.4 a one-process job checkpoints without those collectives, and fine-tuning
+computes g(s, c) on the padded batch (one query a row is linear in the history) instead of
+looping over groups of rows of similar length.
+
+Each configuration runs ``genctr finetune`` as users do (validation 4 times an epoch, a
+checkpoint at every epoch end) in its own process, for ``--epochs`` epochs (no early stop);
+throughput counts training steps only (validation and checkpoint time excluded). DIN runs
+``benchmarks.peers.train_peer`` (needs ``requirements/bench.txt``) on the same splits and
+features for the same epochs.
+
+    python -m benchmarks.finetune_speed                      # MovieLens-100k, 3 epochs
+    python -m benchmarks.finetune_speed --data DIR --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import write_results
+
+CONFIGS: dict[str, tuple[str, str, bool]] = {
+    # name: (backbone, transfer, as 0.3: checkpoints through DCP's collectives and g(s, c)
+    # over rows grouped by length)
+    "DNN alone": ("dnn", "none", False),
+    "GenCTR, DNN": ("dnn", "ps_mi", False),
+    "GenCTR, DNN, as 0.3 (baseline)": ("dnn", "ps_mi", True),
+    "DCN V2 & TA alone": ("dcnv2_ta", "none", False),
+    "GenCTR, DCN V2 & TA": ("dcnv2_ta", "ps_mi", False),
+    "GenCTR, DCN V2 & TA, as 0.3 (baseline)": ("dcnv2_ta", "ps_mi", True),
+}
+
+
+def _one_run(data: str, pre: str, out: str, backbone: str, transfer: str, old: bool) -> None:
+    """Child process: one fine-tuning run; prints its per-epoch examples/s as JSON."""
+    import genctr_rec.checkpoint as checkpoint
+    import genctr_rec.models.ctr as ctr
+    from genctr_rec.cli import main
+
+    if old:  # 0.3: DCP's collectives even with one process, g(s, c) over length groups
+        checkpoint._one_process = lambda: False
+        ctr.JAGGED_TARGET_MIN_LAYERS = 1
+    args = ["finetune", "--data", data, "--out", out, "--backbone", backbone]
+    args += ["--transfer", transfer, "--epochs", str(EPOCHS), "--patience", "0"]
+    if transfer != "none":
+        args += ["--init-from", pre]
+    if main(args) != 0:
+        raise SystemExit(f"finetune failed: {args}")
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    print(json.dumps({"examples_per_s": metrics["examples_per_s"], "auc": metrics["test"]["auc"]}))
+
+
+EPOCHS = 3
+
+
+def _child(*args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.finetune_speed", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _din(data: str, epochs: int) -> None:
+    """Child process: DIN for ``epochs`` epochs; prints its examples/s as JSON."""
+    from benchmarks.peers import train_peer
+
+    result = train_peer("din", data, seed=0, max_epochs=epochs, patience=epochs)
+    print(json.dumps({"examples_per_s": result["examples_per_s"], "auc": result["test"]["auc"]}))
+
+
+def markdown(rows: list[dict[str, Any]], din: dict[str, Any] | None, epochs: int) -> str:
+    lines = [
+        f"One process, {epochs} epochs each, training examples/s per epoch (validation and "
+        "checkpoints excluded); DIN: DeepCTR-Torch 0.3.0 on the same splits and features.",
+        "",
+        "| configuration | "
+        + " | ".join(f"epoch {i + 1}" for i in range(epochs))
+        + " | last / first | x DIN (mean of epochs) | test AUC |",
+        "|---|" + "---|" * (epochs + 3),
+    ]
+    for row in rows:
+        speed = row["examples_per_s"]
+        ratio = f"{np.mean(speed) / din['examples_per_s']:.1f}x" if din else "n/a"
+        lines.append(
+            f"| {row['name']} | "
+            + " | ".join(f"{s:,.0f}" for s in speed)
+            + f" | {speed[-1] / speed[0]:.2f} | {ratio} | {row['auc']:.4f} |"
+        )
+    if din:
+        cells = [f"{din['examples_per_s']:,.0f} (all epochs)"] + [""] * (epochs - 1)
+        lines.append(f"| DeepCTR-Torch DIN | {' | '.join(cells)} | | 1.0x | {din['auc']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global EPOCHS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="dataset (default: MovieLens-100k)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--skip-din", action="store_true")
+    parser.add_argument("--one", nargs=6, metavar=("DATA", "PRE", "OUT", "B", "T", "OLD"))
+    parser.add_argument("--din", metavar="DATA")
+    args = parser.parse_args()
+    EPOCHS = args.epochs
+    if args.one:
+        data, pre, out, backbone, transfer, old = args.one
+        _one_run(data, pre, out, backbone, transfer, old == "1")
+        return
+    if args.din:
+        _din(args.din, args.epochs)
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-speed-"))
+    data = args.data
+    env = {**os.environ}
+    if data is None:
+        data = str(work / "ml-100k")
+        if not (Path(data) / "meta.json").is_file():
+            subprocess.run(
+                [sys.executable, "-m", "genctr_rec.cli", "data", "movielens", "--out", data],
+                check=True,
+                env=env,
+            )
+    pre = str(work / "pre")
+    if not (Path(pre) / "checkpoint").is_dir():
+        subprocess.run(
+            [sys.executable, "-m", "genctr_rec.cli", "pretrain", "--data", data, "--out", pre,
+             "--epochs", "3"],
+            check=True,
+            env=env,
+        )  # fmt: skip
+    rows = []
+    for name, (backbone, transfer, old) in CONFIGS.items():
+        out = str(work / f"ft-{len(rows)}")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run each time, never a resume
+        result = _child(
+            "--epochs", str(args.epochs), "--one", data, pre, out, backbone, transfer,
+            "1" if old else "0",
+        )  # fmt: skip
+        rows.append({"name": name, "backbone": backbone, "transfer": transfer, **result})
+        print(name, [round(s) for s in result["examples_per_s"]], flush=True)
+    din = None if args.skip_din else _child("--epochs", str(args.epochs), "--din", data)
+    payload = {"data": data, "epochs": args.epochs, "rows": rows, "din": din}
+    print(write_results("finetune_speed", payload, markdown(rows, din, args.epochs)))
+
+
+if __name__ == "__main__":
+    main()
