@@ -52,7 +52,7 @@ def _artifact(path: Path, items: int, mi: bool, quantize: str) -> Artifact:
     )
     decoder = GenerativeDecoder(16, MAX_HISTORY + 1) if mi else None
     served, sizes = build_serving_model(CTRModel(embeddings, "dnn", decoder).eval(), quantize)
-    categories = np.random.default_rng(0).integers(0, NUM_CATEGORIES, items)
+    categories = _catalogue(items)
     metadata = {
         "genctr_rec": "benchmark",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -69,29 +69,34 @@ def _artifact(path: Path, items: int, mi: bool, quantize: str) -> Artifact:
     return Artifact(path, served, categories, metadata)
 
 
+def _catalogue(items: int) -> np.ndarray:
+    """Each item's category in the benchmark's artifacts."""
+    return np.random.default_rng(0).integers(0, NUM_CATEGORIES, items)
+
+
 def _traffic(items: int, history: int, candidates: int, n: int, seed: int = 0) -> list[Request]:
     """Requests of USERS users, each with a fixed history and 5 interest categories; every
-    request's query and candidates come from its user's categories."""
+    request's query and candidates come from its user's categories (candidates are items of
+    those categories in the catalogue, which the service checks)."""
     rng = np.random.default_rng(seed)
+    catalogue = _catalogue(items)
+    members = {c: np.flatnonzero(catalogue == c) for c in range(NUM_CATEGORIES)}
+    interests = np.array([c for c, m in members.items() if m.size])
     users = [
         (
             rng.integers(0, items, history).tolist(),
             rng.integers(0, NUM_CATEGORIES, history).tolist(),
-            rng.integers(0, NUM_CATEGORIES, 5),
+            rng.choice(interests, 5),
         )
         for _ in range(USERS)
     ]
     out = []
     for _ in range(n):
         hist_items, hist_cats, cats = users[int(rng.integers(USERS))]
+        cand_cats = rng.choice(cats, candidates)
+        cand_items = [int(rng.choice(members[int(c)])) for c in cand_cats]
         out.append(
-            Request(
-                hist_items,
-                hist_cats,
-                int(rng.choice(cats)),
-                rng.integers(0, items, candidates).tolist(),
-                rng.choice(cats, candidates).tolist(),
-            )
+            Request(hist_items, hist_cats, int(rng.choice(cats)), cand_items, cand_cats.tolist())
         )
     return out
 
