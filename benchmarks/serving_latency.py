@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_results
+from genctr_rec.data.catalogue import ItemCatalogue
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.decoder import GenerativeDecoder
@@ -65,7 +66,7 @@ def _artifact(path: Path, items: int, mi: bool, quantize: str) -> Artifact:
         "quantize": quantize,
         "parity": {"table_bytes": sizes},
     }
-    write_artifact(path, served, categories, metadata)
+    write_artifact(path, served, ItemCatalogue(categories), metadata)
     return Artifact(path, served, categories, metadata)
 
 
