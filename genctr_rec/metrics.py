@@ -20,15 +20,6 @@ from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 NE_ETA = 1e-12  # TorchRec's NEMetric default
 
 
-def gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Concatenate each array over ranks (every rank gets the result)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return arrays
-    parts: list[dict[str, np.ndarray] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, arrays)
-    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
-
-
 def gather_to_main(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     """Concatenate each array over ranks on rank 0 (None on the others)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -27,7 +27,7 @@ from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.logs import as_json
-from genctr_rec.metrics import gather_arrays
+from genctr_rec.metrics import on_main
 from genctr_rec.models.negatives import NegativeSampler
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
@@ -101,13 +101,16 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
             ).cpu()
             ranks[name].append(_rank_of_true(scores)[valid.numpy()])
     model.train()
-    gathered = gather_arrays({n: np.concatenate(r) for n, r in ranks.items()})
-    out = {}
-    for name, rank in gathered.items():
-        out[f"hr@{k}_{name}"] = float((rank < k).mean())
-        out[f"ndcg@{k}_{name}"] = float(np.where(rank < k, 1 / np.log2(rank + 2), 0).mean())
-    out["eval_sequences"] = int(len(gathered["random"]))
-    return out
+
+    def hit_rates(**rank_of_true: np.ndarray) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, rank in rank_of_true.items():
+            out[f"hr@{k}_{name}"] = float((rank < k).mean())
+            out[f"ndcg@{k}_{name}"] = float(np.where(rank < k, 1 / np.log2(rank + 2), 0).mean())
+        out["eval_sequences"] = int(len(rank_of_true["random"]))
+        return out
+
+    return on_main({n: np.concatenate(r) for n, r in ranks.items()}, hit_rates)
 
 
 def pretrain(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
