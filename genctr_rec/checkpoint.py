@@ -25,6 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from genctr_rec.training.distributed import from_main
+
 logger = logging.getLogger(__name__)
 MODEL_KEY = "model"
 
@@ -265,10 +267,7 @@ class CheckpointManager:
                     continue
                 chosen = path.name
                 break
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [chosen, skipped]
-            dist.broadcast_object_list(box, src=0)
-            chosen, skipped = box
+        chosen, skipped = from_main((chosen, skipped))
         if chosen is None and skipped:
             raise CheckpointError(
                 f"no checkpoint under {self.root} can be resumed ({'; '.join(skipped)}); "

@@ -17,6 +17,8 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.metrics.calibration import compute_calibration
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
+from genctr_rec.training.distributed import from_main
+
 NE_ETA = 1e-12  # TorchRec's NEMetric default
 
 
@@ -36,10 +38,7 @@ def gather_to_main(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray] | Non
 def on_main(arrays: dict[str, np.ndarray], compute: Callable[..., dict]) -> dict:
     """``compute(**arrays)`` over every rank's rows, run on rank 0; every rank gets its result."""
     gathered = gather_to_main(arrays)
-    result = [compute(**gathered) if gathered is not None else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(result, src=0)
-    return result[0]
+    return from_main(compute(**gathered) if gathered is not None else None)
 
 
 def _group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray):

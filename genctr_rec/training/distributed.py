@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,16 @@ def init_distributed(timeout_s: int = 1800) -> DistContext:
         device=device,
         backend=backend,
     )
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object; as is with one process): how one
+    rank's decision (a checkpoint chosen, an error, a metric) becomes every rank's."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def free_port() -> int:

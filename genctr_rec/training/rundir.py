@@ -28,10 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from genctr_rec.config import ConfigError, absolute_location
-from genctr_rec.training.distributed import DistContext
+from genctr_rec.training.distributed import DistContext, from_main
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -202,10 +200,7 @@ def write_or_check_config(cfg: Any, run_dir: Path) -> None:
 
 def _agree(ctx: DistContext, error: str | None) -> None:
     """Every rank raises rank 0's error, or none does."""
-    if dist.is_initialized() and ctx.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = from_main(error)
     if error is not None:
         raise RunDirError(error)
 
