@@ -1,7 +1,10 @@
 """Checkpoints with ``torch.distributed.checkpoint``: sharded, reshardable, atomic, verified.
 
 Every rank writes its own shards; the directory becomes visible under its final name only
-after all ranks finished (written as ``NAME.tmp``, renamed by rank 0 after a barrier). Loading
+after all ranks finished (written as ``NAME.tmp``, renamed by rank 0 after a barrier). On
+object storage, which has no rename, a checkpoint is written in place and counts only once its
+manifest, written last by rank 0 after every rank finished, is there: readers there require it
+(:mod:`genctr_rec.storage`). Loading
 goes through DCP as well, so a checkpoint written by any world size or sharding plan loads into
 any other; ``prefixes`` loads a subset (stage 2 takes ``embeddings.`` and ``decoder.`` from a
 pre-training run).
@@ -9,7 +12,6 @@ pre-training run).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +27,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from genctr_rec.storage import (
+    Location,
+    files_under,
+    is_remote,
+    location,
+    make_dirs,
+    remove_tree,
+    sha256,
+    write_json,
+)
 from genctr_rec.training.distributed import from_main
 
 logger = logging.getLogger(__name__)
@@ -34,7 +46,10 @@ MODEL_KEY = "model"
 def save_model(model: nn.Module, path: str | Path) -> None:
     """Collective: every rank calls it. ``path`` appears only once complete, with a manifest of
     its files' sizes and SHA-256 sums that :func:`load_model` verifies."""
-    path = Path(path)
+    path = location(path)
+    if is_remote(path):
+        _save_in_place(model, path)
+        return
     tmp = path.with_name(path.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -59,6 +74,20 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         dist.barrier()
 
 
+def _save_in_place(model: nn.Module, path: Location) -> None:
+    """Object storage: the old copy (manifest first) is deleted, every rank writes, and the
+    manifest written last makes the checkpoint whole again."""
+    if _rank() == 0:
+        (path / MANIFEST).unlink(missing_ok=True)
+        remove_tree(path)
+    _barrier()
+    dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(path), no_dist=_one_process())
+    _barrier()
+    if _rank() == 0:
+        write_manifest(path)
+    _barrier()
+
+
 def load_model(
     model: nn.Module,
     path: str | Path,
@@ -71,10 +100,10 @@ def load_model(
     model, e.g. for export on one rank). Returns the loaded keys. Raises if the checkpoint lacks
     a requested key.
     """
-    path = Path(path)
+    path = location(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file() or is_remote(path):  # object storage: the manifest or nothing
         verify_manifest(path)
     else:
         logger.warning("%s has no %s (written before genctr-rec 0.3): not verified", path, MANIFEST)
@@ -101,11 +130,19 @@ OLD_TABLE_KEYS = (
 OLD_HEAD_KEY = "backbone.final.weight"
 
 
-def check_table_layout(path: Path) -> None:
+def _metadata_reader(path: Location):
+    if is_remote(path):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(str(path))
+    return dcp.FileSystemReader(str(path))
+
+
+def check_table_layout(path: Location) -> None:
     """Refuse, with the reason, a checkpoint whose tables use 0.1's one-module layout (since
     0.2 every table is its own module, ``embeddings.tables.item.*``): DCP would only report
     missing keys."""
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = _metadata_reader(path).read_metadata().state_dict_metadata
     old = sorted(k for k in keys if k.startswith(OLD_TABLE_KEYS))
     if old:
         raise CheckpointError(
@@ -157,20 +194,16 @@ def _all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+def write_manifest(directory: Location) -> None:
+    """Sizes and SHA-256 sums of every file under ``directory``: written last, it is what makes
+    the directory a complete checkpoint."""
+    files = [p for p in files_under(directory) if p.name != MANIFEST]
     entries = {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in files
+        _relative(p, directory): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files
     }
+    if is_remote(directory):
+        write_json(directory / MANIFEST, {"files": entries})
+        return
     tmp = directory / (MANIFEST + ".tmp")
     with open(tmp, "w") as handle:
         json.dump({"files": entries}, handle, indent=1, sort_keys=True)
@@ -179,7 +212,13 @@ def write_manifest(directory: Path) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def verify_manifest(directory: Path, checksums: bool = True) -> None:
+def _relative(path: Location, directory: Location) -> str:
+    if is_remote(directory):
+        return path.path[len(directory.path.rstrip("/")) + 1 :]
+    return str(path.relative_to(directory))
+
+
+def verify_manifest(directory: Location, checksums: bool = True) -> None:
     """Raise :class:`CheckpointError` naming the first missing, resized or altered file."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
@@ -197,7 +236,7 @@ def verify_manifest(directory: Path, checksums: bool = True) -> None:
                 f"{directory}: {name} has {path.stat().st_size} bytes, "
                 f"the manifest says {entry['bytes']}"
             )
-        if checksums and _sha256(path) != entry["sha256"]:
+        if checksums and sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{directory}: {name} fails its SHA-256 check")
 
 
@@ -233,24 +272,28 @@ class CheckpointManager:
     states (all through DCP, so any world size or plan can load them), and per run the
     progress (epoch, step, reader position, running loss) and per rank the RNG states. It is
     written under ``.step-N.tmp``, given a manifest of sizes and SHA-256 sums, and renamed
-    only when every rank finished: a run killed mid-save leaves the previous one intact.
+    only when every rank finished: a run killed mid-save leaves the previous one intact. On
+    object storage it is written under its final name and complete once its manifest (written
+    last) is there; one without it is skipped on resume.
     """
 
     def __init__(self, run_dir: str | Path, keep: int = 2, every_steps: int = 0) -> None:
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = location(run_dir) / "checkpoints"
         self.keep = max(1, keep)
         self.every_steps = every_steps
 
-    def checkpoints(self) -> list[Path]:
+    def checkpoints(self) -> list[Location]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if STEP_DIR.match(p.name))
+        return sorted(
+            (p for p in self.root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name
+        )
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Location | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def newest_valid(self) -> Path | None:
+    def newest_valid(self) -> Location | None:
         """Collective: the newest checkpoint whose files match its manifest (rank 0 checks,
         every rank gets the answer). Damaged newer ones are skipped with a warning naming the
         file and the reason; None when there are none; CheckpointError when every one is
@@ -258,6 +301,11 @@ class CheckpointManager:
         chosen, skipped = None, []
         if _rank() == 0:
             for path in reversed(self.checkpoints()):
+                if is_remote(path) and not (path / MANIFEST).is_file():
+                    # a save that never finished (object storage writes in place): like a
+                    # local .tmp directory, not a checkpoint yet
+                    logger.warning("ignoring %s: its save did not finish (no manifest)", path)
+                    continue
                 try:
                     verify_manifest(path)
                     check_table_layout(path)
@@ -279,52 +327,55 @@ class CheckpointManager:
 
     def save(
         self, step: int, app_state: dict[str, Any], progress: dict[str, Any], rng: dict[str, Any]
-    ) -> Path:
+    ) -> Location:
         """Collective. Returns the committed directory; raises CheckpointError on any rank's
         failure, leaving earlier checkpoints untouched."""
         final = self.root / f"step-{step:09d}"
-        tmp = self.root / f".step-{step:09d}.tmp"
+        # object storage cannot rename: write in place, complete once the manifest is there
+        tmp = final if is_remote(final) else self.root / f".step-{step:09d}.tmp"
         rank = _rank()
         error: BaseException | None = None
         try:
             if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+                remove_tree(tmp)
+                make_dirs(tmp)
         except OSError as exc:
             error = exc
         if not _all_ok(error is None):
             raise CheckpointError(f"cannot create {tmp}: {error or 'failed on rank 0'}")
         try:
             dcp.save(app_state, checkpoint_id=str(tmp), no_dist=_one_process())
-            torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            with (tmp / f"rng-rank{rank}.pt").open("wb") as handle:
+                torch.save(rng, handle)
         except (Exception, CheckpointException) as exc:  # every failure must reach every rank
             error = exc
         if _all_ok(error is None) and rank == 0:
             try:
                 (tmp / PROGRESS).write_text(json.dumps(progress, indent=1, sort_keys=True))
                 write_manifest(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
+                if tmp != final:
+                    if final.exists():
+                        shutil.rmtree(final)
+                    os.replace(tmp, final)
             except OSError as exc:
                 error = exc
         if not _all_ok(error is None):
             if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
             raise CheckpointError(
                 f"saving checkpoint step {step} under {self.root} failed: "
                 f"{error or 'another rank failed'}; the previous checkpoint is untouched"
             ) from error
         if rank == 0:
             for old in self.checkpoints()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
         _barrier()
         logger.info("checkpoint %s written", final)
         return final
 
     def load(
         self,
-        path: Path,
+        path: Location,
         app_state: dict[str, Any],
         plan: dict[str, str] | None = None,
         resettable: Sequence[str] = ("optim",),
@@ -366,7 +417,8 @@ class CheckpointManager:
         same_world = progress.get("world_size") == (
             dist.get_world_size() if dist.is_initialized() else 1
         )
-        rng = (
-            torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
-        )
+        rng = None
+        if same_world and rng_file.is_file():
+            with rng_file.open("rb") as handle:
+                rng = torch.load(handle, weights_only=False)
         return progress, rng

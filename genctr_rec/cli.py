@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -36,24 +37,30 @@ def _is_rank0() -> bool:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
+    from genctr_rec.data.schema import META_FILE
     from genctr_rec.data.synth import SynthConfig, generate
+    from genctr_rec.data.writer import dataset_destination
 
     cfg = SynthConfig.preset(args.preset)
     for f in fields(SynthConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(cfg, f.name, value)
-    meta = generate(cfg, args.out, overwrite=args.overwrite)
+    with dataset_destination(args.out, args.overwrite, META_FILE) as out:
+        meta = generate(cfg, out, overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), **meta.extra["rows"]}))
     return 0
 
 
 def _data_movielens(args: argparse.Namespace) -> int:
     from genctr_rec.data import movielens
+    from genctr_rec.data.schema import META_FILE
+    from genctr_rec.data.writer import dataset_destination
 
-    meta = movielens.build(
-        args.out, args.source, args.max_history, args.test_fraction, overwrite=args.overwrite
-    )
+    with dataset_destination(args.out, args.overwrite, META_FILE) as out:
+        meta = movielens.build(
+            out, args.source, args.max_history, args.test_fraction, overwrite=args.overwrite
+        )
     print(json.dumps({"out": str(args.out), "source": meta.source, **meta.extra["rows"]}))
     return 0
 
@@ -74,7 +81,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     synth = data_sub.add_parser("synth", help="simulate a search-advertising dataset")
-    synth.add_argument("--out", required=True, help="dataset directory to write")
+    synth.add_argument("--out", required=True, help="dataset directory to write" + URL_NOTE)
     synth.add_argument(
         "--preset",
         default="default",
@@ -105,7 +112,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     synth.set_defaults(func=_data_synth)
 
     ml = data_sub.add_parser("movielens", help="MovieLens 100k / 1M in the public format")
-    ml.add_argument("--out", required=True, help="dataset directory to write")
+    ml.add_argument("--out", required=True, help="dataset directory to write" + URL_NOTE)
     ml.add_argument(
         "--source",
         default=None,
@@ -256,10 +263,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-DATA_HELP = "dataset directory in the public format (docs/data-format.md)"
+# the arguments that take a directory or an object-storage URL (s3://bucket/prefix)
+URL_ARGUMENTS = ("data", "out", "init_from", "run", "artifact")
+URL_NOTE = "; a local path or s3://bucket/prefix"
+DATA_HELP = "dataset directory in the public format (docs/data-format.md)" + URL_NOTE
 OUT_HELP = (
     "run directory: created, or resumed when it holds this run (locked while training; a "
-    "directory of other files is refused)"
+    "directory of other files is refused)" + URL_NOTE
 )
 
 
@@ -285,7 +295,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
         choices=list(TRANSFERS),
         help="none | ps | decoder | ps_decoder | ps_mi (GenCTR)",
     )
-    fine.add_argument("--init-from", default=None, help="pre-training run directory")
+    fine.add_argument("--init-from", default=None, help="pre-training run directory" + URL_NOTE)
     _add_config_options(fine, "finetune")
     fine.set_defaults(func=_finetune)
 
@@ -295,7 +305,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     )
     # --run-dir: the same option under torchrun, whose own parser claims "--run" as an
     # abbreviation of its --run-path
-    ev.add_argument("--run", "--run-dir", dest="run", required=True, help="finetune run")
+    ev.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="finetune run" + URL_NOTE
+    )
     ev.add_argument(
         "--batch-size", type=int, default=None, help="rows per step (default: the run's)"
     )
@@ -370,8 +382,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="serving artifact from a finetune run's checkpoint")
-    exp.add_argument("--run", "--run-dir", dest="run", required=True, help="finetune run")
-    exp.add_argument("--out", required=True, help="artifact directory to write")
+    exp.add_argument(
+        "--run", "--run-dir", dest="run", required=True, help="finetune run" + URL_NOTE
+    )
+    exp.add_argument("--out", required=True, help="artifact directory to write" + URL_NOTE)
     exp.add_argument(
         "--quantize",
         default="none",
@@ -383,7 +397,12 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     exp.set_defaults(func=_export)
 
     srv = sub.add_parser("serve", help="HTTP scoring service for an artifact")
-    srv.add_argument("--artifact", required=True, help="directory written by genctr export")
+    srv.add_argument(
+        "--artifact",
+        required=True,
+        help="directory written by genctr export, or its s3:// URL (downloaded once to "
+        "GENCTR_CACHE, default ~/.cache/genctr-rec, and verified)",
+    )
     srv.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
@@ -478,17 +497,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from genctr_rec.data.schema import DataFormatError
     from genctr_rec.logs import setup_logging
     from genctr_rec.serving import ArtifactError
+    from genctr_rec.storage import StorageError, check_reachable
 
     setup_logging(args.verbose)
+    try:  # a native crash under torchrun then shows where it happened (error_file is N/A)
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor
+        pass
+    finished = False
     try:
         check_stack()
-        return args.func(args)
+        for name in URL_ARGUMENTS:  # a wrong key or bucket: one line before any work
+            check_reachable(getattr(args, name, None) or "")
+        code = args.func(args)
+        finished = True
+        return code
     except (
         DataFormatError,
         StackError,
         ConfigError,
         CheckpointError,
         ArtifactError,
+        StorageError,
         FileExistsError,
         FileNotFoundError,
     ) as exc:
@@ -497,11 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"genctr: the data format: {FORMAT_DOC}", file=sys.stderr)
         return 2
     finally:
-        # gloo's threads must stop before the interpreter does ("terminate called without an
-        # active exception" otherwise, now and then, at exit)
+        # gloo's threads must stop before the interpreter does, and only once every rank is
+        # done with its last collective ("terminate called without an active exception"
+        # otherwise, now and then, at exit of the rank that finished first)
         from genctr_rec.training.distributed import shutdown_distributed
 
-        shutdown_distributed()
+        shutdown_distributed(wait_for_others=finished)
 
 
 if __name__ == "__main__":

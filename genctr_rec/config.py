@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from genctr_rec.storage import location
+
 if TYPE_CHECKING:  # torch is not imported for `genctr -h`
     import torch
 
@@ -191,11 +193,11 @@ class RunConfig:
     def save(self, run_dir: Path) -> None:
         from genctr_rec.data.writer import atomic_write_json
 
-        atomic_write_json(Path(run_dir) / "config.json", self.to_json())
+        atomic_write_json(location(run_dir) / "config.json", self.to_json())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunConfig:
-        path = Path(run_dir) / "config.json"
+        path = location(run_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: is {run_dir} a genctr run directory?")
         raw = json.loads(path.read_text())

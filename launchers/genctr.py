@@ -21,6 +21,7 @@ Slurm / Kubernetes (``--dryrun`` prints the job without submitting it)::
     torchx run -s kubernetes -cfg queue=default launchers/genctr.py:finetune --image IMG -- ...
 """
 
+import os
 from typing import Dict, Optional
 
 import torchx.specs as specs
@@ -31,6 +32,30 @@ DEFAULT_IMAGE = "ghcr.io/genctr-rec/genctr-rec:latest"
 # A restart round must not reuse the previous round's TCP store: with it shared, restarted
 # gloo ranks find stale peer addresses ("connectFullMesh failed").
 BASE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "LOGLEVEL": "WARNING"}
+# Object-storage settings the job inherits from the submitting shell, so that s3:// paths
+# resolve in the job as they do at the prompt (endpoint of a MinIO / Ceph store, region,
+# profile). Keys are deliberately not copied into the job spec, where anyone who can read the
+# job could read them: give them to the job the cluster's way (a Kubernetes secret or IRSA
+# role, Slurm's inherited environment), or pass them with --env explicitly.
+STORAGE_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_S3_ADDRESSING_STYLE",
+    "GENCTR_CACHE",
+)
+
+
+def storage_env() -> Dict[str, str]:
+    """The object-storage settings of this shell (see STORAGE_VARIABLES)."""
+    return {k: os.environ[k] for k in STORAGE_VARIABLES if os.environ.get(k)}
+
+
+def job_env(env: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """Every component's environment: the base, this shell's storage settings, then --env."""
+    return {**BASE_ENV, **storage_env(), **(env or {})}
 
 
 def _genctr(
@@ -57,7 +82,7 @@ def _genctr(
         gpu=gpu,
         memMB=memMB,
         j=j,
-        env={**BASE_ENV, **(env or {})},
+        env=job_env(env),
         max_retries=max_retries,
     )
     role = app.roles[0]
@@ -204,7 +229,7 @@ def export(
         "export", *args, m="genctr_rec.cli", name="genctr-export", cpu=cpu, memMB=memMB, h=h,
         image=image,
     )  # fmt: skip
-    app.roles[0].env.update({**BASE_ENV, **(env or {})})
+    app.roles[0].env.update(job_env(env))
     return app
 
 
@@ -242,7 +267,7 @@ def serve(
                 num_replicas=replicas,
                 resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB, h=h),
                 port_map={"http": port},
-                env={**BASE_ENV, **(env or {})},
+                env=job_env(env),
             )
         ],
     )
@@ -277,5 +302,5 @@ def benchmark(
         h=h,
         image=image,
     )
-    app.roles[0].env.update(env or {})
+    app.roles[0].env.update(job_env(env))
     return app

@@ -208,3 +208,19 @@ def test_image_recipe_installs_through_the_project_script() -> None:
     assert "ENV PATH=/app/.venv/bin:${PATH}" in recipe
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv/", "runs/", ".git/"} <= set(ignored)
+
+
+def test_components_carry_the_storage_settings_but_not_the_keys(monkeypatch) -> None:
+    """s3:// paths resolve in the job as in the submitting shell: endpoint and region go
+    along; the secret key stays out of the job spec; --env still wins."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-copy")
+    for app in (
+        components.pretrain("--data", "s3://b/d", "--out", "s3://b/r"),
+        components.serve("--artifact", "s3://b/a", env={"AWS_REGION": "us-east-2"}),
+    ):
+        env = app.roles[0].env
+        assert env["AWS_ENDPOINT_URL"] == "http://minio.internal:9000"
+        assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["AWS_REGION"] == "us-east-2"

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from genctr_rec.data.checks import check_range, check_schema, feature_column, scalar_column
 from genctr_rec.data.features import FeatureSpec
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.schema import ITEMS_FILE, ITEMS_SCHEMA, DataFormatError, DatasetMeta
 from genctr_rec.data.stream import Jagged
+from genctr_rec.storage import location, open_parquet
 
 
 def row_groups(
@@ -28,7 +28,7 @@ def row_groups(
     """Yields (table, first row) per row group after checking the file opens and has the schema;
     ``extra`` columns are read too where the file has them."""
     try:
-        handle = pq.ParquetFile(path)
+        handle = open_parquet(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataFormatError(path, f"not a readable Parquet file ({exc})") from exc
     check_schema(path, handle.schema_arrow, expected)
@@ -70,7 +70,7 @@ def read_item_catalogue(
 ) -> ItemCatalogue:
     """items.parquet checked (dense ids, categories in range, one row per item) with the item
     features of ``features`` (default: every ``where: item`` feature meta.json declares)."""
-    path = Path(data_dir) / ITEMS_FILE
+    path = location(data_dir) / ITEMS_FILE
     if not path.is_file():
         raise DataFormatError(path, "items.parquet is missing")
     specs = [f for f in (meta.features if features is None else features) if f.where == "item"]

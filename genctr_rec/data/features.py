@@ -203,13 +203,13 @@ def user_vocabulary(data_dir: str | Path, declared: int | None) -> int:
     if declared is not None:
         return declared
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from genctr_rec.data.schema import split_files
+    from genctr_rec.storage import read_table
 
     largest = -1
     for path in split_files(data_dir, "train"):
-        column = pq.read_table(path, columns=[USER_ID]).column(USER_ID)
+        column = read_table(path, columns=[USER_ID]).column(USER_ID)
         value = pc.max(column).as_py()
         if value is not None:
             largest = max(largest, int(value))
@@ -220,9 +220,9 @@ def dense_statistics(data_dir: str | Path, features: list[FeatureSpec]) -> dict[
     """Mean and standard deviation (1 where constant) of each dense feature: impression ones
     over train/, item ones over items.parquet. Reads those columns only."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     from genctr_rec.data.schema import ITEMS_FILE, split_files
+    from genctr_rec.storage import location, read_table
 
     stats = {}
     for spec in features:
@@ -231,9 +231,9 @@ def dense_statistics(data_dir: str | Path, features: list[FeatureSpec]) -> dict[
         files = (
             split_files(data_dir, "train")
             if spec.where == "impression"
-            else [Path(data_dir) / ITEMS_FILE]
+            else [location(data_dir) / ITEMS_FILE]
         )
-        parts = [pq.read_table(f, columns=[spec.name]).column(spec.name).to_numpy() for f in files]
+        parts = [read_table(f, columns=[spec.name]).column(spec.name).to_numpy() for f in files]
         values = np.concatenate(parts).astype(np.float64)
         std = float(values.std()) if len(values) else 1.0
         stats[spec.name] = (float(values.mean()) if len(values) else 0.0, std if std > 0 else 1.0)

@@ -22,6 +22,7 @@ from genctr_rec.data.features import (
     parse_features,
     user_vocabulary,
 )
+from genctr_rec.storage import location
 
 ITEMS_FILE = "items.parquet"
 META_FILE = "meta.json"
@@ -115,7 +116,7 @@ class DatasetMeta:
 
     @classmethod
     def read(cls, directory: str | Path) -> DatasetMeta:
-        path = Path(directory) / META_FILE
+        path = location(directory) / META_FILE
         if not path.is_file():
             raise DataFormatError(path, "meta.json is missing; every dataset directory needs one")
         try:
@@ -159,7 +160,7 @@ class DatasetMeta:
 
 def split_files(directory: str | Path, split: str) -> list[Path]:
     """The Parquet files of one split (``train``, ``test`` or ``sequences``), sorted by name."""
-    split_dir = Path(directory) / split
+    split_dir = location(directory) / split
     if not split_dir.is_dir():
         raise DataFormatError(split_dir, f"the '{split}' directory is missing")
     files = sorted(split_dir.glob("*.parquet"))

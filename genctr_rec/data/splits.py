@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from genctr_rec.data.schema import VALID_SPLIT, DataFormatError, split_files
+from genctr_rec.storage import location, read_table
 
 TimeRange = tuple[int | None, int | None]  # [lo, hi): None = unbounded
 
@@ -27,7 +27,7 @@ def time_masks(files: list[Path], time_range: TimeRange) -> list[np.ndarray]:
     lo, hi = time_range
     masks = []
     for path in files:
-        ts = pq.read_table(path, columns=["timestamp"]).column("timestamp").to_numpy()
+        ts = read_table(path, columns=["timestamp"]).column("timestamp").to_numpy()
         mask = np.ones(len(ts), dtype=bool)
         if lo is not None:
             mask &= ts >= lo
@@ -57,7 +57,7 @@ class ValidationSplit:
     def for_dataset(cls, data_dir: str | Path, fraction: float) -> ValidationSplit:
         """``valid/`` if present; else the newest ``fraction`` of train/ rows (by timestamp,
         cut on a timestamp boundary); ``fraction`` 0 turns validation off."""
-        data_dir = Path(data_dir)
+        data_dir = location(data_dir)
         if fraction <= 0:
             return cls("train", None)
         if (data_dir / VALID_SPLIT).is_dir():
@@ -66,7 +66,7 @@ class ValidationSplit:
             raise ValueError(f"the validation fraction must be in [0, 1), got {fraction}")
         files = split_files(data_dir, "train")
         ts = np.concatenate(
-            [pq.read_table(p, columns=["timestamp"]).column("timestamp").to_numpy() for p in files]
+            [read_table(p, columns=["timestamp"]).column("timestamp").to_numpy() for p in files]
         )
         ordered = np.sort(ts)
         boundary = int(ordered[min(len(ordered) - 1, int(len(ordered) * (1 - fraction)))])

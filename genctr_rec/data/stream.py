@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from genctr_rec.data.checks import check_schema
 from genctr_rec.data.jagged import gather_ranges, lengths_to_offsets
 from genctr_rec.data.schema import DataFormatError
+from genctr_rec.storage import location, open_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class ParquetStream:
             raise ValueError("batch_size must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.files = [Path(f) for f in files]
+        self.files = [location(f) for f in files]
         self.schema = schema
         self.decoder = decoder
         self.batch_size = batch_size
@@ -249,7 +250,7 @@ class ParquetStream:
         if index not in self._handles:
             path = self.files[index]
             try:
-                self._handles[index] = pq.ParquetFile(path)
+                self._handles[index] = open_parquet(path)
             except (pa.ArrowException, OSError) as exc:
                 raise DataFormatError(path, f"not a readable Parquet file ({exc})") from exc
         return self._handles[index]

@@ -34,6 +34,7 @@ from genctr_rec.data.schema import (
     split_files,
 )
 from genctr_rec.progress import Progress
+from genctr_rec.storage import location
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _validate_sequences(path: Path, meta: DatasetMeta, summary: SplitSummary) ->
 
 def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
     """Check ``data_dir`` against the public format. Returns a summary; raises DataFormatError."""
-    data_dir = Path(data_dir)
+    data_dir = location(data_dir)
     if not data_dir.is_dir():
         raise DataFormatError(data_dir, "dataset directory does not exist")
     meta = DatasetMeta.read(data_dir)

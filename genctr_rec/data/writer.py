@@ -32,7 +32,9 @@ def check_replaceable(target: str | Path, overwrite: bool, marker: str | None = 
     """Refuse an existing ``target`` unless ``overwrite``; and even then, unless it holds
     ``marker`` (the file our own tool writes there): --overwrite replaces what we wrote, never
     a directory of the user's."""
-    target = Path(target)
+    from genctr_rec.storage import location
+
+    target = location(target)
     if not target.exists():
         return
     if not overwrite:
@@ -69,8 +71,15 @@ def atomic_directory(
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file under a temporary name in the same directory, then rename it."""
-    path = Path(path)
+    """Write a text file under a temporary name in the same directory, then rename it (on
+    object storage: one PUT, which is all or nothing by itself)."""
+    from genctr_rec.storage import is_remote, location, write_bytes
+
+    target = location(path)
+    if is_remote(target):
+        write_bytes(target, text.encode())
+        return
+    path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -146,3 +155,23 @@ class PartitionWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def dataset_destination(out: str | Path, overwrite: bool, marker: str) -> Iterator[Path]:
+    """Where a dataset recipe writes: ``out`` itself on local disk (the recipe renames into
+    place); for a URL, a local staging directory uploaded when the recipe succeeds, ``marker``
+    (meta.json) last, so a reader never takes a partial upload for a dataset."""
+    from genctr_rec.storage import is_url, location, remove_tree, upload_tree
+
+    if not is_url(out):
+        yield Path(out)
+        return
+    target = location(out)
+    check_replaceable(target, overwrite, marker)
+    with tempfile.TemporaryDirectory(prefix="genctr-dataset-") as staging:
+        local = Path(staging) / "dataset"
+        yield local
+        (target / marker).unlink(missing_ok=True)
+        remove_tree(target)
+        upload_tree(local, target, last=marker)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from genctr_rec.data.schema import split_files
+from genctr_rec.storage import location, read_table
 
 
 class NegativeSampler:
@@ -84,14 +84,14 @@ class NegativeSampler:
         cls, data_dir: str | Path, mode: str, seed: int, rank: int = 0
     ) -> NegativeSampler:
         """Build the sampling table from items.parquet and the pre-training sequences."""
-        items = pq.read_table(Path(data_dir) / "items.parquet")
+        items = read_table(location(data_dir) / "items.parquet")
         item_category = torch.zeros(len(items), dtype=torch.long)
         item_category[torch.tensor(items["item_id"].to_numpy())] = torch.tensor(
             items["category_id"].to_numpy()
         )
         seen = [
             np.unique(
-                pq.read_table(p, columns=["item_ids"])["item_ids"]
+                read_table(p, columns=["item_ids"])["item_ids"]
                 .combine_chunks()
                 .flatten()
                 .to_numpy()

@@ -16,8 +16,12 @@ run's test split before writing: the fp32 model must match the trained model wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +31,15 @@ import numpy as np
 import torch
 
 from genctr_rec import __version__
-from genctr_rec.checkpoint import CheckpointError, load_model, verify_manifest, write_manifest
+from genctr_rec.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    load_model,
+    verify_manifest,
+    write_manifest,
+)
 from genctr_rec.compat import installed_stack
-from genctr_rec.config import ConfigError, RunConfig
+from genctr_rec.config import ConfigError, RunConfig, absolute_location
 from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import (
@@ -51,6 +61,15 @@ from genctr_rec.models.jagged import to_padded
 from genctr_rec.progress import Progress
 from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.model import build_serving_model
+from genctr_rec.storage import (
+    cache_dir,
+    download_tree,
+    is_remote,
+    is_url,
+    location,
+    remove_tree,
+    upload_tree,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +138,7 @@ def impressions_as_requests(batch: ImpressionBatch) -> RequestTensors:
 def load_trained(run: str | Path) -> tuple[RunConfig, CTRModel]:
     """A fine-tuning run's model, unsharded in this process, from a checkpoint written by any
     world size or sharding plan (DCP reshards on load)."""
-    run = Path(run)
+    run = location(run)
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; export takes a finetune run")
@@ -177,7 +196,7 @@ def export_run(
     started = time.time()
     check_replaceable(out, overwrite, META_FILE)  # before 10 s of work, not after
     cfg, trained = load_trained(run)
-    data = Path(data or cfg.data)
+    data = location(data or cfg.data)
     if not data.is_dir():
         raise ConfigError(
             f"the run's dataset {data} is not here; pass --data DIR (its items.parquet gives "
@@ -210,8 +229,8 @@ def export_run(
         "genctr_rec": __version__,
         "stack": installed_stack(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "run": str(Path(run).resolve()),
-        "data": str(data.resolve()),
+        "run": absolute_location(run),
+        "data": absolute_location(data),
         "config": cfg.to_json(),
         "num_items": cfg.num_items,
         "num_categories": cfg.num_categories,
@@ -256,15 +275,67 @@ def write_artifact(
     metadata: dict[str, Any],
     overwrite: bool = False,
 ) -> None:
-    """Write the artifact's files under a temporary name with their manifest, then rename."""
+    """Write the artifact's files under a temporary name with their manifest, then rename. On
+    object storage: written locally, then uploaded with the manifest last (a reader requires
+    it); an artifact replaced there loses its manifest first, so it is never half old, half
+    new."""
     metadata = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **metadata}
-    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
-        torch.jit.save(served, str(tmp / MODEL_FILE))
-        np.save(tmp / ITEM_CATEGORIES_FILE, np.asarray(catalogue.categories, dtype=np.int64))
-        np.savez(tmp / ITEM_FEATURES_FILE, **_catalogue_arrays(catalogue))
-        (tmp / META_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
-        write_manifest(tmp)
+    target = location(out)
+    if is_remote(target):
+        check_replaceable(target, overwrite, META_FILE)
+        with tempfile.TemporaryDirectory(prefix="genctr-artifact-") as local:
+            _write_files(Path(local), served, catalogue, metadata)
+            (target / MANIFEST).unlink(missing_ok=True)
+            remove_tree(target)
+            upload_tree(Path(local), target, last=MANIFEST)
+    else:
+        with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
+            _write_files(tmp, served, catalogue, metadata)
     logger.info("wrote %s", out)
+
+
+def _write_files(
+    directory: Path,
+    served: torch.jit.ScriptModule,
+    catalogue: ItemCatalogue,
+    metadata: dict[str, Any],
+) -> None:
+    torch.jit.save(served, str(directory / MODEL_FILE))
+    np.save(directory / ITEM_CATEGORIES_FILE, np.asarray(catalogue.categories, dtype=np.int64))
+    np.savez(directory / ITEM_FEATURES_FILE, **_catalogue_arrays(catalogue))
+    (directory / META_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    write_manifest(directory)
+
+
+def fetch_artifact(url: str) -> Path:
+    """A verified local copy of the artifact at ``url`` (object storage), downloaded once into
+    the cache (``GENCTR_CACHE``/artifacts) and reused while the store's manifest is the same:
+    a serving fleet pulls it once per host, and a replaced artifact is fetched again."""
+    source = location(url)
+    manifest = source / MANIFEST
+    if not manifest.is_file():
+        raise ArtifactError(
+            f"{url} is not a complete artifact (no {MANIFEST}: missing, or an upload that did "
+            "not finish)"
+        )
+    expected = manifest.read_bytes()
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    cached = cache_dir() / "artifacts" / key
+    if (cached / MANIFEST).is_file() and (cached / MANIFEST).read_bytes() == expected:
+        logger.info("%s: using the cached copy %s", url, cached)
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cached.parent))
+    try:
+        download_tree(source, staging)
+        if (staging / MANIFEST).read_bytes() != expected:
+            raise ArtifactError(f"{url} changed while it was downloaded; try again")
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(staging, cached)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("%s: downloaded to %s", url, cached)
+    return cached
 
 
 @dataclass
@@ -285,8 +356,9 @@ class Artifact:
 
 
 def load_artifact(path: str | Path) -> Artifact:
-    """Load ``path`` after checking every file against its manifest."""
-    path = Path(path)
+    """Load ``path`` (a directory, or a URL fetched into the local cache) after checking every
+    file against its manifest."""
+    path = fetch_artifact(str(path)) if is_url(path) else Path(path)
     if not (path / META_FILE).is_file():
         raise ArtifactError(f"{path} is not a genctr serving artifact (no {META_FILE})")
     try:

@@ -95,6 +95,13 @@ def join_local_group(rank: int, world_size: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(wait_for_others: bool = False) -> None:
+    """Leave the process group. ``wait_for_others`` (a rank that finished its work): wait at a
+    barrier first, so that no rank tears down its gloo connections while a peer still reads
+    from them (rank 0 leaves a broadcast before the others have received it). A rank that
+    failed leaves at once: its peers may never reach the barrier."""
+    if not dist.is_initialized():
+        return
+    if wait_for_others and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -16,6 +16,7 @@ from genctr_rec.data.splits import TimeRange
 from genctr_rec.factory import feature_schema
 from genctr_rec.metrics import ctr_metrics, on_main
 from genctr_rec.progress import Progress
+from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 
@@ -108,7 +109,7 @@ def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | Non
     check_catalogue(cfg, data)
     ctx = init_distributed()
     built = build_model(cfg, ctx)
-    load_model(built.dmp, Path(run) / "checkpoint")
+    load_model(built.dmp, location(run) / "checkpoint")
     return evaluate_ctr(
         built.dmp,
         data,

@@ -30,6 +30,7 @@ from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.factory import feature_schema
 from genctr_rec.logs import as_json
+from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
@@ -66,7 +67,7 @@ def _inherit_from_pretraining(cfg: RunConfig) -> None:
 def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
     """Train stage 2, select by validation, evaluate on test, write ``out/``. Returns the
     metrics."""
-    out = Path(out)
+    out = location(out)
     meta = DatasetMeta.read(cfg.data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
@@ -89,7 +90,7 @@ def _train_and_test(
     loaded: list[str] = []
     if cfg.transfer in TRANSFER_PREFIXES:
         loaded = load_model(
-            dmp, Path(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer]
+            dmp, location(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer]
         )
     reader = ImpressionReader(
         cfg.data,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 
 from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.progress import Progress
+from genctr_rec.storage import cache_dir, is_remote, upload_tree
 from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.sharding import sharding_summary
 
@@ -73,7 +75,19 @@ def tensorboard_writer(run_dir: Path, ctx: DistContext):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # pragma: no cover - tensorboard is a declared dependency
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    if not is_remote(run_dir):
+        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    class UploadingSummaryWriter(SummaryWriter):
+        """TensorBoard cannot append to an object: events go to a local staging directory,
+        copied to ``RUN/tensorboard`` on close."""
+
+        def close(self) -> None:
+            super().close()
+            upload_tree(staging, run_dir / "tensorboard")
+
+    staging = cache_dir() / "tensorboard" / str(os.getpid()) / run_dir.path.strip("/")
+    return UploadingSummaryWriter(log_dir=str(staging))
 
 
 def hparams_of(cfg: Any) -> dict[str, int | float | str | bool]:

@@ -29,6 +29,7 @@ from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.logs import as_json
 from genctr_rec.metrics import on_main
 from genctr_rec.models.negatives import NegativeSampler
+from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
@@ -115,7 +116,7 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
 
 def pretrain(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
     """Train stage 1 and write ``out/`` (config, checkpoint, metrics). Returns the metrics."""
-    out = Path(out)
+    out = location(out)
     ctx = init_distributed()
     meta = DatasetMeta.read(cfg.data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories

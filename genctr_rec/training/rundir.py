@@ -9,7 +9,9 @@
    as the stage runs, so that two jobs never train into the same directory. A lock left by a
    dead process on this host is stale and taken over (and said so); a restart of the same
    torchrun / torchx job (same ``TORCHELASTIC_RUN_ID``) takes over its own lock on any host; a
-   lock held elsewhere is refused with how to clear it.
+   lock held elsewhere is refused with how to clear it. On object storage (``--out s3://...``)
+   the lock is an object, checked then written: it stops the usual mistake (a second job
+   started into a running job's prefix), not two jobs started in the same second.
 4. Its ``config.json`` is written, or compared with the existing run's for a resume. A run that
    never wrote a checkpoint has nothing to resume: its configuration is replaced (a dataset
    rejected at its first row group, corrected at another path, then runs in the same ``--out``).
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from genctr_rec.config import ConfigError, absolute_location
+from genctr_rec.storage import Location, describe_error, is_remote, location, make_dirs
 from genctr_rec.training.distributed import DistContext, from_main
 
 logger = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ class LockOwner:
 class RunLock:
     """``RUN/.lock``, created exclusively; :meth:`release` removes it if it is still ours."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Location) -> None:
         self.path = run_dir / LOCK_FILE
         self.owner = LockOwner.me()
 
@@ -96,6 +99,11 @@ class RunLock:
 
     def _write(self, exclusive: bool) -> None:
         text = json.dumps(asdict(self.owner), indent=1)
+        if is_remote(self.path):  # no exclusive create on object storage: check, then write
+            if exclusive and self.path.exists():
+                raise FileExistsError(str(self.path))
+            self.path.write_text(text)
+            return
         if exclusive:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             with os.fdopen(fd, "w") as handle:
@@ -137,12 +145,12 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def has_saved_state(run_dir: Path) -> bool:
+def has_saved_state(run_dir: Location) -> bool:
     """True when the run wrote anything a resume, an evaluation or an export would read."""
     return any((run_dir / name).exists() for name in SAVED_STATE)
 
 
-def check_out_dir(run_dir: Path) -> None:
+def check_out_dir(run_dir: Location) -> None:
     """Refuse a directory that holds files and is not a run (no ``config.json``)."""
     if not run_dir.exists():
         return
@@ -159,20 +167,25 @@ def check_out_dir(run_dir: Path) -> None:
         )
 
 
-def make_writable_dir(run_dir: Path) -> None:
+def make_writable_dir(run_dir: Location) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         probe = run_dir / f".write-test.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - object storage raises its client's errors
+        reason = describe_error(exc)
+        if reason is not None:
+            raise RunDirError(f"cannot write to --out {run_dir}: {reason}") from exc
+        if not isinstance(exc, OSError):
+            raise
         raise RunDirError(
             f"cannot write to --out {run_dir}: {exc.strerror or exc}; choose a directory "
             "this user can write"
         ) from exc
 
 
-def write_or_check_config(cfg: Any, run_dir: Path) -> None:
+def write_or_check_config(cfg: Any, run_dir: Location) -> None:
     """Write ``config.json``, or check it equals the saved one when there is a run to resume."""
     path = run_dir / CONFIG_FILE
     current = json.loads(json.dumps(cfg.to_json()))
@@ -206,9 +219,9 @@ def _agree(ctx: DistContext, error: str | None) -> None:
 
 
 @contextmanager
-def open_run(cfg: Any, run_dir: str | Path, ctx: DistContext) -> Iterator[Path]:
+def open_run(cfg: Any, run_dir: str | Path, ctx: DistContext) -> Iterator[Location]:
     """Collective: the checked, locked, configured run directory, unlocked on leaving."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     lock = RunLock(run_dir)
     error = None
     if ctx.is_main:

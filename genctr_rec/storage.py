@@ -1,0 +1,219 @@
+"""Where files live: a local directory or object storage (``s3://bucket/prefix``), one API.
+
+Every path the CLI takes may be a URL. Local paths stay :class:`pathlib.Path`; URLs become
+``upath.UPath`` objects backed by fsspec (``s3fs`` for S3), which offer the same methods
+(``/``, ``exists``, ``is_file``, ``iterdir``, ``read_text``, ``open``, ``stat``), so the
+readers and writers need no second code path. Credentials and the endpoint come the standard
+way: the AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``), ``AWS_PROFILE`` / ``~/.aws``, an instance role, and ``AWS_ENDPOINT_URL``
+for S3-compatible stores (MinIO, Ceph, moto).
+
+Object storage has no rename: what must appear whole (a checkpoint, an artifact) is written
+file by file with its manifest last, and readers of object storage require the manifest
+(:mod:`genctr_rec.checkpoint`). One object is written in one PUT, so a JSON file is never
+half-written there; on local disk it is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:  # imported where used: `genctr -h` and local-only runs never load them
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from upath import UPath
+
+Location = Union[Path, "UPath"]
+# other processes (the other ranks) write under the same prefixes: never trust a cached listing
+STORAGE_OPTIONS: dict[str, dict[str, Any]] = {"s3": {"use_listings_cache": False}}
+
+
+class StorageError(OSError):
+    """Object storage refused or could not be reached; the message says which URL and why."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` other than ``file://``."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def is_remote(path: Location) -> bool:
+    """True for a location on object storage (a ``UPath`` that is not a local ``Path``)."""
+    return not isinstance(path, Path)
+
+
+def location(where: str | os.PathLike) -> Location:
+    """A local ``Path`` or, for a URL, a ``UPath`` on its fsspec filesystem."""
+    if isinstance(where, Path) or type(where).__module__.startswith("upath"):
+        return where  # type: ignore[return-value]
+    text = str(where)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :])
+    if not is_url(text):
+        return Path(text)
+    from upath import UPath
+
+    scheme = text.split("://", 1)[0]
+    return UPath(text, **STORAGE_OPTIONS.get(scheme, {}))
+
+
+def fs_path(path: Location) -> tuple[Any, str]:
+    """(pyarrow-usable filesystem or None for local, path string) for pyarrow's readers."""
+    if isinstance(path, Path):
+        return None, str(path)
+    return path.fs, path.path
+
+
+def open_parquet(path: Location) -> pq.ParquetFile:
+    """A ParquetFile that reads row groups on demand (ranged GETs on object storage)."""
+    import pyarrow.parquet as pq
+
+    filesystem, name = fs_path(path)
+    if filesystem is None:
+        return pq.ParquetFile(name)
+    return pq.ParquetFile(filesystem.open(name, "rb"))
+
+
+def read_table(path: Location, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    filesystem, name = fs_path(path)
+    return pq.read_table(name, columns=columns, filesystem=filesystem)
+
+
+def write_bytes(path: Location, data: bytes) -> None:
+    """Write a whole file: temporary name + rename locally, one PUT on object storage."""
+    if is_remote(path):
+        with path.open("wb") as handle:
+            handle.write(data)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Location, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def remove_tree(path: Location) -> None:
+    """Delete a directory (prefix) and everything under it; nothing if it does not exist."""
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        path.fs.rm(path.path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def make_dirs(path: Location) -> None:
+    """Create a local directory; object storage has no directories (a no-op there)."""
+    if not is_remote(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def files_under(directory: Location) -> list[Location]:
+    """Every file under ``directory``, recursively, sorted."""
+    if not is_remote(directory):
+        return sorted(p for p in directory.rglob("*") if p.is_file())
+    fs = directory.fs
+    found = fs.find(directory.path)
+    return sorted(location(f"{directory.protocol}://{name}") for name in found)
+
+
+def sha256(path: Location) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def upload_tree(source: Path, target: Location, last: str | None = None) -> None:
+    """Copy the files under local ``source`` to ``target``; the file named ``last`` (a manifest)
+    is written after every other one, so that a reader requiring it never sees a partial copy."""
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)
+    for file in files:
+        destination = target / file.relative_to(source).as_posix()
+        if is_remote(target):
+            target.fs.put_file(str(file), destination.path)
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, destination)
+
+
+def download_tree(source: Location, target: Path) -> None:
+    """Copy every file under ``source`` into local ``target`` (created)."""
+    for file in files_under(source):
+        relative = file.path[len(source.path) :].lstrip("/")
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source.fs.get_file(file.path, str(destination))
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: ``GENCTR_CACHE`` or ``~/.cache/genctr-rec``."""
+    return Path(os.environ.get("GENCTR_CACHE", Path.home() / ".cache" / "genctr-rec"))
+
+
+def describe_error(exc: BaseException, where: str = "") -> str | None:
+    """One line for an object-storage failure (credentials, bucket, endpoint), or None when
+    ``exc`` is not one."""
+    text = f"{type(exc).__name__}: {exc}"
+    module = type(exc).__module__
+    place = f"{where}: " if where else ""
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return (
+            f"{place}no credentials for object storage: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
+    for code, meaning in (
+        ("InvalidAccessKeyId", "the access key is not known to the store"),
+        ("does not exist in our records", "the access key is not known to the store"),
+        ("SignatureDoesNotMatch", "the secret key does not match the access key"),
+        ("signature we calculated does not match", "the secret key does not match the access key"),
+        ("NoSuchBucket", "the bucket does not exist"),
+        ("The specified bucket does not exist", "the bucket does not exist"),
+        ("AccessDenied", "access denied by the store"),
+        ("Forbidden", "access denied by the store"),
+    ):
+        if code in text:
+            return f"{place}{meaning} ({_first_line(exc)})"
+    if (
+        "EndpointConnectionError" in text
+        or "Could not connect to the endpoint" in text
+        or (module.startswith(("aiohttp", "botocore", "aiobotocore")) and "connect" in text.lower())
+    ):
+        return f"{place}cannot reach the object store ({_first_line(exc)}); check AWS_ENDPOINT_URL"
+    if module.startswith(("botocore", "aiobotocore", "s3fs")):
+        return f"{place}object storage failed: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_reachable(where: str) -> None:
+    """Raise :class:`StorageError` with one line when ``where`` (a URL) cannot be listed:
+    no credentials, wrong keys, a missing bucket, an unreachable endpoint."""
+    if not is_url(where):
+        return
+    path = location(where)
+    bucket = path.path.split("/", 1)[0]
+    try:
+        path.fs.ls(bucket, detail=False)
+    except Exception as exc:  # noqa: BLE001 - every client error becomes one line
+        raise StorageError(describe_error(exc, where) or f"{where}: {_first_line(exc)}") from exc
