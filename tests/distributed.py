@@ -39,3 +39,30 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
             start_method="spawn",
         )
         return [pickle.loads(Path(out_dir, f"{r}.pkl").read_bytes()) for r in range(world_size)]
+
+
+def kill_a_rank_once(job, ready: Callable[[], bool], rank: int, log: Path) -> None:
+    """Wait until ``ready()`` (a checkpoint is there), SIGKILL the ``rank``-th worker of the
+    torchrun ``job`` (a Popen) and wait for the job to end (its restart finishes it)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    try:
+        deadline = time.time() + 300
+        while not ready():
+            assert time.time() < deadline and job.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        workers = [
+            p
+            for p in psutil.Process(job.pid).children(recursive=True)
+            if "genctr_rec.cli" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+        os.kill(workers[rank].pid, signal.SIGKILL)
+        job.wait(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()

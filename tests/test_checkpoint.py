@@ -10,16 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from genctr_rec.checkpoint import CheckpointManager, verify_manifest
 from genctr_rec.training.distributed import free_port
+from tests.distributed import kill_a_rank_once
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
@@ -211,22 +210,7 @@ def test_sigkill_of_a_rank_restarts_and_finishes_identically(
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-        try:
-            deadline = time.time() + 300
-            while not CheckpointManager(hit).checkpoints():
-                assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
-                time.sleep(0.1)
-            workers = [
-                p
-                for p in psutil.Process(job.pid).children(recursive=True)
-                if "genctr_rec.cli" in " ".join(p.cmdline())
-            ]
-            assert len(workers) == 2
-            os.kill(workers[0].pid, signal.SIGKILL)
-            job.wait(timeout=400)
-        finally:
-            if job.poll() is None:
-                job.kill()
+        kill_a_rank_once(job, lambda: bool(CheckpointManager(hit).checkpoints()), 0, log)
     output = log.read_text()
     assert job.returncode == 0, output[-3000:]
     assert "failed (exitcode: -9)" in output and "resumed from" in output

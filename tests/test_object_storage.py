@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 import torch
 from torch import nn
@@ -28,6 +25,7 @@ from genctr_rec.data.validate import validate_dataset
 from genctr_rec.serving.predictor import Predictor
 from genctr_rec.storage import location
 from genctr_rec.training.distributed import free_port
+from tests.distributed import kill_a_rank_once
 from tests.s3 import make_bucket, s3_server, upload
 from tests.serving import as_request, score_body, start_server, stop_server
 
@@ -141,6 +139,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(s3, monkeypatch) -> 
         assert torch.equal(fresh.state_dict()[key], value)
 
 
+def manager_complete(manager: CheckpointManager) -> list[bool]:
+    """Per checkpoint under ``manager``, whether its save finished (its manifest is there)."""
+    return [(p / MANIFEST).is_file() for p in manager.checkpoints()]
+
+
 @pytest.mark.slow
 def test_two_rank_pretraining_checkpoints_to_the_bucket_and_resumes_after_a_kill(
     s3, toy_synth: Path, tmp_path: Path
@@ -168,22 +171,7 @@ def test_two_rank_pretraining_checkpoints_to_the_bucket_and_resumes_after_a_kill
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-        try:
-            deadline = time.time() + 300
-            while not any((p / MANIFEST).is_file() for p in manager.checkpoints()):
-                assert time.time() < deadline and job.poll() is None, log.read_text()[-3000:]
-                time.sleep(0.2)
-            workers = [
-                p
-                for p in psutil.Process(job.pid).children(recursive=True)
-                if "genctr_rec.cli" in " ".join(p.cmdline())
-            ]
-            assert len(workers) == 2
-            os.kill(workers[1].pid, signal.SIGKILL)
-            job.wait(timeout=400)
-        finally:
-            if job.poll() is None:
-                job.kill()
+        kill_a_rank_once(job, lambda: any(manager_complete(manager)), 1, log)
     output = log.read_text()
     assert job.returncode == 0, output[-3000:]
     assert "failed (exitcode: -9)" in output and f"resumed from {run}/checkpoints/step-" in output
@@ -193,8 +181,8 @@ def test_two_rank_pretraining_checkpoints_to_the_bucket_and_resumes_after_a_kill
     assert remote["epoch_loss"] == local["epoch_loss"]
     assert remote["hr@10_random"] == local["hr@10_random"]
     assert not (location(run) / ".lock").exists()
-    steps = manager.checkpoints()
-    assert steps and all((p / MANIFEST).is_file() for p in steps)
+    complete = manager_complete(manager)
+    assert complete and all(complete)
     assert (location(run) / "tensorboard").is_dir()
 
 
