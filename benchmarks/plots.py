@@ -187,11 +187,17 @@ def _serving_latency(payload: dict, plt) -> Any:
     http = payload.get("http", [])
     ax = axes[2]
     if http:
-        labels = [
-            f"{r['clients']} client{'s' if r['clients'] > 1 else ''}\n"
-            f"batch {r['max_batch']}, wait {r['max_wait_ms']:g} ms"
-            for r in http
-        ]
+        def label(r: dict) -> str:
+            parts = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}"]
+            if "threads" in r:
+                parts.append(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}")
+            if r["max_batch"] == 1:
+                parts.append("no batching")
+            elif r["max_wait_ms"]:
+                parts.append(f"wait {r['max_wait_ms']:g} ms")
+            return "\n".join(parts)
+
+        labels = [label(r) for r in http]
         x = np.arange(len(http))
         ax.bar(x - 0.2, [r["p50_ms"] for r in http], 0.4, label="p50")
         ax.bar(x + 0.2, [r["p99_ms"] for r in http], 0.4, label="p99")

@@ -12,7 +12,8 @@ categories), so (history, category) pairs recur, as they do within a user's sess
 
 Baselines in the same run: ``per-candidate g`` computes g(s, c) once per candidate (what the
 per-category reuse saves); ``no MI`` is the backbone alone; ``max_batch=1`` turns the server's
-micro-batching off.
+micro-batching off; ``torch threads`` = all cores is the service before 0.5 (intra-op threads
+left at torch's default).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
     import httpx
 
     rows = []
-    requests = _traffic(items, 50, 100, clients * per_client, seed=1)
+    requests = _traffic(items, 200, 100, clients * per_client, seed=1)
     bodies = [
         json.dumps(
             {
@@ -197,16 +198,20 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
         for r in requests
     ]
     headers = {"content-type": "application/json"}
-    for max_batch, wait_ms, n_clients in (
-        (64, 0, 1),
-        (64, 0, clients),
-        (64, 2, clients),
-        (1, 0, clients),
+    cores = os.cpu_count() or 1
+    for max_batch, wait_ms, n_clients, threads in (
+        (64, 0, 1, 1),
+        (64, 0, 1, cores),
+        (64, 0, clients, 1),
+        (64, 0, clients, cores),
+        (64, 2, clients, 1),
+        (1, 0, clients, 1),
     ):
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(artifact),
-             "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms)],
+             "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms),
+             "--threads", str(threads)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -241,6 +246,7 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
             "max_batch": max_batch,
             "max_wait_ms": wait_ms,
             "clients": n_clients,
+            "threads": threads,
             "p50_ms": float(np.percentile(times, 50)),
             "p99_ms": float(np.percentile(times, 99)),
             "requests_per_s": float(np.median(rates)),
@@ -277,17 +283,18 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Over HTTP (`genctr serve`, fp32, MI + cache, history 50, 100 candidates, each client "
+        f"Over HTTP (`genctr serve`, fp32, MI + cache, history 200, 100 candidates, each client "
         f"{args.per_client} requests; clients are threads of the benchmark process on the same "
         "cores as the server):",
         "",
-        "| clients | max_batch | max_wait_ms | p50 ms | p99 ms | requests/s (median of 3) | "
-        "requests per call |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
+        "requests/s (median of 3) | requests per call |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in http_rows:
         lines.append(
-            f"| {r['clients']} | {r['max_batch']} | {r['max_wait_ms']} | {r['p50_ms']:.1f} | "
+            f"| {r['clients']} | {r['max_batch']} | {r['max_wait_ms']} | {r['threads']} | "
+            f"{r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | "
             f"{r['requests_per_s']:.0f} | {r['mean_requests_per_batch']:.1f} |"
         )

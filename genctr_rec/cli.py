@@ -449,7 +449,13 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         help="an unknown history id: 422 (reject) or dropped (skip_history); unknown "
         "candidates are always refused",
     )
-    srv.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    srv.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of the service (0: torch's default, all cores). One keeps "
+        "the tail short for requests of a few hundred candidates; scale with replicas",
+    )
     srv.set_defaults(func=_serve)
 
 
