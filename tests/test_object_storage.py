@@ -149,7 +149,8 @@ def test_two_rank_pretraining_checkpoints_to_the_bucket_and_resumes_after_a_kill
     s3, toy_synth: Path, tmp_path: Path
 ) -> None:
     """A rank SIGKILLed after the first checkpoint reached the bucket: torchrun restarts the
-    group, which resumes from the bucket and ends exactly where a run on local disk ends."""
+    group, which resumes from the bucket and ends exactly where a run on local disk ends; then
+    a one-process fine-tuning on local disk starts from it."""
     args = ["--epochs", "2", "--batch-size", "32", "--checkpoint-every", "6"]
     calm = tmp_path / "calm"
     proc = subprocess.run(
@@ -184,6 +185,17 @@ def test_two_rank_pretraining_checkpoints_to_the_bucket_and_resumes_after_a_kill
     complete = manager_complete(manager)
     assert complete and all(complete)
     assert (location(run) / "tensorboard").is_dir()
+
+    # the other direction, resharded: the 2-rank run in the bucket starts a 1-process
+    # fine-tuning on local disk
+    local_ft = tmp_path / "ft-from-bucket"
+    done = _cli(
+        "finetune", "--data", str(toy_synth), "--out", str(local_ft), "--backbone", "dnn",
+        "--transfer", "ps_mi", "--init-from", run, "--batch-size", "512", "--epochs", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    handoff = json.loads((local_ft / "metrics.json").read_text())
+    assert handoff["world_size"] == 1 and handoff["loaded_tensors"] >= 2
 
 
 @pytest.mark.slow
