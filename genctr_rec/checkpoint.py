@@ -33,6 +33,7 @@ from genctr_rec.storage import (
     is_remote,
     location,
     make_dirs,
+    relative_name,
     remove_tree,
     sha256,
     write_json,
@@ -199,23 +200,9 @@ def write_manifest(directory: Location) -> None:
     the directory a complete checkpoint."""
     files = [p for p in files_under(directory) if p.name != MANIFEST]
     entries = {
-        _relative(p, directory): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files
+        relative_name(p, directory): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files
     }
-    if is_remote(directory):
-        write_json(directory / MANIFEST, {"files": entries})
-        return
-    tmp = directory / (MANIFEST + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump({"files": entries}, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / MANIFEST)
-
-
-def _relative(path: Location, directory: Location) -> str:
-    if is_remote(directory):
-        return path.path[len(directory.path.rstrip("/")) + 1 :]
-    return str(path.relative_to(directory))
+    write_json(directory / MANIFEST, {"files": entries})  # temporary name + rename on disk
 
 
 def verify_manifest(directory: Location, checksums: bool = True) -> None:

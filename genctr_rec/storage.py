@@ -131,6 +131,13 @@ def files_under(directory: Location) -> list[Location]:
     return sorted(location(f"{directory.protocol}://{name}") for name in found)
 
 
+def relative_name(path: Location, directory: Location) -> str:
+    """``path``'s name below ``directory`` (``a/b.bin``), the same on disk and in a bucket."""
+    if is_remote(directory):
+        return path.path[len(directory.path.rstrip("/")) + 1 :]
+    return path.relative_to(directory).as_posix()
+
+
 def sha256(path: Location) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -156,8 +163,7 @@ def upload_tree(source: Path, target: Location, last: str | None = None) -> None
 def download_tree(source: Location, target: Path) -> None:
     """Copy every file under ``source`` into local ``target`` (created)."""
     for file in files_under(source):
-        relative = file.path[len(source.path) :].lstrip("/")
-        destination = target / relative
+        destination = target / relative_name(file, source)
         destination.parent.mkdir(parents=True, exist_ok=True)
         source.fs.get_file(file.path, str(destination))
 
