@@ -50,6 +50,7 @@ class PlainEmbeddings(nn.Module):
     def __init__(self, num_items: int, num_categories: int, dim: int) -> None:
         super().__init__()
         self.dim = dim
+        self.feature_keys: list[str] = []  # ids only: the benchmark feeds no side features
         self.item = nn.Embedding(num_items, dim)
         self.category = nn.Embedding(num_categories, dim)
 
@@ -66,9 +67,10 @@ def _worker(
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.data.reader import SEQ_ITEMS, ImpressionReader, SequenceReader
     from genctr_rec.data.schema import DatasetMeta
+    from genctr_rec.factory import decoder_for
     from genctr_rec.models.ctr import CTRModel, PretrainModel
     from genctr_rec.models.negatives import NegativeSampler
-    from genctr_rec.training.build import build_model, decoder_for
+    from genctr_rec.training.build import build_model
     from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.pretrain import split_last
 
@@ -196,7 +198,7 @@ def main() -> None:
         lines.append(
             f"| {r['items']:,} | {r['config']} | {r['world_size']} | "
             f"{r['torchrec_examples_per_s']:,.0f} | {r['plain_examples_per_s']:,.0f} | "
-            f"{r['speedup']:.1f}x | "
+            f"{r['speedup']:.2f}x | "
             f"{r['torchrec_peak_rss_gb']:.2f} / {r['plain_peak_rss_gb']:.2f} | {r['plan']} |"
         )
     table = (
