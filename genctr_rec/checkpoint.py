@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from genctr_rec.storage import (
     Location,
     files_under,
+    first_line,
     is_remote,
     location,
     make_dirs,
@@ -247,11 +248,6 @@ def optimizer_cannot_move(
     ]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 class CheckpointManager:
     """Training checkpoints under ``RUN/checkpoints/step-NNNNNNNNN``, the last ``keep`` kept.
 
@@ -386,11 +382,11 @@ class CheckpointManager:
             kept = {k: v for k, v in app_state.items() if k not in resettable}
             moved = optimizer_cannot_move(progress.get("sharding"), plan)
             if len(kept) == len(app_state) or not moved:
-                raise CheckpointError(f"{path}: cannot load ({_first_line(exc)})") from exc
+                raise CheckpointError(f"{path}: cannot load ({first_line(exc)})") from exc
             try:
                 dcp.load(kept, checkpoint_id=str(path), no_dist=_one_process())
             except (Exception, CheckpointException) as exc2:
-                raise CheckpointError(f"{path}: cannot load ({_first_line(exc2)})") from exc2
+                raise CheckpointError(f"{path}: cannot load ({first_line(exc2)})") from exc2
             app_state["resharding_reset"] = list(resettable)
             logger.warning(
                 "%s: %s restarts: its state cannot move between these layouts (%s); "

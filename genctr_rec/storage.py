@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -93,12 +94,16 @@ def write_bytes(path: Location, data: bytes) -> None:
         with path.open("wb") as handle:
             handle.write(data)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Location, obj: Any) -> None:
@@ -195,19 +200,20 @@ def describe_error(exc: BaseException, where: str = "") -> str | None:
         ("Forbidden", "access denied by the store"),
     ):
         if code in text:
-            return f"{place}{meaning} ({_first_line(exc)})"
+            return f"{place}{meaning} ({first_line(exc)})"
     if (
         "EndpointConnectionError" in text
         or "Could not connect to the endpoint" in text
         or (module.startswith(("aiohttp", "botocore", "aiobotocore")) and "connect" in text.lower())
     ):
-        return f"{place}cannot reach the object store ({_first_line(exc)}); check AWS_ENDPOINT_URL"
+        return f"{place}cannot reach the object store ({first_line(exc)}); check AWS_ENDPOINT_URL"
     if module.startswith(("botocore", "aiobotocore", "s3fs")):
-        return f"{place}object storage failed: {_first_line(exc)}"
+        return f"{place}object storage failed: {first_line(exc)}"
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
@@ -222,4 +228,4 @@ def check_reachable(where: str) -> None:
     try:
         path.fs.ls(bucket, detail=False)
     except Exception as exc:  # noqa: BLE001 - every client error becomes one line
-        raise StorageError(describe_error(exc, where) or f"{where}: {_first_line(exc)}") from exc
+        raise StorageError(describe_error(exc, where) or f"{where}: {first_line(exc)}") from exc

@@ -73,24 +73,11 @@ def atomic_directory(
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file under a temporary name in the same directory, then rename it (on
     object storage: one PUT, which is all or nothing by itself)."""
-    from genctr_rec.storage import is_remote, location, write_bytes
+    from genctr_rec.storage import location, make_dirs, write_bytes
 
     target = location(path)
-    if is_remote(target):
-        write_bytes(target, text.encode())
-        return
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    make_dirs(target.parent)
+    write_bytes(target, text.encode())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
