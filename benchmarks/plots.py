@@ -187,6 +187,7 @@ def _serving_latency(payload: dict, plt) -> Any:
     http = payload.get("http", [])
     ax = axes[2]
     if http:
+
         def label(r: dict) -> str:
             parts = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}"]
             if "threads" in r:

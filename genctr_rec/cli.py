@@ -305,9 +305,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     )
     # --run-dir: the same option under torchrun, whose own parser claims "--run" as an
     # abbreviation of its --run-path
-    ev.add_argument(
-        "--run", "--run-dir", dest="run", required=True, help="finetune run" + URL_NOTE
-    )
+    ev.add_argument("--run", "--run-dir", dest="run", required=True, help="finetune run" + URL_NOTE)
     ev.add_argument(
         "--batch-size", type=int, default=None, help="rows per step (default: the run's)"
     )

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.crossnet import LowRankMixtureCrossNet
 from torchrec.modules.mlp import MLP
 
 from genctr_rec.config import BACKBONE_NAMES
-from genctr_rec.models.layers import ContextHead, TargetAttention
+from genctr_rec.models.layers import ContextHead, CrossNet, TargetAttention
 
 
 class Backbone(nn.Module):
@@ -67,14 +66,14 @@ class DNN(Backbone):
 
 
 class CrossTower(nn.Module):
-    """A low-rank mixture-of-experts cross network (TorchRec's ``LowRankMixtureCrossNet``),
-    then the MLP: the body of DCN V2, shared by DCN V2 and DCN V2 & TA."""
+    """A low-rank mixture-of-experts cross network (TorchRec's ``LowRankMixtureCrossNet``, run
+    as :class:`CrossNet`), then the MLP: the body of DCN V2, shared by DCN V2 and DCN V2 & TA."""
 
     def __init__(
         self, in_features: int, num_experts: int, cross_layers: int, low_rank: int, hidden
     ) -> None:
         super().__init__()
-        self.cross = LowRankMixtureCrossNet(in_features, cross_layers, num_experts, low_rank)
+        self.cross = CrossNet(in_features, cross_layers, num_experts, low_rank)
         self.mlp = MLP(in_features, list(hidden), activation="relu")
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:

@@ -169,21 +169,17 @@ class CTRModel(nn.Module):
             and self.decoder.jagged
             and len(self.decoder.blocks) >= JAGGED_TARGET_MIN_LAYERS
         )
-        needs_padded = uses_history or (self.decoder is not None and not jagged)
-        padded_items = to_padded(h_item, lengths) if needs_padded else None
-        padded_cats = to_padded(h_cat, lengths) if needs_padded else None
+        # one padded history of item + category sums serves the decoder and the backbone
+        history = None
+        if uses_history or (self.decoder is not None and not jagged):
+            history = to_padded(h_item + h_cat, lengths)
         g = None
         if jagged:
             g = self.decoder.forward_target_jagged(h_item, h_cat, lengths, t_cat)
         elif self.decoder is not None:
-            g = self.decoder.forward_target(padded_items, padded_cats, lengths, t_cat)
+            g = self.decoder.forward_target_summed(history, lengths, t_cat)
         if uses_history:
             return self.backbone(
-                x0,
-                g,
-                t_item,
-                target=t_item + t_cat,
-                history=padded_items + padded_cats,
-                lengths=lengths,
+                x0, g, t_item, target=t_item + t_cat, history=history, lengths=lengths
             )
         return self.backbone(x0, g, t_item)

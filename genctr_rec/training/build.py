@@ -22,6 +22,9 @@ from genctr_rec.training.sharding import (
 )
 
 TABLES_PREFIX = "embeddings.tables."
+# the dense layers' Adam as one fused kernel over all tensors (CPU and CUDA) instead of a loop
+# of small ops per tensor: about 10 % of a fine-tuning step on CPU (finetune_speed benchmark)
+FUSED_ADAM = True
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +64,7 @@ def _adam(named: dict[str, torch.Tensor], lr: float, decoder_lr: float):
             {"params": [p for p in params if id(p) not in decoder], "lr": lr},
             {"params": [p for p in params if id(p) in decoder], "lr": decoder_lr},
         ]
-        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+        return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, fused=FUSED_ADAM)
 
     return factory
 
