@@ -19,13 +19,14 @@ left at torch's default).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -168,18 +169,29 @@ def in_process(root: Path, items: int, n: int) -> list[dict]:
     return rows
 
 
-def _timed_posts(http, bodies: list[bytes]) -> list[float]:
-    """Seconds per POST /score of each body, one after another on one connection."""
+def _timed_posts(port: int, bodies: list[bytes]) -> list[float]:
+    """Seconds per POST /score of each body, one after another on one keep-alive connection
+    (the standard library's HTTP client: little Python per request, so that what is timed
+    is the service and not the client)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"content-type": "application/json"}
     out = []
-    for body in bodies:
-        t = time.perf_counter()
-        response = http.post("/score", content=body, headers={"content-type": "application/json"})
-        response.raise_for_status()
-        out.append(time.perf_counter() - t)
+    try:
+        for body in bodies:
+            t = time.perf_counter()
+            connection.request("POST", "/score", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            out.append(time.perf_counter() - t)
+            if response.status != 200:
+                raise RuntimeError(f"POST /score answered {response.status}")
+    finally:
+        connection.close()
     return out
 
 
-def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list[dict]:
+def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tuple[list[dict], dict]:
+    """The HTTP rows, and :func:`where_the_time_goes` on the same traffic."""
     import httpx
 
     rows = []
@@ -197,7 +209,8 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
         ).encode()
         for r in requests
     ]
-    headers = {"content-type": "application/json"}
+    breakdown = where_the_time_goes(artifact, bodies[:300], requests[:300])
+    print(breakdown, flush=True)
     cores = os.cpu_count() or 1
     for max_batch, wait_ms, n_clients, threads in (
         (64, 0, 1, 1),
@@ -223,22 +236,18 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
                 except httpx.TransportError:
                     time.sleep(0.2)
 
-            # connections opened and warmed before the clock starts
-            sessions = [httpx.Client(base_url=url, timeout=60) for _ in range(n_clients)]
-            for http in sessions:
-                http.post("/score", content=bodies[0], headers=headers).raise_for_status()
-
+            _timed_posts(port, bodies[:20])  # warm: the first requests pay for allocation
+            # each client its own process (threads of one process would share its GIL)
             chunks = [bodies[k * per_client : (k + 1) * per_client] for k in range(n_clients)]
             times, rates = [], []
-            for _ in range(REPEATS):
-                start = time.perf_counter()
-                with ThreadPoolExecutor(n_clients) as pool:
-                    times += list(pool.map(_timed_posts, sessions, chunks))
-                rates.append(n_clients * per_client / (time.perf_counter() - start))
+            with ProcessPoolExecutor(n_clients) as pool:
+                list(pool.map(_timed_posts, [port] * n_clients, [c[:2] for c in chunks]))
+                for _ in range(REPEATS):
+                    start = time.perf_counter()
+                    times += list(pool.map(_timed_posts, [port] * n_clients, chunks))
+                    rates.append(n_clients * per_client / (time.perf_counter() - start))
             times = np.concatenate(times) * 1e3
             batching = httpx.get(f"{url}/metadata").json()["batching"]
-            for http in sessions:
-                http.close()
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -255,7 +264,92 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> list
         }
         rows.append(row)
         print(row, flush=True)
-    return rows
+    return rows, breakdown
+
+
+async def _asgi_post(app, body: bytes) -> None:
+    """One POST /score through the ASGI application, without sockets or an HTTP parser."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/score", "raw_path": b"/score", "query_string": b"",
+        "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    if sent[0]["status"] != 200:
+        raise RuntimeError(f"POST /score answered {sent[0]['status']}")
+
+
+def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> dict:
+    """Milliseconds per request of each layer, one request at a time on one torch thread (as
+    the service runs): the whole ASGI application (FastAPI, its request and response models,
+    our middlewares, the hand-off to the scoring thread) without sockets, then its parts."""
+    import asyncio
+
+    from genctr_rec.serving.server import ScoreBody, ServeConfig, create_app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    predictor = Predictor(str(artifact))
+
+    def per_request(fn, items) -> float:
+        for item in items[:20]:
+            fn(item)
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        return (time.perf_counter() - start) / len(items) * 1e3
+
+    async def through_app() -> float:
+        app = create_app(predictor, ServeConfig(warm_up_rounds=0))
+        started: asyncio.Queue = asyncio.Queue()
+        lifespan = [{"type": "lifespan.startup"}]
+
+        async def receive() -> dict:
+            return lifespan.pop() if lifespan else await asyncio.Event().wait()
+
+        runner = asyncio.get_running_loop().create_task(
+            app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, started.put)
+        )
+        await started.get()
+        for body in bodies[:20]:
+            await _asgi_post(app, body)
+        start = time.perf_counter()
+        for body in bodies:
+            await _asgi_post(app, body)
+        runner.cancel()
+        return (time.perf_counter() - start) / len(bodies) * 1e3
+
+    try:
+        return {
+            "asgi_app_ms": asyncio.run(through_app()),
+            "predictor_score_ms": per_request(predictor.score, requests),
+            "predictor_prepare_ms": per_request(predictor.prepare, requests),
+            "json_parse_ms": per_request(json.loads, bodies),
+            "request_model_ms": per_request(ScoreBody.model_validate_json, bodies),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_traffic(row: dict) -> bool:
+    """The in-process row with the HTTP rows' traffic and model."""
+    return (row["tables"], row["mode"], row["history"], row["candidates"]) == (
+        "fp32",
+        "MI + cache",
+        200,
+        100,
+    )
 
 
 def main() -> None:
@@ -267,7 +361,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = in_process(Path(tmp), args.items, args.requests)
-        http_rows = over_http(Path(tmp) / "none-1", args.items, args.clients, args.per_client)
+        http_rows, breakdown = over_http(
+            Path(tmp) / "none-1", args.items, args.clients, args.per_client
+        )
     lines = [
         "In process (`Predictor.score`, one request at a time, torch threads "
         f"{torch.get_num_threads()}):",
@@ -284,23 +380,41 @@ def main() -> None:
     lines += [
         "",
         f"Over HTTP (`genctr serve`, fp32, MI + cache, history 200, 100 candidates, each client "
-        f"{args.per_client} requests; clients are threads of the benchmark process on the same "
-        "cores as the server):",
+        f"{args.per_client} requests over one keep-alive connection with the standard library's "
+        "`http.client`; each client its own process, on the same cores as the server; "
+        "in process, the same traffic "
+        f"{next(r['requests_per_s'] for r in rows if _same_traffic(r)):.0f} requests/s):",
         "",
         "| clients | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
-        "requests/s (median of 3) | requests per call |",
-        "|---|---|---|---|---|---|---|---|",
+        "requests/s (median of 3) | of in-process | requests per call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    in_process_rate = next(r["requests_per_s"] for r in rows if _same_traffic(r))
     for r in http_rows:
         lines.append(
             f"| {r['clients']} | {r['max_batch']} | {r['max_wait_ms']} | {r['threads']} | "
             f"{r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | "
-            f"{r['requests_per_s']:.0f} | {r['mean_requests_per_batch']:.1f} |"
+            f"{r['requests_per_s']:.0f} | {r['requests_per_s'] / in_process_rate:.0%} | "
+            f"{r['mean_requests_per_batch']:.1f} |"
         )
+    b = breakdown
+    lines += [
+        "",
+        "Where a request's time goes (the same traffic, one request at a time, one torch "
+        "thread, milliseconds per request):",
+        "",
+        "| the whole ASGI app, no sockets | of which `Predictor.score` | of which `prepare` | "
+        "JSON parse | request model (pydantic) | the rest: FastAPI, middlewares, hand-off |",
+        "|---|---|---|---|---|---|",
+        f"| {b['asgi_app_ms']:.2f} | {b['predictor_score_ms']:.2f} | "
+        f"{b['predictor_prepare_ms']:.2f} | {b['json_parse_ms']:.2f} | "
+        f"{b['request_model_ms']:.2f} | "
+        f"{b['asgi_app_ms'] - b['predictor_score_ms'] - b['request_model_ms']:.2f} |",
+    ]
     md = write_results(
         "serving_latency",
-        {"items": args.items, "in_process": rows, "http": http_rows},
+        {"items": args.items, "in_process": rows, "http": http_rows, "breakdown": breakdown},
         "\n".join(lines),
     )
     print(md.read_text())
