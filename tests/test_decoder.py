@@ -111,3 +111,51 @@ def test_jagged_paths_equal_padded_ones(conditional: bool, layers: int) -> None:
     )
     got_g = decoder.forward_target_jagged(items, cats, lengths, targets)
     torch.testing.assert_close(got_g, expected_g, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_device_policy_picks_a_path_with_the_same_loss(layers: int, monkeypatch) -> None:
+    """Pre-training pads the whole batch on CUDA and runs length groups on CPU: the stage model
+    gives the same loss and table gradients either way (the CUDA choice taken on CPU here)."""
+    from torchrec import KeyedJaggedTensor
+
+    import genctr_rec.models.ctr as ctr
+    from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS
+    from genctr_rec.embeddings import SharedEmbeddings
+    from genctr_rec.models.decoder import length_groups_pay_off
+
+    assert length_groups_pay_off(torch.device("cpu"))
+    assert not length_groups_pay_off(torch.device("cuda"))
+    torch.manual_seed(0)
+    embeddings = SharedEmbeddings(500, 20, D, dedup=False, device=torch.device("cpu"))
+    model = ctr.PretrainModel(embeddings, GenerativeDecoder(D, 301, layers))
+    lengths = torch.tensor(LENGTHS)
+    n = int(lengths.sum())
+    sequences = KeyedJaggedTensor(
+        keys=[SEQ_ITEMS, SEQ_CATEGORIES],
+        values=torch.cat([torch.randint(0, 500, (n,)), torch.randint(0, 20, (n,))]),
+        lengths=torch.cat([lengths, lengths]).int(),
+    )
+    negatives = torch.randint(0, 500, (n, 4))
+
+    grouped_calls = []
+    run_groups = model.decoder.forward_sequence_jagged
+    monkeypatch.setattr(
+        model.decoder,
+        "forward_sequence_jagged",
+        lambda *args: grouped_calls.append(1) or run_groups(*args),
+    )
+
+    def loss_and_grads(groups: bool):
+        monkeypatch.setattr(ctr, "length_groups_pay_off", lambda device: groups)
+        model.zero_grad(set_to_none=True)
+        calls = len(grouped_calls)
+        loss = model(sequences, negatives)
+        loss.backward()
+        assert len(grouped_calls) - calls == int(groups)  # the path the policy chose ran
+        return loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]
+
+    grouped, padded = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(padded[0], grouped[0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(padded[1], grouped[1], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

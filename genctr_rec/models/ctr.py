@@ -25,7 +25,7 @@ from genctr_rec.data.reader import (
 )
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.models.backbones import build_backbone
-from genctr_rec.models.decoder import GenerativeDecoder
+from genctr_rec.models.decoder import GenerativeDecoder, length_groups_pay_off
 from genctr_rec.models.inputs import DenseNorm, impression_input, input_width
 from genctr_rec.models.jagged import mean_pool, row_positions, to_padded
 
@@ -61,7 +61,7 @@ class PretrainModel(nn.Module):
             torch.cat([item_ids, negatives.reshape(-1)]), cats_jt.values()
         )
         seq_emb, neg_emb = item_emb[:n], item_emb[n:].view(n, k, -1)
-        if self.decoder.jagged:
+        if self.decoder.jagged and length_groups_pay_off(seq_emb.device):
             g = self.decoder.forward_sequence_jagged(seq_emb, cat_emb, lengths)
         else:
             padded = self.decoder.forward_sequence(
@@ -168,6 +168,7 @@ class CTRModel(nn.Module):
             self.decoder is not None
             and self.decoder.jagged
             and len(self.decoder.blocks) >= JAGGED_TARGET_MIN_LAYERS
+            and length_groups_pay_off(h_item.device)
         )
         # one padded history of item + category sums serves the decoder and the backbone
         history = None

@@ -23,6 +23,18 @@ from torch import nn
 from genctr_rec.models.jagged import length_groups, row_positions, to_padded
 
 
+def length_groups_pay_off(device: torch.device) -> bool:
+    """Whether to run a jagged batch in groups of similar length (``*_jagged`` methods) or pad
+    it whole, on ``device``.
+
+    On CPU groups win (``benchmarks/results/decoder_cost.md``): attention is quadratic in the
+    padded length and every element costs. On a GPU the per-group loop of small launches and
+    host synchronisations loses 2x-4x to one padded batch at every size measured (issue 13's
+    H200 table: caps 50-4000, dims 16 and 64), so CUDA pads the whole batch.
+    """
+    return device.type != "cuda"
+
+
 @torch.fx.wrap
 def _visible_keys(lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
     """[B, 1, num_keys]: query b may see key k (BOS = 0, item j = j + 1) iff k <= lengths[b].
@@ -165,8 +177,9 @@ class GenerativeDecoder(nn.Module):
         conditional: CD (query from the predicted item's category) or SD.
         dropout: attention dropout.
         jagged: the stage models call the ``*_jagged`` methods (no padding across rows of
-            different lengths); ``False`` pads the whole batch to its longest row, the
-            baseline of ``benchmarks/decoder_cost.py``. Same outputs either way.
+            different lengths) where :func:`length_groups_pay_off` (on CPU, not on CUDA);
+            ``False`` always pads the whole batch to its longest row, the baseline of
+            ``benchmarks/decoder_cost.py``. Same outputs either way.
     """
 
     def __init__(
