@@ -223,9 +223,14 @@ class GenerativeDecoder(nn.Module):
         memory: torch.Tensor,
         mask: torch.Tensor | None,
         causal: bool = False,
+        one_query: bool = False,
     ) -> torch.Tensor:
+        """The blocks; ``one_query``: queries [B, D], one a row (:meth:`_Block.one_query`)."""
         for i, block in enumerate(self.blocks):
-            queries = block(queries, memory, mask, causal)
+            if one_query:
+                queries = block.one_query(queries, memory, mask)
+            else:
+                queries = block(queries, memory, mask, causal)
             if i < len(self.item_blocks):
                 memory = self.item_blocks[i](memory, memory, None, causal=True)
         return self.norm(queries)
@@ -291,11 +296,7 @@ class GenerativeDecoder(nn.Module):
         else:
             queries = _token_at(memory, lengths)  # token of item L-1
         mask = _visible_keys(lengths, length + 1)  # [B, 1, 1 + L]
-        for i, block in enumerate(self.blocks):
-            queries = block.one_query(queries, memory, mask)
-            if i < len(self.item_blocks):
-                memory = self.item_blocks[i](memory, memory, None, causal=True)
-        return self.norm(queries)
+        return self._run(queries, memory, mask, one_query=True)
 
     def forward_target_jagged(
         self,
