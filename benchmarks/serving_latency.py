@@ -13,7 +13,9 @@ categories), so (history, category) pairs recur, as they do within a user's sess
 Baselines in the same run: ``per-candidate g`` computes g(s, c) once per candidate (what the
 per-category reuse saves); ``no MI`` is the backbone alone; ``max_batch=1`` turns the server's
 micro-batching off; ``torch threads`` = all cores is the service before 0.5 (intra-op threads
-left at torch's default).
+left at torch's default); route ``FastAPI`` sends the same bodies as
+``application/merge-patch+json``, which FastAPI parses as JSON and the fast path leaves to it:
+the service as it answered every request before 0.6.
 """
 
 from __future__ import annotations
@@ -169,12 +171,14 @@ def in_process(root: Path, items: int, n: int) -> list[dict]:
     return rows
 
 
-def _timed_posts(port: int, bodies: list[bytes]) -> list[float]:
+def _timed_posts(
+    port: int, bodies: list[bytes], content_type: str = "application/json"
+) -> list[float]:
     """Seconds per POST /score of each body, one after another on one keep-alive connection
     (the standard library's HTTP client: little Python per request, so that what is timed
     is the service and not the client)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": content_type}
     out = []
     try:
         for body in bodies:
@@ -212,14 +216,17 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
     breakdown = where_the_time_goes(artifact, bodies[:300], requests[:300])
     print(breakdown, flush=True)
     cores = os.cpu_count() or 1
-    for max_batch, wait_ms, n_clients, threads in (
-        (64, 0, 1, 1),
-        (64, 0, 1, cores),
-        (64, 0, clients, 1),
-        (64, 0, clients, cores),
-        (64, 2, clients, 1),
-        (1, 0, clients, 1),
+    for max_batch, wait_ms, n_clients, threads, route in (
+        (64, 0, 1, 1, "fast path"),
+        (64, 0, 1, 1, "FastAPI"),
+        (64, 0, 1, cores, "fast path"),
+        (64, 0, clients, 1, "fast path"),
+        (64, 0, clients, 1, "FastAPI"),
+        (64, 0, clients, cores, "fast path"),
+        (64, 2, clients, 1, "fast path"),
+        (1, 0, clients, 1, "fast path"),
     ):
+        content_type = "application/json" if route == "fast path" else THROUGH_FASTAPI.decode()
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(artifact),
@@ -236,15 +243,16 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
                 except httpx.TransportError:
                     time.sleep(0.2)
 
-            _timed_posts(port, bodies[:20])  # warm: the first requests pay for allocation
+            _timed_posts(port, bodies[:20], content_type)  # warm: first requests allocate
             # each client its own process (threads of one process would share its GIL)
             chunks = [bodies[k * per_client : (k + 1) * per_client] for k in range(n_clients)]
             times, rates = [], []
             with ProcessPoolExecutor(n_clients) as pool:
-                list(pool.map(_timed_posts, [port] * n_clients, [c[:2] for c in chunks]))
+                ports, types = [port] * n_clients, [content_type] * n_clients
+                list(pool.map(_timed_posts, ports, [c[:2] for c in chunks], types))
                 for _ in range(REPEATS):
                     start = time.perf_counter()
-                    times += list(pool.map(_timed_posts, [port] * n_clients, chunks))
+                    times += list(pool.map(_timed_posts, ports, chunks, types))
                     rates.append(n_clients * per_client / (time.perf_counter() - start))
             times = np.concatenate(times) * 1e3
             batching = httpx.get(f"{url}/metadata").json()["batching"]
@@ -256,6 +264,7 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
             "max_wait_ms": wait_ms,
             "clients": n_clients,
             "threads": threads,
+            "route": route,
             "p50_ms": float(np.percentile(times, 50)),
             "p99_ms": float(np.percentile(times, 99)),
             "requests_per_s": float(np.median(rates)),
@@ -267,9 +276,14 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
     return rows, breakdown
 
 
-async def _asgi_post(app, body: bytes) -> None:
+# FastAPI parses a "+json" body as JSON; the service's fast path takes application/json only:
+# the same request through FastAPI's route, as every request went before 0.6
+THROUGH_FASTAPI = b"application/merge-patch+json"
+
+
+async def _asgi_post(app, body: bytes, content_type: bytes = b"application/json") -> None:
     """One POST /score through the ASGI application, without sockets or an HTTP parser."""
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": "/score", "raw_path": b"/score", "query_string": b"",
@@ -292,8 +306,9 @@ async def _asgi_post(app, body: bytes) -> None:
 
 def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> dict:
     """Milliseconds per request of each layer, one request at a time on one torch thread (as
-    the service runs): the whole ASGI application (FastAPI, its request and response models,
-    our middlewares, the hand-off to the scoring thread) without sockets, then its parts."""
+    the service runs): the whole ASGI application without sockets (our middlewares, the fast
+    path, the hand-off to the scoring thread), the same through FastAPI's route (its request
+    and response models, routing, exception middlewares: the baseline), then the parts."""
     import asyncio
 
     from genctr_rec.serving.server import ScoreBody, ServeConfig, create_app
@@ -310,7 +325,8 @@ def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> 
             fn(item)
         return (time.perf_counter() - start) / len(items) * 1e3
 
-    async def through_app() -> float:
+    async def through_app() -> dict[str, float]:
+        """Both routes in alternating rounds (this machine's speed drifts): medians."""
         app = create_app(predictor, ServeConfig(warm_up_rounds=0))
         started: asyncio.Queue = asyncio.Queue()
         lifespan = [{"type": "lifespan.startup"}]
@@ -322,17 +338,23 @@ def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> 
             app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, started.put)
         )
         await started.get()
+        routes = {"asgi_app_ms": b"application/json", "asgi_through_fastapi_ms": THROUGH_FASTAPI}
+        rounds: dict[str, list[float]] = {key: [] for key in routes}
         for body in bodies[:20]:
-            await _asgi_post(app, body)
-        start = time.perf_counter()
-        for body in bodies:
-            await _asgi_post(app, body)
+            for content_type in routes.values():
+                await _asgi_post(app, body, content_type)
+        for _ in range(5):
+            for key, content_type in routes.items():
+                start = time.perf_counter()
+                for body in bodies:
+                    await _asgi_post(app, body, content_type)
+                rounds[key].append((time.perf_counter() - start) / len(bodies) * 1e3)
         runner.cancel()
-        return (time.perf_counter() - start) / len(bodies) * 1e3
+        return {key: float(np.median(values)) for key, values in rounds.items()}
 
     try:
         return {
-            "asgi_app_ms": asyncio.run(through_app()),
+            **asyncio.run(through_app()),
             "predictor_score_ms": per_request(predictor.score, requests),
             "predictor_prepare_ms": per_request(predictor.prepare, requests),
             "json_parse_ms": per_request(json.loads, bodies),
@@ -385,14 +407,15 @@ def main() -> None:
         "in process, the same traffic "
         f"{next(r['requests_per_s'] for r in rows if _same_traffic(r)):.0f} requests/s):",
         "",
-        "| clients | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
+        "| clients | route | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
         "requests/s (median of 3) | of in-process | requests per call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     in_process_rate = next(r["requests_per_s"] for r in rows if _same_traffic(r))
     for r in http_rows:
         lines.append(
-            f"| {r['clients']} | {r['max_batch']} | {r['max_wait_ms']} | {r['threads']} | "
+            f"| {r['clients']} | {r['route']} | {r['max_batch']} | {r['max_wait_ms']} | "
+            f"{r['threads']} | "
             f"{r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | "
             f"{r['requests_per_s']:.0f} | {r['requests_per_s'] / in_process_rate:.0%} | "
@@ -402,16 +425,23 @@ def main() -> None:
     lines += [
         "",
         "Where a request's time goes (the same traffic, one request at a time, one torch "
-        "thread, milliseconds per request):",
+        "thread, milliseconds per request; the two routes in 5 alternating rounds, medians):",
         "",
-        "| the whole ASGI app, no sockets | of which `Predictor.score` | of which `prepare` | "
-        "JSON parse | request model (pydantic) | the rest: FastAPI, middlewares, hand-off |",
-        "|---|---|---|---|---|---|",
-        f"| {b['asgi_app_ms']:.2f} | {b['predictor_score_ms']:.2f} | "
-        f"{b['predictor_prepare_ms']:.2f} | {b['json_parse_ms']:.2f} | "
-        f"{b['request_model_ms']:.2f} | "
-        f"{b['asgi_app_ms'] - b['predictor_score_ms'] - b['request_model_ms']:.2f} |",
+        "| path | the whole ASGI app, no sockets | of which `Predictor.score` | of which "
+        "`prepare` | JSON parse | request model from bytes (pydantic) | the rest: framework, "
+        "middlewares, hand-off |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for name, key in (
+        ("fast path (0.6)", "asgi_app_ms"),
+        ("FastAPI route", "asgi_through_fastapi_ms"),
+    ):
+        lines.append(
+            f"| {name} | {b[key]:.2f} | {b['predictor_score_ms']:.2f} | "
+            f"{b['predictor_prepare_ms']:.2f} | {b['json_parse_ms']:.2f} | "
+            f"{b['request_model_ms']:.2f} | "
+            f"{b[key] - b['predictor_score_ms'] - b['request_model_ms']:.2f} |"
+        )
     md = write_results(
         "serving_latency",
         {"items": args.items, "in_process": rows, "http": http_rows, "breakdown": breakdown},

@@ -304,3 +304,25 @@ def test_concurrent_load_has_no_errors_and_is_batched(server) -> None:
     served = after["requests"] - before["requests"]
     assert served == 1600
     assert after["batches"] - before["batches"] < served
+
+
+def test_the_fast_path_answers_as_fastapi_does(server) -> None:
+    """``application/json`` bodies take the path below FastAPI; a ``+json`` content type (which
+    FastAPI parses as JSON too) goes through FastAPI's route: the same bytes come back, for
+    valid requests and for requests the predictor refuses."""
+    import json
+
+    url, _ = server
+    rng = np.random.default_rng(11)
+    bad_category = score_body(rng, 5, 2)
+    bad_category["query_category_id"] = NUM_CATEGORIES + 3
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for body in [score_body(rng, 30, 7), score_body(rng, 0, 1), bad_category]:
+            raw = json.dumps(body).encode()
+            fast = http.post("/score", content=raw, headers={"content-type": "application/json"})
+            routed = http.post(
+                "/score", content=raw, headers={"content-type": "application/merge-patch+json"}
+            )
+            assert fast.status_code == routed.status_code
+            assert fast.content == routed.content
+            assert fast.headers["content-type"] == routed.headers["content-type"]
