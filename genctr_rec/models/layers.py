@@ -63,8 +63,13 @@ class TargetAttention(nn.Module):
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor):
         """target [B, D], history [B, L, D], lengths [B] -> pooled history [B, D]."""
-        query = self.query(target) @ self.key.weight * self.scale  # [B, D]
-        scores = (history * query.unsqueeze(1)).sum(2)  # [B, L]
+        projected = self.query(target)  # [B, D]
+        query = projected @ self.key.weight * self.scale
+        # the key bias's term is the same at every position and softmax cancels it; it stays
+        # so that every parameter gets its (zero) gradient, as in the projected form: plain
+        # DDP (no static graph) refuses parameters that get none
+        constant = (projected @ self.key.bias * self.scale).unsqueeze(1)  # [B, 1]
+        scores = (history * query.unsqueeze(1)).sum(2) + constant  # [B, L]
         return self._pool(scores, history, lengths)
 
     @staticmethod
