@@ -117,7 +117,8 @@ class _Attention(nn.Module):
         plus a term constant over keys, which softmax cancels) and the value projection after
         the weighted sum (the weights sum to one), so the cost per history token is two dot
         products of width D per head instead of a ``D x 2D`` projection: fine-tuning's and
-        serving's g(s, c) at a third of the cost. Same outputs as :meth:`forward` up to
+        serving's g(s, c) at about half the cost (17.8 -> 9.4 ms forward and backward at
+        B = 1024, 51 keys, in isolation). Same outputs as :meth:`forward` up to
         float rounding.
         """
         b, d = query.shape

@@ -4,7 +4,8 @@ Endpoints: ``POST /score``; ``GET /livez`` (the process answers), ``GET /readyz`
 ``/healthz`` (503 until a warm-up of the model has run, then 200), ``GET /metadata``,
 ``GET /metrics`` (Prometheus), and FastAPI's ``/openapi.json`` and ``/docs``. A ``POST /score``
 with a valid JSON body is answered below FastAPI (:class:`ScoreFastPath`, same validation,
-same answer, a third of the cost); any other request, bad ones included, goes through FastAPI.
+same answer, 10-20 % less time a request); any other request, bad ones included, goes
+through FastAPI.
 
 Concurrent requests are micro-batched: each batch takes every request that queued while the
 model was busy with the previous one (up to ``max_batch``), and optionally waits
@@ -105,8 +106,13 @@ def replaying(body: bytes, receive: Callable) -> Callable:
     return replay
 
 
-async def read_body(receive: Callable) -> bytes | None:
-    """The whole request body, or None when the client went away first."""
+class BodyTooLarge(Exception):
+    """A request body grew past the limit while it was read."""
+
+
+async def read_body(receive: Callable, limit: int | None = None) -> bytes | None:
+    """The whole request body, or None when the client went away first; raises
+    :class:`BodyTooLarge` as soon as it grows past ``limit`` bytes."""
     body, more = bytearray(), True
     while more:
         message = await receive()
@@ -114,6 +120,8 @@ async def read_body(receive: Callable) -> bytes | None:
             return None
         body += message.get("body", b"")
         more = message.get("more_body", False)
+        if limit is not None and len(body) > limit:
+            raise BodyTooLarge
     return bytes(body)
 
 
@@ -121,15 +129,17 @@ class ScoreFastPath:
     """ASGI: ``POST /score`` with a valid JSON body, scored without FastAPI's per-request
     machinery; everything else goes to FastAPI, which answers it exactly as before.
 
-    Why: in one process without sockets a request through FastAPI cost 2.0-2.7 ms, of which the
-    model call 0.55-0.87 ms and parsing plus the request model 0.1 ms: the rest was routing,
-    dependency solving, validating and serialising the response model, and exception
-    middlewares (``benchmarks/results/serving_latency.md``). Here the body is validated by the
-    same :class:`ScoreBody` (pydantic's JSON parser, straight from bytes), scored through the
-    same batcher, and the answer written as FastAPI writes it. Any body this path does not
-    accept as it is (another content type, invalid JSON, a validation error, a
-    :class:`RequestError` of the predictor) is handed to FastAPI unchanged, so error answers
-    (400, 413, 422 and their ``{detail, field}``) stay those of the one documented route.
+    Why: in one process without sockets a request through FastAPI cost 1.07-1.56 ms against a
+    model call of 0.50-0.62 ms and 0.1 ms for parsing plus the request model: the rest was
+    routing, dependency solving, validating and serialising the response model, and exception
+    middlewares. This path takes 0.95-1.23 ms, and 8 HTTP clients get 14-40 % more requests/s
+    (``benchmarks/results/serving_latency.md``, ``benchmarks/README.md``). Here the body is
+    validated by the same :class:`ScoreBody` (pydantic's JSON parser, straight from bytes),
+    scored through the same batcher, and the answer written as FastAPI writes it. Any body
+    this path does not accept as it is (another content type, invalid JSON, a validation
+    error, a :class:`RequestError` of the predictor) is handed to FastAPI unchanged, so error
+    answers (400, 413, 422 and their ``{detail, field}``) stay those of the one documented
+    route.
     """
 
     def __init__(self, app: Callable, score: Callable[[ScoreBody], Awaitable[np.ndarray]]):
@@ -199,17 +209,14 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-        await self.app(scope, replaying(bytes(body), receive), send)
+        try:
+            body = await read_body(receive, self.limit)
+        except BodyTooLarge:
+            await self._refuse(scope, receive, send)
+            return
+        if body is None:  # the client went away
+            return
+        await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, scope: dict, receive: Callable, send: Callable) -> None:
         response = JSONResponse(
