@@ -173,13 +173,14 @@ def in_process(root: Path, items: int, n: int) -> list[dict]:
 
 def _timed_posts(
     port: int, bodies: list[bytes], content_type: str = "application/json"
-) -> list[float]:
+) -> tuple[list[float], float]:
     """Seconds per POST /score of each body, one after another on one keep-alive connection
     (the standard library's HTTP client: little Python per request, so that what is timed
-    is the service and not the client)."""
+    is the service and not the client), and the CPU seconds this client spent."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"content-type": content_type}
     out = []
+    cpu = time.process_time()
     try:
         for body in bodies:
             t = time.perf_counter()
@@ -191,7 +192,22 @@ def _timed_posts(
                 raise RuntimeError(f"POST /score answered {response.status}")
     finally:
         connection.close()
-    return out
+    return out, time.process_time() - cpu
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (the service's workers)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    total = 0.0
+    for proc in [parent, *parent.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tuple[list[dict], dict]:
@@ -216,22 +232,25 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
     breakdown = where_the_time_goes(artifact, bodies[:300], requests[:300])
     print(breakdown, flush=True)
     cores = os.cpu_count() or 1
-    for max_batch, wait_ms, n_clients, threads, route in (
-        (64, 0, 1, 1, "fast path"),
-        (64, 0, 1, 1, "FastAPI"),
-        (64, 0, 1, cores, "fast path"),
-        (64, 0, clients, 1, "fast path"),
-        (64, 0, clients, 1, "FastAPI"),
-        (64, 0, clients, cores, "fast path"),
-        (64, 2, clients, 1, "fast path"),
-        (1, 0, clients, 1, "fast path"),
+    for max_batch, wait_ms, n_clients, threads, route, workers in (
+        (64, 0, 1, 1, "fast path", 1),
+        (64, 0, 1, 1, "FastAPI", 1),
+        (64, 0, 1, cores, "fast path", 1),
+        (64, 0, 1, 1, "fast path", cores),
+        (64, 0, clients, 1, "fast path", 1),
+        (64, 0, clients, 1, "FastAPI", 1),
+        (64, 0, clients, cores, "fast path", 1),
+        (64, 0, clients, 1, "fast path", cores),
+        (64, 0, clients, 1, "fast path", 2 * cores),
+        (64, 2, clients, 1, "fast path", 1),
+        (1, 0, clients, 1, "fast path", 1),
     ):
         content_type = "application/json" if route == "fast path" else THROUGH_FASTAPI.decode()
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(artifact),
              "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms),
-             "--threads", str(threads)],
+             "--threads", str(threads), "--workers", str(workers)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -246,25 +265,33 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
             _timed_posts(port, bodies[:20], content_type)  # warm: first requests allocate
             # each client its own process (threads of one process would share its GIL)
             chunks = [bodies[k * per_client : (k + 1) * per_client] for k in range(n_clients)]
-            times, rates = [], []
+            times, rates, client_cpu, server_cpu = [], [], 0.0, 0.0
             with ProcessPoolExecutor(n_clients) as pool:
                 ports, types = [port] * n_clients, [content_type] * n_clients
                 list(pool.map(_timed_posts, ports, [c[:2] for c in chunks], types))
                 for _ in range(REPEATS):
+                    server_before = _cpu_seconds(proc.pid)
                     start = time.perf_counter()
-                    times += list(pool.map(_timed_posts, ports, chunks, types))
+                    for took, cpu in pool.map(_timed_posts, ports, chunks, types):
+                        times.append(took)
+                        client_cpu += cpu
                     rates.append(n_clients * per_client / (time.perf_counter() - start))
+                    server_cpu += _cpu_seconds(proc.pid) - server_before
             times = np.concatenate(times) * 1e3
-            batching = httpx.get(f"{url}/metadata").json()["batching"]
+            batching = httpx.get(f"{url}/metadata").json()["batching"]  # one worker's
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        timed = REPEATS * n_clients * per_client
         row = {
             "max_batch": max_batch,
             "max_wait_ms": wait_ms,
             "clients": n_clients,
             "threads": threads,
+            "workers": workers,
             "route": route,
+            "server_cpu_ms_per_request": 1e3 * server_cpu / timed,
+            "client_cpu_ms_per_request": 1e3 * client_cpu / timed,
             "p50_ms": float(np.percentile(times, 50)),
             "p99_ms": float(np.percentile(times, 99)),
             "requests_per_s": float(np.median(rates)),
@@ -407,19 +434,21 @@ def main() -> None:
         "in process, the same traffic "
         f"{next(r['requests_per_s'] for r in rows if _same_traffic(r)):.0f} requests/s):",
         "",
-        "| clients | route | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
-        "requests/s (median of 3) | of in-process | requests per call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | route | workers | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
+        "requests/s (median of 3) | of in-process | requests per call (one worker's) | "
+        "CPU ms a request: service / clients |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     in_process_rate = next(r["requests_per_s"] for r in rows if _same_traffic(r))
     for r in http_rows:
         lines.append(
-            f"| {r['clients']} | {r['route']} | {r['max_batch']} | {r['max_wait_ms']} | "
-            f"{r['threads']} | "
+            f"| {r['clients']} | {r['route']} | {r['workers']} | {r['max_batch']} | "
+            f"{r['max_wait_ms']} | {r['threads']} | "
             f"{r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | "
             f"{r['requests_per_s']:.0f} | {r['requests_per_s'] / in_process_rate:.0%} | "
-            f"{r['mean_requests_per_batch']:.1f} |"
+            f"{r['mean_requests_per_batch']:.1f} | "
+            f"{r['server_cpu_ms_per_request']:.2f} / {r['client_cpu_ms_per_request']:.2f} |"
         )
     b = breakdown
     lines += [

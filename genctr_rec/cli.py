@@ -357,23 +357,29 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import torch
-
     from genctr_rec.serving.server import ServeConfig, serve
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     serve(
         args.artifact,
         args.host,
         args.port,
-        ServeConfig(args.max_batch, args.max_wait_ms, args.max_body_bytes, args.shutdown_timeout),
+        ServeConfig(
+            args.max_batch,
+            args.max_wait_ms,
+            args.max_body_bytes,
+            args.shutdown_timeout,
+            workers=args.workers,
+        ),
         args.cache_size,
         args.oov,
         args.max_candidates,
         args.max_request_history,
         args.trust_request_categories,
         args.access_log,
+        args.threads,
+        args.verbose,
     )
     return 0
 
@@ -451,8 +457,15 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads of the service (0: torch's default, all cores). One keeps "
-        "the tail short for requests of a few hundred candidates; scale with replicas",
+        help="torch intra-op threads of each worker (0: torch's default, all cores). One keeps "
+        "the tail short for requests of a few hundred candidates; scale with --workers",
+    )
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes answering on the port, each with its own copy of the model, cache and "
+        "micro-batcher; /metrics sums them (default: 1). Up to one per core the replica has",
     )
     srv.set_defaults(func=_serve)
 
@@ -501,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from genctr_rec.data.schema import DataFormatError
     from genctr_rec.logs import setup_logging
     from genctr_rec.serving import ArtifactError
+    from genctr_rec.serving.workers import WorkerFailedToStart
     from genctr_rec.storage import StorageError, check_reachable
 
     setup_logging(args.verbose)
@@ -522,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConfigError,
         CheckpointError,
         ArtifactError,
+        WorkerFailedToStart,
         StorageError,
         FileExistsError,
         FileNotFoundError,

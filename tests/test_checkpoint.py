@@ -75,9 +75,11 @@ PRETRAIN = ["--epochs", "2", "--batch-size", "32", "--checkpoint-every", "6"]
 
 
 def test_resume_is_exact(toy_synth: Path, tmp_path: Path) -> None:
-    """Stopped after step 13 (mid-epoch) and resumed == uninterrupted, bit for bit on CPU."""
+    """Stopped after step 13 (mid-epoch) and resumed == uninterrupted, bit for bit on CPU; the
+    interrupted run decodes batches ahead on a thread (the uninterrupted one does not): the
+    checkpoint holds the position trained on, not the one decoded."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _cli("pretrain", "--data", str(toy_synth), "--out", str(whole), *PRETRAIN)
+    _cli("pretrain", "--data", str(toy_synth), "--out", str(whole), *PRETRAIN, "--prefetch", "0")
     _cli(
         "pretrain",
         "--data",
@@ -85,6 +87,8 @@ def test_resume_is_exact(toy_synth: Path, tmp_path: Path) -> None:
         "--out",
         str(split),
         *PRETRAIN,
+        "--prefetch",
+        "3",
         "--stop-after-steps",
         "13",
     )
@@ -93,7 +97,7 @@ def test_resume_is_exact(toy_synth: Path, tmp_path: Path) -> None:
         "step-000000012",
         "step-000000013",
     ]
-    _cli("pretrain", "--data", str(toy_synth), "--out", str(split), *PRETRAIN)
+    _cli("pretrain", "--data", str(toy_synth), "--out", str(split), *PRETRAIN, "--prefetch", "3")
     _assert_same_model(whole, split, tmp_path)
     mw = json.loads((whole / "metrics.json").read_text())
     ms = json.loads((split / "metrics.json").read_text())

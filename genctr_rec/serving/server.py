@@ -19,15 +19,17 @@ SIGTERM stops accepting and drains what was received.
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -86,13 +88,14 @@ class ErrorResponse(BaseModel):
 
 @dataclass
 class ServeConfig:
-    """Service limits and batching."""
+    """Service limits, batching and worker processes (each worker batches its own requests)."""
 
     max_batch: int = 64
     max_wait_ms: float = 0.0
     max_body_bytes: int = 1 << 20
     shutdown_timeout_s: float = 30.0
     warm_up_rounds: int = 3
+    workers: int = 1
 
 
 def replaying(body: bytes, receive: Callable) -> Callable:
@@ -399,7 +402,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
                 "max_request_history": predictor.max_request_history,
                 "max_body_bytes": config.max_body_bytes,
             },
-            "batching": {
+            "process": {"pid": os.getpid(), "workers": config.workers},
+            "batching": {  # this worker's
                 "max_batch": config.max_batch,
                 "max_wait_ms": config.max_wait_ms,
                 "batches": batcher.batches,
@@ -486,12 +490,35 @@ def serve(
     max_request_history: int = 10_000,
     trust_request_categories: bool = False,
     access_log: bool = False,
+    threads: int = 1,
+    verbose: bool = False,
 ) -> None:
+    """Serves ``artifact`` until SIGTERM / SIGINT: in this process, or with
+    ``config.workers`` > 1 in that many worker processes on the same port
+    (:mod:`genctr_rec.serving.workers`), each with ``threads`` torch threads."""
+    from genctr_rec.serving.workers import WorkerOptions, quiet_uvicorn, serve_workers
+
     config = config or ServeConfig()
-    predictor = Predictor(
-        artifact, cache_size, oov, max_candidates, max_request_history, trust_request_categories
-    )
-    logging.getLogger("uvicorn.access").setLevel(logging.INFO if access_log else logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    if threads:
+        torch.set_num_threads(threads)
+    options = {
+        "cache_size": cache_size,
+        "oov": oov,
+        "max_candidates": max_candidates,
+        "max_request_history": max_request_history,
+        "trust_request_categories": trust_request_categories,
+    }
+    predictor = Predictor(artifact, **options)  # a bad artifact fails here, before any worker
+    quiet_uvicorn(access_log)
     logger.info("serving %s on http://%s:%d", artifact, host, port)
-    run_draining(create_app(predictor, config), host, port, config.shutdown_timeout_s)
+    if config.workers <= 1:
+        run_draining(create_app(predictor, config), host, port, config.shutdown_timeout_s)
+        return
+    local = str(predictor.artifact.path)  # downloaded and verified once, here
+    del predictor
+    serve_workers(
+        WorkerOptions(local, asdict(config), options, threads, verbose, access_log),
+        host,
+        port,
+        config.workers,
+    )

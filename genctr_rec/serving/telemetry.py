@@ -2,11 +2,16 @@
 micro-batch sizes, the g(s, c) cache and readiness.
 
 Each app has its own ``CollectorRegistry``, so several services (or tests) in one process do not
-share counters. Names follow Prometheus' conventions (``_total``, ``_seconds``).
+share counters. With several worker processes (``genctr serve --workers``, which sets
+``PROMETHEUS_MULTIPROC_DIR``) the exposition is the whole service's, whichever worker answers:
+prometheus_client's multiprocess mode sums counters and histograms over the workers, and
+the gauges say how to combine theirs (``genctr_ready`` is the minimum over live workers: 1 once
+every worker is warmed up). Names follow Prometheus' conventions (``_total``, ``_seconds``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -18,6 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -28,6 +34,7 @@ class ServiceMetrics:
     """Counters the service updates; ``render()`` is the exposition text."""
 
     def __init__(self, cache_stats: Callable[[], dict[str, int]] | None = None) -> None:
+        self.shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # one of several workers
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "genctr_requests",
@@ -49,27 +56,47 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.ready = Gauge(
-            "genctr_ready", "1 once the model is warmed up and serving", registry=self.registry
+            "genctr_ready",
+            "1 once the model is warmed up and serving (every worker's)",
+            registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.warm_up_seconds = Gauge(
-            "genctr_warm_up_seconds", "time the start-up warm-up took", registry=self.registry
+            "genctr_warm_up_seconds",
+            "time the start-up warm-up took (the slowest worker's)",
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
+        self._cache_stats = cache_stats
+        self._cache_gauges: dict[str, Gauge] = {}
         if cache_stats is not None:
             for name in ("hits", "misses"):
                 gauge = Gauge(
                     f"genctr_context_cache_{name}",
-                    f"g(s, c) cache {name} since start",
+                    f"g(s, c) cache {name} since start (over workers)",
                     registry=self.registry,
+                    multiprocess_mode="livesum",
                 )
-                gauge.set_function(lambda name=name: cache_stats().get(name, 0))
+                if self.shared:  # read from files: set after each request (observe)
+                    self._cache_gauges[name] = gauge
+                else:
+                    gauge.set_function(lambda name=name: cache_stats().get(name, 0))
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         route = path if path in ROUTES else "other"  # bounded label values
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+        if self._cache_gauges and route == "/score":
+            stats = self._cache_stats()
+            for name, gauge in self._cache_gauges.items():
+                gauge.set(stats.get(name, 0))
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.shared:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker)
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
 
 
 class MeasuredApp:

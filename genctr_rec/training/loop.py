@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from genctr_rec.checkpoint import CheckpointManager
+from genctr_rec.data.prefetch import prefetched
 from genctr_rec.progress import Progress
 from genctr_rec.storage import cache_dir, is_remote, upload_tree
 from genctr_rec.training.distributed import DistContext
@@ -337,11 +338,15 @@ def train_run(
     validation: Validation | None = None,
 ) -> dict[str, Any] | None:
     """A stage's training in its run directory (opened by ``rundir.open_run``): checkpoints per
-    the config, resumed from the newest valid one. None when stopped on request
+    the config, resumed from the newest valid one; batches are decoded ``cfg.train.prefetch``
+    ahead on a background thread (default: 2 on CUDA, none on CPU). None when stopped on request
     (``stop_after_steps``)."""
     checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
+    depth = cfg.train.prefetch
+    if depth is None:
+        depth = 2 if ctx.device.type == "cuda" else 0
     return train_epochs(
-        reader,
+        prefetched(reader, depth),
         step,
         built,
         cfg.train.epochs,
