@@ -116,3 +116,36 @@ def test_a_worker_that_cannot_build_its_app_stops_the_service(tmp_path: Path, mo
     with pytest.raises(SystemExit) as info:
         app_from_environment()
     assert info.value.code == STARTUP_FAILURE
+
+
+def test_workers_connections_are_tcp_nodelay() -> None:
+    """The shared listening socket must say it is TCP: asyncio sets TCP_NODELAY only then, and
+    without it every response written in two parts waits 40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from genctr_rec.serving.workers import _tcp
+
+    async def nodelay_of_an_accepted_connection(listening: socket.socket) -> int:
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listening)
+        _, writer = await asyncio.open_connection(*listening.getsockname()[:2])
+        value = await asyncio.wait_for(accepted, 10)
+        writer.close()
+        server.close()
+        return value
+
+    def bound() -> socket.socket:
+        return uvicorn.Config("x:y", host="127.0.0.1", port=0, log_config=None).bind_socket()
+
+    # uvicorn 0.54's own socket (protocol 0) gives 0 here
+    assert asyncio.run(nodelay_of_an_accepted_connection(_tcp(bound()))) != 0

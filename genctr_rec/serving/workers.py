@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,16 @@ class WorkerFailedToStart(RuntimeError):
     pass
 
 
+def _tcp(listening: socket.socket) -> socket.socket:
+    """The listening socket with its protocol stated. uvicorn binds it as ``socket(family)``
+    (protocol 0), the connections accepted from it inherit that, and asyncio sets
+    ``TCP_NODELAY`` only on sockets that say TCP: without it a response written in two parts
+    waits for the client's delayed ACK, 40 ms a request (measured: 44 ms p50 instead of 1.5)."""
+    return socket.socket(
+        listening.family, listening.type, socket.IPPROTO_TCP, fileno=listening.detach()
+    )
+
+
 def serve_workers(options: WorkerOptions, host: str, port: int, workers: int) -> None:
     """Runs ``workers`` worker processes on ``host:port`` until SIGTERM / SIGINT, then lets
     each drain (``serve["shutdown_timeout_s"]``). Raises :class:`WorkerFailedToStart` when a
@@ -125,7 +136,7 @@ def serve_workers(options: WorkerOptions, host: str, port: int, workers: int) ->
                 log_config=None,
                 timeout_graceful_shutdown=options.serve.get("shutdown_timeout_s", 30.0),
             )
-            supervisor = Supervisor(config, sockets=[config.bind_socket()])
+            supervisor = Supervisor(config, sockets=[_tcp(config.bind_socket())])
             logger.info("serving on http://%s:%d with %d workers", host, port, workers)
             supervisor.run()
         finally:
