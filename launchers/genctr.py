@@ -237,6 +237,7 @@ def serve(
     *args: str,
     port: int = 8080,
     replicas: int = 1,
+    workers: int = 1,
     cpu: int = 4,
     memMB: int = 8192,
     h: Optional[str] = None,
@@ -248,14 +249,17 @@ def serve(
     Args:
         args: options of ``genctr serve``: ``--artifact ARTIFACT [--cache-size N] ...``
         port: the port each replica listens on (all interfaces)
-        replicas: how many service processes
+        replicas: how many copies of the service (containers)
+        workers: worker processes per replica on its port (``genctr serve --workers``), each
+            with its own copy of the model: up to ``cpu``, memory permitting
         cpu: CPUs per replica
         memMB: memory per replica in MB
         h: a named torchx resource
         env: extra environment variables
         image: container image (Kubernetes)
     """
-    command = ["-m", "genctr_rec.cli", "serve", "--host", "0.0.0.0", "--port", str(port), *args]
+    command = ["-m", "genctr_rec.cli", "serve", "--host", "0.0.0.0", "--port", str(port)]
+    command += ["--workers", str(workers), *args]
     return specs.AppDef(
         name="genctr-serve",
         roles=[

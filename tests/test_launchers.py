@@ -163,9 +163,10 @@ def test_export_component_writes_an_artifact(runs: dict[str, Path], tmp_path: Pa
 
 
 def test_serve_component_is_a_replicated_service_with_a_port() -> None:
-    app = components.serve("--artifact", "/a", port=9000, replicas=3)
+    app = components.serve("--artifact", "/a", port=9000, replicas=3, workers=4)
     (role,) = app.roles
     assert role.num_replicas == 3 and role.port_map == {"http": 9000}
+    assert "--workers 4" in " ".join(role.args)
     assert role.args[:4] == ["-m", "genctr_rec.cli", "serve", "--host"]
     assert "--artifact" in role.args and "/a" in role.args
     proc = _torchx(
@@ -179,7 +180,7 @@ def test_serve_component_is_a_replicated_service_with_a_port() -> None:
     for task in tasks:
         (container,) = task["template"]["spec"]["containers"]
         command = " ".join(container["command"])
-        assert "serve --host 0.0.0.0 --port 8080 --artifact /models/a" in command
+        assert "serve --host 0.0.0.0 --port 8080 --workers 1 --artifact /models/a" in command
         assert container["ports"][0]["containerPort"] == 8080
 
 
