@@ -4,7 +4,9 @@ plain-PyTorch reference of the same model in the same run.
 
     python -m benchmarks.training_throughput [--items 1000000 10000] [--steps 40] [--repeats 3]
 
-The reference keeps the same decoder and backbones but holds the tables as dense
+The reference is the same model (``factory.model_over`` with the run's config: until 0.7 it
+was built with ``CTRModel``'s default fusion of g, concat, while the TorchRec path used the
+config's, product, so the MI rows compared different models) but holds the tables as dense
 ``nn.Embedding`` trained by Adam under ``DistributedDataParallel`` (every rank a full replica,
 dense gradients all-reduced): what one writes without TorchRec. The TorchRec path is
 genctr-rec's default plan: tables over ``replicate_max_mb`` sharded (planner's choice) with
@@ -67,8 +69,7 @@ def _worker(
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.data.reader import SEQ_ITEMS, ImpressionReader, SequenceReader
     from genctr_rec.data.schema import DatasetMeta
-    from genctr_rec.factory import decoder_for
-    from genctr_rec.models.ctr import CTRModel, PretrainModel
+    from genctr_rec.factory import model_over
     from genctr_rec.models.negatives import NegativeSampler
     from genctr_rec.training.build import build_model
     from genctr_rec.training.distributed import init_distributed
@@ -99,12 +100,7 @@ def _worker(
     else:
         torch.manual_seed(0)
         emb = PlainEmbeddings(meta.num_items, meta.num_categories, 16)
-        inner = (
-            PretrainModel(emb, decoder_for(cfg))
-            if stage == "pretrain"
-            else CTRModel(emb, backbone, decoder_for(cfg) if transfer != "none" else None)
-        )
-        model = DistributedDataParallel(inner)
+        model = DistributedDataParallel(model_over(cfg, emb))  # the same dense part
         dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     if stage == "pretrain":
         reader = SequenceReader(data, batch, rank, world, max_history=meta.max_history + 2)

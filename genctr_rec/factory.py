@@ -48,14 +48,22 @@ def build_stage_model(cfg: RunConfig, device: torch.device, dedup: bool | None =
         device=device,
         features=features,
     )
+    return model_over(cfg, embeddings)
+
+
+def model_over(cfg: RunConfig, embeddings: nn.Module) -> nn.Module:
+    """The stage's model over given tables (``SharedEmbeddings``, or any module with its call
+    signature: the training benchmark's dense reference), so that every caller builds the
+    same dense part from the same config."""
     if cfg.stage == "pretrain":
         return PretrainModel(embeddings, decoder_for(cfg))
+    features = feature_schema(cfg)
     decoder = decoder_for(cfg) if cfg.transfer in DECODER_TRANSFERS else None
     return CTRModel(
         embeddings,
         cfg.backbone,
         decoder,
         dense_norm=DenseNorm(*features.dense_moments()) if features and features.dense else None,
-        fusion=m.context_fusion,
-        context_dropout=m.context_dropout,
+        fusion=cfg.model.context_fusion,
+        context_dropout=cfg.model.context_dropout,
     )
