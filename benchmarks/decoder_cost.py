@@ -3,6 +3,11 @@ history 50, 200 and 1000, jagged (rows grouped by length, no cross-row padding) 
 the whole batch to its longest row.
 
     python -m benchmarks.decoder_cost [--histories 50 200 1000] [--steps 15]
+    python -m benchmarks.decoder_cost --decoder-only --device cuda   # results/decoder_cost_cuda
+
+``--decoder-only`` times the decoder alone (pure PyTorch, no TorchRec: it runs on a GPU machine
+that has only torch) in each layout (padded, packed, and on CPU length groups), fp32 and under
+bf16 autocast: see :mod:`benchmarks.decoder_layouts`.
 
 Whole stage models (unsharded tables of 100k items, width 16; the paper's one-layer decoder),
 forward + backward per step, no optimizer step (the same in every variant). Row lengths follow
@@ -12,7 +17,8 @@ DNN + model integration, 1024 impressions per batch.
 
 Variants: ``padded, explicit mask`` (the decoder before this benchmark: a boolean mask through
 SDPA), ``padded, causal kernel`` (SDPA's fused causal path, whole batch padded) and ``jagged``
-(causal kernel, rows grouped by length: the default).
+(causal kernel, rows grouped by length: the CPU default for pre-training and for g(s, c)
+with more than one decoder layer).
 """
 
 from __future__ import annotations
@@ -23,20 +29,8 @@ import time
 
 import numpy as np
 import torch
-from torchrec import KeyedJaggedTensor
 
 from benchmarks.common import write_results
-from genctr_rec.data.reader import (
-    HIST_CATEGORIES,
-    HIST_ITEMS,
-    QUERY_CATEGORY,
-    SEQ_CATEGORIES,
-    SEQ_ITEMS,
-    TARGET_CATEGORY,
-    TARGET_ITEM,
-)
-from genctr_rec.embeddings import SharedEmbeddings
-from genctr_rec.models.ctr import CTRModel, PretrainModel
 from genctr_rec.models.decoder import GenerativeDecoder
 
 ITEMS, CATEGORIES = 100_000, 1000
@@ -61,7 +55,7 @@ def _lengths(rng: np.random.Generator, n: int, history: int) -> torch.Tensor:
 
 def _decoder(variant: str, history: int) -> GenerativeDecoder:
     cls = _MaskedDecoder if variant == "padded, explicit mask" else GenerativeDecoder
-    return cls(16, history + 1, jagged=variant == "jagged")
+    return cls(16, history + 1, layout="groups" if variant == "jagged" else "padded")
 
 
 def _time(step, steps: int) -> float:
@@ -78,6 +72,12 @@ def _time(step, steps: int) -> float:
 
 
 def pretrain_cost(variant: str, history: int, steps: int) -> dict:
+    from torchrec import KeyedJaggedTensor
+
+    from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS
+    from genctr_rec.embeddings import SharedEmbeddings
+    from genctr_rec.models.ctr import PretrainModel
+
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     lengths = _lengths(rng, 32, history)
@@ -113,6 +113,18 @@ def pretrain_cost(variant: str, history: int, steps: int) -> dict:
 
 
 def finetune_cost(variant: str, history: int, steps: int) -> dict:
+    from torchrec import KeyedJaggedTensor
+
+    from genctr_rec.data.reader import (
+        HIST_CATEGORIES,
+        HIST_ITEMS,
+        QUERY_CATEGORY,
+        TARGET_CATEGORY,
+        TARGET_ITEM,
+    )
+    from genctr_rec.embeddings import SharedEmbeddings
+    from genctr_rec.models.ctr import CTRModel
+
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
     b = 1024
@@ -164,7 +176,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[50, 200, 1000])
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="time the decoder alone per layout and precision (benchmarks.decoder_layouts)",
+    )
+    parser.add_argument("--device", default="cpu", help="with --decoder-only: cpu or cuda")
     args = parser.parse_args()
+    if args.decoder_only:
+        from benchmarks.decoder_layouts import run
+
+        print(run(torch.device(args.device)).read_text())
+        return
     rows = []
     for history in args.histories:
         for variant in VARIANTS:

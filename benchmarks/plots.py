@@ -156,7 +156,9 @@ def _transfer_levers(payload: dict, plt) -> Any:
 
 def _machine_title(payload: dict) -> str:
     m = payload.get("machine", {})
-    where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, CPU only"
+    device = payload.get("device", "CPU")
+    accelerator = "CPU only" if device == "CPU" else device
+    where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {accelerator}"
     return f"measured on {where}, {m.get('date', '')}"
 
 
@@ -228,6 +230,34 @@ def _decoder_cost(payload: dict, plt) -> Any:
         ax.set(xscale="log", yscale="log", xlabel="history length cap H")
         ax.set(ylabel=stage_rows[0]["unit"], title=stage)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _decoder_cost_cuda(payload: dict, plt) -> Any:
+    """Throughput per case, one bar per layout x precision, relative to padded fp32."""
+    rows = [r for r in payload["rows"] if "error" not in r]
+    cases = list(dict.fromkeys((r["stage"], r["dim"], r["cap"], r["rows"]) for r in rows))
+    variants = list(dict.fromkeys((r["layout"], r["precision"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        gains = []
+        for case in cases:
+            sel = {
+                (r["layout"], r["precision"]): r
+                for r in rows
+                if case == (r["stage"], r["dim"], r["cap"], r["rows"])
+            }
+            base = sel.get(("padded", "fp32"))
+            have = sel.get(variant)
+            gains.append(have["throughput"] / base["throughput"] if have and base else 0)
+        ax.bar([c + i * width for c in range(len(cases))], gains, width, label=" ".join(variant))
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"{s}\ndim {d}, cap {c}" for s, d, c, _ in cases], fontsize=7)
+    ax.axhline(1, color="grey", lw=0.5)
+    ax.set(ylabel="throughput / padded fp32", title=f"decoder alone on {payload['device']}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -322,6 +352,7 @@ PLOTTERS: dict[str, Callable] = {
     "transfer_levers": _transfer_levers,
     "serving_latency": _serving_latency,
     "decoder_cost": _decoder_cost,
+    "decoder_cost_cuda": _decoder_cost_cuda,
     "sharding_matrix": _sharding_matrix,
     "finetune_speed": _finetune_speed,
 }

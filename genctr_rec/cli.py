@@ -15,10 +15,12 @@ from dataclasses import fields
 from genctr_rec.config import (
     BACKBONE_NAMES,
     CONTEXT_FUSIONS,
+    DECODER_LAYOUTS,
     DECODERS,
     EMBEDDING_OPTIMIZERS,
     LOOKUPS,
     NEGATIVES,
+    PRECISIONS,
     STAGE_DEFAULTS,
     TRANSFERS,
     ConfigError,
@@ -141,6 +143,8 @@ CHOICES = {
     "negatives": list(NEGATIVES),
     "embedding_optimizer": list(EMBEDDING_OPTIMIZERS),
     "context_fusion": list(CONTEXT_FUSIONS),
+    "decoder_layout": list(DECODER_LAYOUTS),
+    "precision": list(PRECISIONS),
 }
 # flags that only one stage reads
 STAGE_ONLY = {

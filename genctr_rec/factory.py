@@ -25,6 +25,7 @@ def decoder_for(cfg: RunConfig) -> GenerativeDecoder:
         num_layers=m.num_layers,
         num_heads=m.num_heads,
         conditional=m.decoder == "conditional",
+        layout=m.decoder_layout,
     )
 
 

@@ -116,3 +116,15 @@ def rewrite_column(path: Path, name: str, values: pa.Array | list) -> None:
         array = values if isinstance(values, pa.Array) else pa.array(values)
         table = table.set_column(index, name, array)
     pq.write_table(table, path, row_group_size=64)
+
+
+def jagged_embeddings(lengths: list[int], dim: int, seed: int):
+    """Random item and category embeddings [N, dim] (leaves that take gradients) of a jagged
+    batch with these row lengths, and the lengths as a tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    items = torch.randn(n, dim, generator=g, requires_grad=True)
+    cats = torch.randn(n, dim, generator=g, requires_grad=True)
+    return items, cats, torch.tensor(lengths)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from genctr_rec.models.decoder import GenerativeDecoder
+from tests.helpers import jagged_embeddings
 
 B, L, D = 3, 7, 16
 
@@ -75,11 +77,7 @@ def test_fine_tuning_query_equals_the_pretraining_position(conditional: bool) ->
 
 
 def _jagged_batch(lengths: list[int], seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    items = torch.randn(n, D, generator=g, requires_grad=True)
-    cats = torch.randn(n, D, generator=g, requires_grad=True)
-    return items, cats, torch.tensor(lengths)
+    return jagged_embeddings(lengths, D, seed)
 
 
 # uneven rows, an empty one, and enough elements to split into several length groups
@@ -114,48 +112,81 @@ def test_jagged_paths_equal_padded_ones(conditional: bool, layers: int) -> None:
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_the_device_policy_picks_a_path_with_the_same_loss(layers: int, monkeypatch) -> None:
-    """Pre-training pads the whole batch on CUDA and runs length groups on CPU: the stage model
-    gives the same loss and table gradients either way (the CUDA choice taken on CPU here)."""
+def test_every_layout_gives_the_stage_models_the_same_loss(layers: int, monkeypatch) -> None:
+    """Pre-training and fine-tuning losses and gradients are the same whichever layout the
+    decoder runs in (padded: CUDA's short-history choice; groups: CPU's; packed: CUDA's from
+    history 512), and the layout asked for is the one that ran."""
     from torchrec import KeyedJaggedTensor
 
     import genctr_rec.models.ctr as ctr
-    from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS
+    from genctr_rec.data.reader import (
+        HIST_CATEGORIES,
+        HIST_ITEMS,
+        QUERY_CATEGORY,
+        SEQ_CATEGORIES,
+        SEQ_ITEMS,
+        TARGET_CATEGORY,
+        TARGET_ITEM,
+    )
     from genctr_rec.embeddings import SharedEmbeddings
-    from genctr_rec.models.decoder import length_groups_pay_off
 
-    assert length_groups_pay_off(torch.device("cpu"))
-    assert not length_groups_pay_off(torch.device("cuda"))
     torch.manual_seed(0)
     embeddings = SharedEmbeddings(500, 20, D, dedup=False, device=torch.device("cpu"))
-    model = ctr.PretrainModel(embeddings, GenerativeDecoder(D, 301, layers))
+    pretrain = ctr.PretrainModel(embeddings, GenerativeDecoder(D, 301, layers))
+    finetune = ctr.CTRModel(embeddings, "dnn", GenerativeDecoder(D, 301, layers))
     lengths = torch.tensor(LENGTHS)
-    n = int(lengths.sum())
+    n, b = int(lengths.sum()), len(LENGTHS)
     sequences = KeyedJaggedTensor(
         keys=[SEQ_ITEMS, SEQ_CATEGORIES],
         values=torch.cat([torch.randint(0, 500, (n,)), torch.randint(0, 20, (n,))]),
         lengths=torch.cat([lengths, lengths]).int(),
     )
     negatives = torch.randint(0, 500, (n, 4))
-
-    grouped_calls = []
-    run_groups = model.decoder.forward_sequence_jagged
-    monkeypatch.setattr(
-        model.decoder,
-        "forward_sequence_jagged",
-        lambda *args: grouped_calls.append(1) or run_groups(*args),
+    ones = torch.ones(b, dtype=torch.int32)
+    impressions = KeyedJaggedTensor(
+        keys=[TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY, HIST_ITEMS, HIST_CATEGORIES],
+        values=torch.cat(
+            [
+                torch.randint(0, 500, (b,)),
+                torch.randint(0, 20, (2 * b,)),
+                torch.randint(0, 500, (n,)),
+                torch.randint(0, 20, (n,)),
+            ]
+        ),
+        lengths=torch.cat([ones, ones, ones, lengths.int(), lengths.int()]),
     )
+    labels = torch.randint(0, 2, (b,)).float()
+    ran = []
+    for method in ("forward_sequence_jagged", "forward_sequence_packed", "forward_target_packed"):
+        for model in (pretrain, finetune):
+            original = getattr(model.decoder, method)
+            monkeypatch.setattr(
+                model.decoder,
+                method,
+                lambda *args, _name=method, _run=original: ran.append(_name) or _run(*args),
+            )
 
-    def loss_and_grads(groups: bool):
-        monkeypatch.setattr(ctr, "length_groups_pay_off", lambda device: groups)
-        model.zero_grad(set_to_none=True)
-        calls = len(grouped_calls)
-        loss = model(sequences, negatives)
-        loss.backward()
-        assert len(grouped_calls) - calls == int(groups)  # the path the policy chose ran
-        return loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]
+    def losses_and_grads(layout: str):
+        results = []
+        for model, loss_of in (
+            (pretrain, lambda: pretrain(sequences, negatives)),
+            (finetune, lambda: F.binary_cross_entropy_with_logits(finetune(impressions), labels)),
+        ):
+            model.decoder.layout = layout
+            model.zero_grad(set_to_none=True)
+            loss = loss_of()
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
+        return results
 
-    grouped, padded = loss_and_grads(True), loss_and_grads(False)
-    torch.testing.assert_close(padded[0], grouped[0], atol=1e-5, rtol=1e-5)
-    for got, expected in zip(padded[1], grouped[1], strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    results = {layout: losses_and_grads(layout) for layout in ("padded", "groups", "packed")}
+    assert ran.count("forward_sequence_jagged") == 1
+    assert ran.count("forward_sequence_packed") == 1
+    assert ran.count("forward_target_packed") == 1
+    for layout in ("groups", "packed"):
+        for (loss, grads), (want_loss, want_grads) in zip(
+            results[layout], results["padded"], strict=True
+        ):
+            torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+            for got, expected in zip(grads, want_grads, strict=True):
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

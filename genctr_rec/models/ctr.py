@@ -25,16 +25,9 @@ from genctr_rec.data.reader import (
 )
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.models.backbones import build_backbone
-from genctr_rec.models.decoder import GenerativeDecoder, length_groups_pay_off
+from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.models.inputs import DenseNorm, impression_input, input_width
-from genctr_rec.models.jagged import mean_pool, row_positions, to_padded
-
-# g(s, c) for fine-tuning is one query a row: linear in the history, so padding the batch to
-# its longest row wastes little, while grouping rows by length (what pre-training's quadratic
-# attention needs) costs a Python loop of small ops: 1.3x-1.6x slower fine-tuning on CPU
-# (benchmarks/results/finetune_speed.md). Only a multi-layer decoder's item self-attention is
-# quadratic; from that many layers on, rows are grouped.
-JAGGED_TARGET_MIN_LAYERS = 2
+from genctr_rec.models.jagged import mean_pool, to_padded
 
 
 class PretrainModel(nn.Module):
@@ -61,13 +54,7 @@ class PretrainModel(nn.Module):
             torch.cat([item_ids, negatives.reshape(-1)]), cats_jt.values()
         )
         seq_emb, neg_emb = item_emb[:n], item_emb[n:].view(n, k, -1)
-        if self.decoder.jagged and length_groups_pay_off(seq_emb.device):
-            g = self.decoder.forward_sequence_jagged(seq_emb, cat_emb, lengths)
-        else:
-            padded = self.decoder.forward_sequence(
-                to_padded(seq_emb, lengths), to_padded(cat_emb, lengths)
-            )
-            g = padded[row_positions(lengths)]  # [N, D], one per target
+        g = self.decoder.sequence(seq_emb, cat_emb, lengths)  # [N, D], one per target
         pos_logit = (g * seq_emb).sum(-1, keepdim=True)
         neg_logit = torch.einsum("nd,nkd->nk", g, neg_emb)
         logits = torch.cat([pos_logit, neg_logit], dim=1)
@@ -164,21 +151,14 @@ class CTRModel(nn.Module):
             self.dense_norm(dense) if self.dense_norm is not None and dense is not None else None,
         )
         uses_history = self.backbone.uses_history
-        jagged = (
-            self.decoder is not None
-            and self.decoder.jagged
-            and len(self.decoder.blocks) >= JAGGED_TARGET_MIN_LAYERS
-            and length_groups_pay_off(h_item.device)
-        )
+        layout = None if self.decoder is None else self.decoder.layout_for(h_item.device, "target")
         # one padded history of item + category sums serves the decoder and the backbone
         history = None
-        if uses_history or (self.decoder is not None and not jagged):
+        if uses_history or layout == "padded":
             history = to_padded(h_item + h_cat, lengths)
         g = None
-        if jagged:
-            g = self.decoder.forward_target_jagged(h_item, h_cat, lengths, t_cat)
-        elif self.decoder is not None:
-            g = self.decoder.forward_target_summed(history, lengths, t_cat)
+        if self.decoder is not None:
+            g = self.decoder.target(h_item, h_cat, lengths, t_cat, history)
         if uses_history:
             return self.backbone(
                 x0, g, t_item, target=t_item + t_cat, history=history, lengths=lengths

@@ -20,19 +20,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genctr_rec.config import DECODER_LAYOUTS as LAYOUTS
 from genctr_rec.models.jagged import length_groups, row_positions, to_padded
+from genctr_rec.models.packed import PackedLayout, flex_attention_available, packed_attention
+
+# Crossovers measured on an H200 (benchmarks/results/decoder_cost_cuda.md: the decoder alone, 2
+# layers, dims 16 and 64, caps 50-4000). In fp32 the packed path, a near-constant 15-20 ms a
+# step of launches, loses to padding at caps 50 and 200 (0.65x-0.69x) and wins from cap 500
+# (1.2x at 500, 1.6x at 1000, 2.5x at 4000); bf16 autocast is 0.87x-1.02x fp32 at caps 50-200
+# and 1.6x-4.3x from 500. Each threshold sits between the two caps measured either side.
+LONG_HISTORY = 320
+# Under bf16, padded attention (SDPA's fused kernels) is fast enough that packing pays only at
+# cap 4000 (1.05x-1.22x padded bf16), not at 1000 (0.72x-1.03x).
+PACKED_MIN_HISTORY_BF16 = 2048
 
 
-def length_groups_pay_off(device: torch.device) -> bool:
-    """Whether to run a jagged batch in groups of similar length (``*_jagged`` methods) or pad
-    it whole, on ``device``.
+def choose_layout(
+    layout: str,
+    device: torch.device,
+    stage: str,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    history_cap: int = 0,
+    bf16: bool = False,
+) -> str:
+    """The layout a jagged batch runs in: ``padded`` (whole batch to its longest row),
+    ``groups`` (rows in groups of similar length, each padded alone: ``*_jagged`` methods) or
+    ``packed`` (all rows in one sequence: ``*_packed`` methods); ``layout`` other than
+    ``auto`` is taken as it is.
 
-    On CPU groups win (``benchmarks/results/decoder_cost.md``): attention is quadratic in the
-    padded length and every element costs. On a GPU the per-group loop of small launches and
-    host synchronisations loses 2x-4x to one padded batch at every size measured (issue 13's
-    H200 table: caps 50-4000, dims 16 and 64), so CUDA pads the whole batch.
+    ``auto`` picks per device and ``stage`` (``pretrain``: attention of every position,
+    quadratic in length; ``target``: fine-tuning's and serving's one query a row, linear):
+
+    * CPU: pre-training in groups (1.3x-1.8x padding at caps 200-1000,
+      ``benchmarks/results/decoder_cost.md``); g(s, c) padded with one decoder layer (the
+      grouping loop costs more than the padding it saves; packing too: its scatter softmax
+      ran 1.5x slower) and grouped with more (their item self-attention is quadratic).
+    * CUDA: pre-training packed (FlexAttention, one launch a layer, no host synchronisation)
+      from ``history_cap`` :data:`LONG_HISTORY` in fp32 and :data:`PACKED_MIN_HISTORY_BF16`
+      under bf16 autocast (``bf16``), where FlexAttention is there and attention dropout is
+      off (it has none); else padded. g(s, c) padded (packed ran 0.70x-1.05x: a fine-tuning
+      step of the decoder is ~5 ms of launches either way). Groups never: their small
+      launches and host reads lost 2x-4x to padding.
     """
-    return device.type != "cuda"
+    if layout != "auto":
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown decoder layout {layout!r}; choose from {LAYOUTS}")
+        return layout
+    if device.type == "cuda":
+        long_enough = history_cap >= (PACKED_MIN_HISTORY_BF16 if bf16 else LONG_HISTORY)
+        packs = stage == "pretrain" and long_enough and dropout == 0.0
+        return "packed" if packs and flex_attention_available() else "padded"
+    if stage == "target" and num_layers < 2:
+        return "padded"
+    return "groups"
+
+
+def _under_bf16_autocast(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type) and (
+        torch.get_autocast_dtype(device.type) == torch.bfloat16
+    )
 
 
 @torch.fx.wrap
@@ -109,6 +156,60 @@ class _Attention(nn.Module):
         )
         return self.out(out.transpose(1, 2).reshape(b, nq, d))
 
+    def forward_packed(
+        self, query: torch.Tensor, memory: torch.Tensor, layout: PackedLayout
+    ) -> torch.Tensor:
+        """:meth:`forward` over a packed batch: query, memory [T, D], attention confined to
+        each row, causal (``layout``) -> [T, D]."""
+        if self.training and self.dropout:
+            raise ValueError("the packed decoder has no attention dropout: use layout padded")
+        t, d = query.shape
+        h = self.heads
+        q = self.q(query).view(1, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(memory).view(1, t, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = packed_attention(q, k, v, layout)
+        return self.out(out.transpose(1, 2).reshape(t, d))
+
+    def _query_on_keys(self, query: torch.Tensor) -> torch.Tensor:
+        """The query moved onto the unprojected keys: [B, D] -> [B, H, D] (:meth:`one_query`)."""
+        b, d = query.shape
+        h = self.heads
+        w_key = self.kv.weight.view(2, h, d // h, d)[0]  # [H, d/H, D]
+        # einsum runs these as H products of B rows (a broadcast matmul would run B x H
+        # products of one row each)
+        q = torch.einsum("bhe,hed->bhd", self.q(query).view(b, h, d // h), w_key)
+        return q * (d // h) ** -0.5
+
+    def _project_values(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled unprojected values [B, H, D] -> the attention's output [B, D]."""
+        b, h, d = pooled.shape
+        w_value = self.kv.weight.view(2, h, d // h, d)[1]
+        out = torch.einsum("bhd,hed->bhe", pooled, w_value) + self.kv.bias.view(2, h, d // h)[1]
+        return self.out(out.reshape(b, d))
+
+    def one_query_packed(
+        self, query: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`one_query` over packed keys: query [B, D], memory [M, D] (already normalised,
+        every row's visible tokens one after another), rows [M] (each token's row, every row
+        holding at least one token) -> [B, D]. A softmax per row by scatter: no padding."""
+        if self.training and self.dropout:
+            raise ValueError("the packed decoder has no attention dropout: use layout padded")
+        q = self._query_on_keys(query)  # [B, H, D]
+        # the softmax and the pooling in fp32 (under autocast einsum gives bf16 scores)
+        scores = torch.einsum("mhd,md->mh", q[rows], memory).float()
+        # a shift per row (softmax does not depend on it, so no gradient through it)
+        top = scores.new_full(q.shape[:2], float("-inf")).scatter_reduce(
+            0, rows.unsqueeze(1).expand_as(scores), scores.detach(), "amax"
+        )
+        weights = torch.exp(scores - top[rows])
+        total = torch.zeros_like(top).index_add_(0, rows, weights)
+        weights = weights / total[rows]
+        pooled = scores.new_zeros(q.shape).index_add_(
+            0, rows, weights.unsqueeze(2) * memory.float().unsqueeze(1)
+        )
+        return self._project_values(pooled)
+
     def one_query(self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor):
         """:meth:`forward` for one query a row, without projecting the memory.
 
@@ -121,18 +222,10 @@ class _Attention(nn.Module):
         B = 1024, 51 keys, in isolation). Same outputs as :meth:`forward` up to
         float rounding.
         """
-        b, d = query.shape
-        h = self.heads
-        w_key, w_value = self.kv.weight.view(2, h, d // h, d).unbind(0)  # [H, d/H, D] each
-        # einsum runs these as H products of B rows (a broadcast matmul would run B x H
-        # products of one row each)
-        q = torch.einsum("bhe,hed->bhd", self.q(query).view(b, h, d // h), w_key)
-        q = q * (d // h) ** -0.5  # [B, H, D]
+        q = self._query_on_keys(query)  # [B, H, D]
         scores = torch.bmm(q, memory.transpose(1, 2)).masked_fill(~mask, float("-inf"))
         weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
-        pooled = torch.bmm(weights, memory)  # [B, H, D]
-        out = torch.einsum("bhd,hed->bhe", pooled, w_value) + self.kv.bias.view(2, h, d // h)[1]
-        return self.out(out.reshape(b, d))
+        return self._project_values(torch.bmm(weights, memory))  # pooled [B, H, D]
 
 
 class _Block(nn.Module):
@@ -161,6 +254,16 @@ class _Block(nn.Module):
         x = x + self.attention.one_query(self.norm_q(x), self.norm_kv(memory), mask)
         return x + self.ff(self.norm_ff(x))
 
+    def forward_packed(self, x: torch.Tensor, memory: torch.Tensor, layout: PackedLayout):
+        """:meth:`forward` over a packed batch: x, memory [T, D] -> [T, D]."""
+        x = x + self.attention.forward_packed(self.norm_q(x), self.norm_kv(memory), layout)
+        return x + self.ff(self.norm_ff(x))
+
+    def one_query_packed(self, x: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor):
+        """:meth:`one_query` over packed keys (:meth:`_Attention.one_query_packed`)."""
+        x = x + self.attention.one_query_packed(self.norm_q(x), self.norm_kv(memory), rows)
+        return x + self.ff(self.norm_ff(x))
+
     def one_query_sdpa(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor):
         """:meth:`one_query` through :meth:`forward` (projected memory, SDPA): the reference
         the tests and ``benchmarks/finetune_speed.py`` compare against."""
@@ -177,10 +280,10 @@ class GenerativeDecoder(nn.Module):
         num_heads: attention heads (not given by the paper; default 2).
         conditional: CD (query from the predicted item's category) or SD.
         dropout: attention dropout.
-        jagged: the stage models call the ``*_jagged`` methods (no padding across rows of
-            different lengths) where :func:`length_groups_pay_off` (on CPU, not on CUDA);
-            ``False`` always pads the whole batch to its longest row, the baseline of
-            ``benchmarks/decoder_cost.py``. Same outputs either way.
+        layout: how the stage models run a jagged batch (:func:`choose_layout`): ``auto``
+            (per device), ``padded`` (the whole batch to its longest row, the baseline of
+            ``benchmarks/decoder_cost.py``), ``groups`` (``*_jagged`` methods) or ``packed``
+            (``*_packed`` methods). Same outputs every way.
     """
 
     def __init__(
@@ -191,11 +294,13 @@ class GenerativeDecoder(nn.Module):
         num_heads: int = 2,
         conditional: bool = True,
         dropout: float = 0.0,
-        jagged: bool = True,
+        layout: str = "auto",
     ) -> None:
         super().__init__()
+        choose_layout(layout, torch.device("cpu"), "pretrain")  # reject an unknown name now
         self.dim = dim
-        self.jagged = jagged
+        self.layout = layout
+        self.dropout = dropout
         self.max_len = max_len
         self.conditional = conditional
         self.position = nn.Embedding(max_len, dim)
@@ -207,6 +312,47 @@ class GenerativeDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.position.weight, std=0.02)
         nn.init.normal_(self.bos, std=0.02)
+
+    def layout_for(self, device: torch.device, stage: str) -> str:
+        """The layout the stage models run on ``device`` for ``stage`` (:func:`choose_layout`)."""
+        bf16 = _under_bf16_autocast(device)
+        return choose_layout(
+            self.layout, device, stage, len(self.blocks), self.dropout, self.max_len - 1, bf16
+        )
+
+    def sequence(
+        self, items: torch.Tensor, cats: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Pre-training's g for every element of a jagged batch (items, cats [N, D], lengths
+        [B]) -> [N, D], in the layout :meth:`layout_for` picks on the batch's device."""
+        layout = self.layout_for(items.device, "pretrain")
+        if layout == "groups":
+            return self.forward_sequence_jagged(items, cats, lengths)
+        if layout == "packed":
+            return self.forward_sequence_packed(items, cats, lengths)
+        padded = self.forward_sequence(to_padded(items, lengths), to_padded(cats, lengths))
+        return padded[row_positions(lengths)]
+
+    def target(
+        self,
+        items: torch.Tensor,
+        cats: torch.Tensor,
+        lengths: torch.Tensor,
+        target_cats: torch.Tensor,
+        history: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """g(s, c) of jagged histories (items, cats [N, D], lengths [B]) for target categories
+        [B, D] -> [B, D], in the layout :meth:`layout_for` picks; ``history``: the padded
+        item + category sums when the caller has them already (the padded layout reuses them).
+        """
+        layout = self.layout_for(items.device, "target")
+        if layout == "groups":
+            return self.forward_target_jagged(items, cats, lengths, target_cats)
+        if layout == "packed":
+            return self.forward_target_packed(items, cats, lengths, target_cats)
+        if history is None:
+            history = to_padded(items + cats, lengths)
+        return self.forward_target_summed(history, lengths, target_cats)
 
     def _tokens(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
         """Key/value tokens [B, 1 + L, D]: BOS, then item + category + position per item."""
@@ -315,3 +461,69 @@ class GenerativeDecoder(nn.Module):
             lengths,
             per_element=False,
         )
+
+    def _packed_tokens(self, history: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Key/value tokens in ``layout``'s slots [T, D]: each row's BOS, then item + category +
+        position per item; zeros in the padding slots."""
+        memory = history.new_zeros(layout.size, self.dim)
+        memory = memory.index_copy(0, layout.item_slots, history + self.position(layout.positions))
+        bos = self.bos.view(1, self.dim).to(history.dtype)
+        return memory.index_copy(
+            0, layout.row_starts[: layout.num_rows], bos.expand(layout.num_rows, -1)
+        )
+
+    def _run_packed(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        layout: PackedLayout,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`_run` over packed memory [T, D]: queries [T, D] in the layout's slots, or
+        with ``rows`` (the row of each real slot) one query a row [B, D]."""
+        for i, block in enumerate(self.blocks):
+            if rows is None:
+                queries = block.forward_packed(queries, memory, layout)
+            else:
+                queries = block.one_query_packed(queries, memory[: len(rows)], rows)
+            if i < len(self.item_blocks):
+                memory = self.item_blocks[i].forward_packed(memory, memory, layout)
+        return self.norm(queries)
+
+    def forward_sequence_packed(
+        self, items: torch.Tensor, cats: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward_sequence` on a jagged batch packed into one sequence
+        (:mod:`~genctr_rec.models.packed`): items, cats [N, D], lengths [B] -> g [N, D], one per
+        element; every layer's attention is one document-causal launch for the whole batch, and
+        nothing reads the device."""
+        layout = PackedLayout.build(lengths, items.shape[0])
+        memory = self._packed_tokens(items + cats, layout)
+        if self.conditional:
+            queries = memory.new_zeros(layout.size, self.dim).index_copy(
+                0, layout.query_slots, cats + self.position(layout.positions)
+            )
+        else:  # SD: the query at slot t is the token in slot t (BOS, then item t - 1)
+            queries = memory
+        return self._run_packed(queries, memory, layout)[layout.query_slots]
+
+    def forward_target_packed(
+        self,
+        items: torch.Tensor,
+        cats: torch.Tensor,
+        lengths: torch.Tensor,
+        target_cats: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward_target` on jagged histories (items, cats [N, D], lengths [B]) with no
+        padding: the one query of each row attends to that row's BOS and items through a
+        softmax per row (:meth:`_Attention.one_query_packed`) -> [B, D]. Histories are at most
+        ``max_len - 1`` long (the readers' cap), as for :meth:`forward_target`."""
+        layout = PackedLayout.build(lengths, items.shape[0])
+        memory = self._packed_tokens(items + cats, layout)
+        lengths = lengths.long()
+        if self.conditional:
+            queries = target_cats + self.position(lengths.clamp(max=self.max_len - 1))
+        else:  # token of the newest item: the slot before the next row's BOS
+            queries = memory[layout.row_starts[1 : layout.num_rows + 1] - 1]
+        rows = layout.documents[: items.shape[0] + len(lengths)]  # the slots before padding
+        return self._run_packed(queries, memory, layout, rows)

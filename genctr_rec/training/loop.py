@@ -6,7 +6,6 @@ progress on rank 0 (genctr_rec.progress), TensorBoard scalars, and the loss hist
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -23,6 +22,7 @@ from genctr_rec.data.prefetch import prefetched
 from genctr_rec.progress import Progress
 from genctr_rec.storage import cache_dir, is_remote, upload_tree
 from genctr_rec.training.distributed import DistContext
+from genctr_rec.training.loss_log import LossLog
 from genctr_rec.training.sharding import sharding_summary
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ def train_epochs(
         logger.info("resumed from %s (epoch %d, step %d)", latest, start_epoch, global_step)
 
     def save() -> None:
+        losses.flush(acc)
         progress = {
             "step": global_step,
             "reader": reader.state_dict(),
@@ -203,6 +204,7 @@ def train_epochs(
         checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
 
     writer = tensorboard_writer(run_dir, ctx)
+    losses = LossLog(ctx.device, writer)
 
     def validate(epoch: int) -> None:
         """Validate now; marks the run stopped when patience is used up."""
@@ -251,24 +253,18 @@ def train_epochs(
             loss = step(batch)
             loss.backward()
             built.dense_optimizer.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"loss became {value} at epoch {epoch}, step {global_step}"
-                )
-            acc["total"] += value
-            acc["count"] += 1
+            read = losses.add(loss, epoch, global_step, acc)
             acc["examples"] += batch.batch_size
             global_step += 1
-            if writer is not None:
-                writer.add_scalar("train/loss", value, global_step)
-            progress.update(1, batch.batch_size * ctx.world_size, loss=acc["total"] / acc["count"])
+            shown = {"loss": acc["total"] / acc["count"]} if read else {}
+            progress.update(1, batch.batch_size * ctx.world_size, **shown)
             if (
                 validation is not None
                 and validation.every_steps > 0
                 and global_step % validation.every_steps == 0
             ):
                 acc["seconds"] += time.perf_counter() - start  # examples/s counts training only
+                losses.flush(acc)
                 validate(epoch)
                 start = time.perf_counter()
             if 0 < max_steps <= global_step and history["stopped"] is None:
@@ -289,6 +285,7 @@ def train_epochs(
             if finished():
                 break
         progress.close()
+        losses.flush(acc)
         acc["seconds"] += time.perf_counter() - start
         history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
         history["examples_per_s"].append(
@@ -325,6 +322,19 @@ def train_epochs(
     return history
 
 
+def bf16_autocast(step: Callable[[Any], torch.Tensor], device: torch.device):
+    """``step`` with its forward under bf16 autocast: matrix products and attention in bf16,
+    while the parameters, the optimizers' state and the returned loss stay fp32 (the backward
+    runs outside, as autocast wants)."""
+
+    def run(batch: Any) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = step(batch)
+        return loss.float()
+
+    return run
+
+
 def train_run(
     cfg: Any,
     out: Path,
@@ -342,6 +352,10 @@ def train_run(
     ahead on a background thread (default: 2 on CUDA, none on CPU). None when stopped on request
     (``stop_after_steps``)."""
     checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
+    precision = cfg.train.resolved_precision(ctx.device, cfg.max_history)
+    if precision == "bf16":
+        step = bf16_autocast(step, ctx.device)
+    logger.info("%s: %s forward on %s", desc, precision, ctx.device)
     depth = cfg.train.prefetch
     if depth is None:
         depth = 2 if ctx.device.type == "cuda" else 0
