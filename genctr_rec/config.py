@@ -124,9 +124,9 @@ class TrainConfig:
             trained on, so resuming is exact either way.
         precision: ``fp32`` or ``bf16`` (``torch.autocast`` over the forward: weights,
             optimizer state and the loss stay fp32); ``auto``: bf16 on CUDA with histories
-            of 320 or more (the decoder 1.6x-4.3x fp32 from history 500 on an H200), else fp32
+            of 320 or more (the decoder 1.6x-4.7x fp32 from history 500 on an H200), else fp32
             (at shorter histories a GPU step is launch-bound and bf16's casts made it
-            0.87x-1.02x).
+            0.72x-1.02x).
     """
 
     epochs: int | None = None
@@ -168,9 +168,9 @@ class TrainConfig:
     def resolved_precision(self, device: torch.device, max_history: int) -> str:
         if self.precision != "auto":
             return self.precision
-        from genctr_rec.models.decoder import LONG_HISTORY
+        from genctr_rec.models.decoder import BF16_MIN_HISTORY
 
-        long_history = max_history >= LONG_HISTORY
+        long_history = max_history >= BF16_MIN_HISTORY
         return "bf16" if device.type == "cuda" and long_history else "fp32"
 
     def resolved_embedding_optimizer(self, device: torch.device) -> str:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from genctr_rec.models.decoder import (
-    LONG_HISTORY,
+    BF16_MIN_HISTORY,
+    PACKED_MIN_HISTORY,
     PACKED_MIN_HISTORY_BF16,
     GenerativeDecoder,
     choose_layout,
@@ -174,7 +175,7 @@ def test_bf16_autocast_keeps_packed_close_to_fp32() -> None:
 
 def test_the_policy_per_device_stage_and_history() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    long, short = LONG_HISTORY, LONG_HISTORY - 1
+    long, short = PACKED_MIN_HISTORY, PACKED_MIN_HISTORY - 1
     assert choose_layout("auto", cpu, "pretrain", history_cap=long) == "groups"
     assert choose_layout("auto", cpu, "target", 1) == "padded"
     assert choose_layout("auto", cpu, "target", 2) == "groups"
@@ -199,8 +200,8 @@ def test_precision_policy_and_the_autocast_step() -> None:
     from genctr_rec.training.loop import bf16_autocast
 
     auto = TrainConfig()
-    assert auto.resolved_precision(torch.device("cuda"), LONG_HISTORY) == "bf16"
-    assert auto.resolved_precision(torch.device("cuda"), LONG_HISTORY - 1) == "fp32"
+    assert auto.resolved_precision(torch.device("cuda"), BF16_MIN_HISTORY) == "bf16"
+    assert auto.resolved_precision(torch.device("cuda"), BF16_MIN_HISTORY - 1) == "fp32"
     assert auto.resolved_precision(torch.device("cpu"), 4000) == "fp32"
     assert TrainConfig(precision="bf16").resolved_precision(torch.device("cpu"), 50) == "bf16"
 
@@ -253,7 +254,29 @@ def test_the_decoder_reads_bf16_autocast_off_the_device() -> None:
     with torch.autocast("cpu", dtype=torch.float16):
         assert not _under_bf16_autocast(cpu)
     cuda = torch.device("cuda")
-    decoder = GenerativeDecoder(D, LONG_HISTORY + 1)
+    decoder = GenerativeDecoder(D, PACKED_MIN_HISTORY + 1)
     assert decoder.layout_for(cuda, "pretrain") == "packed"
-    decoder = GenerativeDecoder(D, LONG_HISTORY)
+    decoder = GenerativeDecoder(D, PACKED_MIN_HISTORY)
     assert decoder.layout_for(cuda, "pretrain") == "padded"
+
+
+def test_padding_to_the_cap_gives_the_same_outputs_and_reads_nothing(monkeypatch) -> None:
+    """On CUDA the padded layout pads to the history cap (a static shape, no read of the
+    longest row): same g as padding to the batch's longest row, for the stage models'
+    ``sequence`` and ``target``; with it the padded path runs on the meta device too."""
+    torch.manual_seed(0)
+    decoder = GenerativeDecoder(D, 301, num_layers=2, layout="padded")
+    assert decoder.padded_width(torch.device("cuda")) == 300
+    assert decoder.padded_width(torch.device("cpu")) is None
+    items, cats, lengths = _batch(LENGTHS)
+    targets = torch.randn(len(LENGTHS), D)
+    longest = decoder.sequence(items, cats, lengths), decoder.target(items, cats, lengths, targets)
+    monkeypatch.setattr(GenerativeDecoder, "padded_width", lambda self, device: self.max_len - 1)
+    capped = decoder.sequence(items, cats, lengths), decoder.target(items, cats, lengths, targets)
+    for got, expected in zip(capped, longest, strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    meta = decoder.to("meta")
+    items, cats = (x.detach().to("meta") for x in (items, cats))
+    lengths, targets = lengths.to("meta"), targets.to("meta")
+    assert meta.sequence(items, cats, lengths).shape == items.shape
+    assert meta.target(items, cats, lengths, targets).shape == targets.shape

@@ -155,7 +155,8 @@ class CTRModel(nn.Module):
         # one padded history of item + category sums serves the decoder and the backbone
         history = None
         if uses_history or layout == "padded":
-            history = to_padded(h_item + h_cat, lengths)
+            width = None if self.decoder is None else self.decoder.padded_width(h_item.device)
+            history = to_padded(h_item + h_cat, lengths, width)
         g = None
         if self.decoder is not None:
             g = self.decoder.target(h_item, h_cat, lengths, t_cat, history)

@@ -24,14 +24,17 @@ from genctr_rec.config import DECODER_LAYOUTS as LAYOUTS
 from genctr_rec.models.jagged import length_groups, row_positions, to_padded
 from genctr_rec.models.packed import PackedLayout, flex_attention_available, packed_attention
 
-# Crossovers measured on an H200 (benchmarks/results/decoder_cost_cuda.md: the decoder alone, 2
-# layers, dims 16 and 64, caps 50-4000). In fp32 the packed path, a near-constant 15-20 ms a
-# step of launches, loses to padding at caps 50 and 200 (0.65x-0.69x) and wins from cap 500
-# (1.2x at 500, 1.6x at 1000, 2.5x at 4000); bf16 autocast is 0.87x-1.02x fp32 at caps 50-200
-# and 1.6x-4.3x from 500. Each threshold sits between the two caps measured either side.
-LONG_HISTORY = 320
+# Crossovers measured on an H200 (benchmarks/results/decoder_cost_cuda.md, three runs: the
+# decoder alone, 2 layers, dims 16 and 64, caps 50-4000); each threshold sits between the two
+# caps measured either side. bf16 autocast against fp32, padded: 0.72x-0.87x at cap 50,
+# 0.84x-1.02x at 200, 1.62x-1.88x at 500, 2.2x-4.7x above.
+BF16_MIN_HISTORY = 320
+# Packed against padded, fp32: the packed step is a near-constant 15-20 ms of launches, so it
+# loses at caps 50-200 (0.52x-0.74x), ties at 500 (0.93x-1.20x) and wins at 1000 (1.43x-1.71x)
+# and 4000 (2.45x-2.56x).
+PACKED_MIN_HISTORY = 768
 # Under bf16, padded attention (SDPA's fused kernels) is fast enough that packing pays only at
-# cap 4000 (1.05x-1.22x padded bf16), not at 1000 (0.72x-1.03x).
+# cap 4000 (0.96x-1.54x padded bf16), not at 1000 (0.69x-1.06x).
 PACKED_MIN_HISTORY_BF16 = 2048
 
 
@@ -56,19 +59,20 @@ def choose_layout(
       ``benchmarks/results/decoder_cost.md``); g(s, c) padded with one decoder layer (the
       grouping loop costs more than the padding it saves; packing too: its scatter softmax
       ran 1.5x slower) and grouped with more (their item self-attention is quadratic).
-    * CUDA: pre-training packed (FlexAttention, one launch a layer, no host synchronisation)
-      from ``history_cap`` :data:`LONG_HISTORY` in fp32 and :data:`PACKED_MIN_HISTORY_BF16`
-      under bf16 autocast (``bf16``), where FlexAttention is there and attention dropout is
-      off (it has none); else padded. g(s, c) padded (packed ran 0.70x-1.05x: a fine-tuning
-      step of the decoder is ~5 ms of launches either way). Groups never: their small
-      launches and host reads lost 2x-4x to padding.
+    * CUDA: pre-training packed (FlexAttention, one launch a layer) from ``history_cap``
+      :data:`PACKED_MIN_HISTORY` in fp32 and :data:`PACKED_MIN_HISTORY_BF16` under bf16
+      autocast (``bf16``), where FlexAttention is there and attention dropout is off (it has
+      none); else padded (to the cap: :meth:`GenerativeDecoder.padded_width`). g(s, c) padded
+      (packed ran 0.64x-1.05x: a fine-tuning step of the decoder is ~5 ms of launches either
+      way). Groups never: their small launches and host reads lost 2x-4x to padding. Neither
+      CUDA layout reads anything from the device.
     """
     if layout != "auto":
         if layout not in LAYOUTS:
             raise ValueError(f"unknown decoder layout {layout!r}; choose from {LAYOUTS}")
         return layout
     if device.type == "cuda":
-        long_enough = history_cap >= (PACKED_MIN_HISTORY_BF16 if bf16 else LONG_HISTORY)
+        long_enough = history_cap >= (PACKED_MIN_HISTORY_BF16 if bf16 else PACKED_MIN_HISTORY)
         packs = stage == "pretrain" and long_enough and dropout == 0.0
         return "packed" if packs and flex_attention_available() else "padded"
     if stage == "target" and num_layers < 2:
@@ -77,6 +81,8 @@ def choose_layout(
 
 
 def _under_bf16_autocast(device: torch.device) -> bool:
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta
+        return False
     return torch.is_autocast_enabled(device.type) and (
         torch.get_autocast_dtype(device.type) == torch.bfloat16
     )
@@ -330,8 +336,11 @@ class GenerativeDecoder(nn.Module):
             return self.forward_sequence_jagged(items, cats, lengths)
         if layout == "packed":
             return self.forward_sequence_packed(items, cats, lengths)
-        padded = self.forward_sequence(to_padded(items, lengths), to_padded(cats, lengths))
-        return padded[row_positions(lengths)]
+        width = self.padded_width(items.device)
+        padded = self.forward_sequence(
+            to_padded(items, lengths, width), to_padded(cats, lengths, width)
+        )
+        return padded[row_positions(lengths, items.shape[0])]
 
     def target(
         self,
@@ -351,8 +360,16 @@ class GenerativeDecoder(nn.Module):
         if layout == "packed":
             return self.forward_target_packed(items, cats, lengths, target_cats)
         if history is None:
-            history = to_padded(items + cats, lengths)
+            history = to_padded(items + cats, lengths, self.padded_width(items.device))
         return self.forward_target_summed(history, lengths, target_cats)
+
+    def padded_width(self, device: torch.device) -> int | None:
+        """How wide the padded layout pads: on CUDA to the history cap (the same shape every
+        batch and no host read of the longest row, which would make the host wait for the
+        GPU; with long-tailed lengths a batch's longest row is at the cap nearly always), on
+        CPU to the batch's longest row (there every padded element costs and a read is
+        free)."""
+        return self.max_len - 1 if device.type == "cuda" else None
 
     def _tokens(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
         """Key/value tokens [B, 1 + L, D]: BOS, then item + category + position per item."""

@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 
 
-def row_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, position within row) of every element of a jagged batch."""
-    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+def row_positions(
+    lengths: torch.Tensor, total: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, position within row) of every element of a jagged batch; ``total`` (the
+    number of elements, when the caller knows it from a shape) spares reading it from the
+    device."""
+    rows = torch.repeat_interleave(
+        torch.arange(len(lengths), device=lengths.device), lengths, output_size=total
+    )
     offsets = torch.cumsum(lengths, 0) - lengths
     positions = torch.arange(len(rows), device=lengths.device) - offsets[rows]
     return rows, positions
@@ -16,11 +22,12 @@ def row_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def to_padded(
     values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
 ) -> torch.Tensor:
-    """[N, D] jagged values -> [B, L, D] zero-padded, L = max length (or ``max_len``)."""
+    """[N, D] jagged values -> [B, L, D] zero-padded, L = max length (or ``max_len``: then
+    nothing is read from the device)."""
     lengths = lengths.long()
     width = int(lengths.max()) if max_len is None and len(lengths) else (max_len or 0)
     out = values.new_zeros((len(lengths), max(width, 1)) + tuple(values.shape[1:]))
-    rows, positions = row_positions(lengths)
+    rows, positions = row_positions(lengths, values.shape[0])
     out[rows, positions] = values
     return out
 
