@@ -66,8 +66,9 @@ class ModelConfig:
         context_dropout: dropout on g(s, c) while fine-tuning.
         decoder_layout: how the decoder runs a batch of histories of different lengths:
             ``padded`` (to the longest row), ``groups`` (rows of similar length together),
-            ``packed`` (one sequence, FlexAttention) or ``auto``, the fastest measured on the
-            device (``models.decoder.choose_layout``). Same outputs every way.
+            ``packed`` (one sequence, FlexAttention on CUDA; on CPU a dense mask quadratic in
+            the batch's total length, for small batches) or ``auto``, the fastest measured on
+            the device (``models.decoder.choose_layout``). Same outputs every way.
     """
 
     dim: int = 16
