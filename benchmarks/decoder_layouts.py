@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_results
+from benchmarks.decoder_cost import _lengths  # the same long-tailed row lengths
 from genctr_rec.models.decoder import GenerativeDecoder
 
 # (stage, dim, history cap, rows a batch)
@@ -55,7 +56,7 @@ def _batches(stage: str, dim: int, cap: int, rows: int, device: torch.device, se
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(BATCHES):
-        lengths = np.minimum(cap, 1 + rng.exponential(cap / 3, rows).astype(np.int64))
+        lengths = _lengths(rng, rows, cap)
         if stage == "target":
             lengths = lengths - 1  # fine-tuning histories may be empty
         n = int(lengths.sum())
@@ -65,7 +66,7 @@ def _batches(stage: str, dim: int, cap: int, rows: int, device: torch.device, se
         )
         target_cats = torch.randn(rows, dim, generator=gen).to(device)
         y = torch.randn(n if stage == "pretrain" else rows, dim, generator=gen).to(device)
-        out.append((items, cats, torch.from_numpy(lengths).to(device), target_cats, y))
+        out.append((items, cats, lengths.to(device), target_cats, y))
     return out
 
 

@@ -287,8 +287,9 @@ class GenerativeDecoder(nn.Module):
         conditional: CD (query from the predicted item's category) or SD.
         dropout: attention dropout.
         layout: how the stage models run a jagged batch (:func:`choose_layout`): ``auto``
-            (per device), ``padded`` (the whole batch to its longest row, the baseline of
-            ``benchmarks/decoder_cost.py``), ``groups`` (``*_jagged`` methods) or ``packed``
+            (per device), ``padded`` (the whole batch to its longest row, or on CUDA to the
+            history cap: :meth:`padded_width`; the baseline of ``benchmarks/decoder_cost.py``),
+            ``groups`` (``*_jagged`` methods) or ``packed``
             (``*_packed`` methods). Same outputs every way.
     """
 

@@ -30,6 +30,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from genctr_rec.models.jagged import row_positions
+
 # FlexAttention's block edge (its default): the packed length is a multiple of it
 BLOCK = 128
 # FlexAttention refuses head widths under 16: narrower heads are zero-padded (exact: padded
@@ -89,12 +91,9 @@ class PackedLayout:
         device, rows_n = lengths.device, len(lengths)
         real = num_items + rows_n
         size = packed_size(real + 1)  # at least one padding slot
-        rows = torch.repeat_interleave(
-            torch.arange(rows_n, device=device), lengths, output_size=num_items
-        )
-        item_offsets = torch.cumsum(lengths, 0) - lengths
-        positions = torch.arange(num_items, device=device) - item_offsets[rows]
-        starts = item_offsets + torch.arange(rows_n, device=device)  # one BOS per earlier row
+        rows, positions = row_positions(lengths, num_items)
+        # one BOS per earlier row
+        starts = torch.cumsum(lengths, 0) - lengths + torch.arange(rows_n, device=device)
         # each padding slot is a row of its own, so it attends to itself alone: one padding row
         # would cost attention quadratic in the padding
         row_starts = torch.cat([starts, torch.arange(real, size, device=device)])
