@@ -40,17 +40,21 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import write_results
+from genctr_rec.training.allocator import ENV as ALLOCATOR_ENV
 
-CONFIGS: dict[str, tuple[str, str, bool]] = {
+CONFIGS: dict[str, tuple[str, str, bool, bool]] = {
     # name: (backbone, transfer, as 0.5: the layers in their textbook form, DDP around the
-    # dense part in a one-process job, a per-tensor Adam)
-    "DNN alone": ("dnn", "none", False),
-    "GenCTR, DNN": ("dnn", "ps_mi", False),
-    "GenCTR, DNN, as 0.5 (baseline)": ("dnn", "ps_mi", True),
-    "DCN V2 & TA alone": ("dcnv2_ta", "none", False),
-    "DCN V2 & TA alone, as 0.5 (baseline)": ("dcnv2_ta", "none", True),
-    "GenCTR, DCN V2 & TA": ("dcnv2_ta", "ps_mi", False),
-    "GenCTR, DCN V2 & TA, as 0.5 (baseline)": ("dcnv2_ta", "ps_mi", True),
+    # dense part in a one-process job, a per-tensor Adam; as 0.8: glibc's default malloc
+    # thresholds, GENCTR_KEEP_FREED_MEMORY=0, see genctr_rec/training/allocator.py)
+    "DNN alone": ("dnn", "none", False, False),
+    "GenCTR, DNN": ("dnn", "ps_mi", False, False),
+    "GenCTR, DNN, malloc as 0.8 (baseline)": ("dnn", "ps_mi", False, True),
+    "GenCTR, DNN, as 0.5 (baseline)": ("dnn", "ps_mi", True, True),
+    "DCN V2 & TA alone": ("dcnv2_ta", "none", False, False),
+    "DCN V2 & TA alone, as 0.5 (baseline)": ("dcnv2_ta", "none", True, True),
+    "GenCTR, DCN V2 & TA": ("dcnv2_ta", "ps_mi", False, False),
+    "GenCTR, DCN V2 & TA, malloc as 0.8 (baseline)": ("dcnv2_ta", "ps_mi", False, True),
+    "GenCTR, DCN V2 & TA, as 0.5 (baseline)": ("dcnv2_ta", "ps_mi", True, True),
 }
 
 
@@ -92,12 +96,13 @@ def _one_run(data: str, pre: str, out: str, backbone: str, transfer: str, old: b
 EPOCHS = 3
 
 
-def _child(*args: str) -> dict[str, Any]:
+def _child(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.finetune_speed", *args],
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -112,10 +117,37 @@ def _din(data: str, epochs: int) -> None:
     print(json.dumps({"examples_per_s": result["examples_per_s"], "auc": result["test"]["auc"]}))
 
 
-def markdown(rows: list[dict[str, Any]], din: dict[str, Any] | None, epochs: int) -> str:
+def _spread(values: list[float]) -> str:
+    """Median and range of per-round ratios: ``5.2x (4.9-5.6)``."""
+    return f"{np.median(values):.1f}x ({min(values):.1f}-{max(values):.1f})"
+
+
+def summarise(rows: list[dict[str, Any]], dins: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration: the median over rounds of each epoch's examples/s, and its ratios to
+    DIN computed round by round (a round's runs share the machine's state of the moment, so
+    the ratio within a round is steadier than either figure)."""
+    out = []
+    for row in rows:
+        rounds = row["rounds"]
+        speed = np.median([r["examples_per_s"] for r in rounds], axis=0).tolist()
+        summary = {**row, "examples_per_s": speed, "auc": rounds[0]["auc"]}
+        if dins:
+            per_round = list(zip(rounds, dins, strict=True))
+            summary["x_din_mean"] = [np.mean(r["examples_per_s"]) / d["examples_per_s"]
+                                     for r, d in per_round]  # fmt: skip
+            summary["x_din_slowest"] = [min(r["examples_per_s"]) / d["examples_per_s"]
+                                        for r, d in per_round]  # fmt: skip
+        out.append(summary)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], dins: list[dict[str, Any]], epochs: int) -> str:
+    n = len(rows[0]["rounds"])
     lines = [
         f"One process, {epochs} epochs each, training examples/s per epoch (validation and "
-        "checkpoints excluded); DIN: DeepCTR-Torch 0.3.0 on the same splits and features.",
+        f"checkpoints excluded), median of {n} rounds (each round runs every configuration and "
+        "DIN once, one after another); DIN: DeepCTR-Torch 0.3.0 on the same splits and "
+        "features. Ratios to DIN are taken within each round: median (range) over rounds.",
         "",
         "| configuration | "
         + " | ".join(f"epoch {i + 1}" for i in range(epochs))
@@ -124,17 +156,22 @@ def markdown(rows: list[dict[str, Any]], din: dict[str, Any] | None, epochs: int
     ]
     for row in rows:
         speed = row["examples_per_s"]
-        ratio = f"{np.mean(speed) / din['examples_per_s']:.1f}x" if din else "n/a"
-        slowest = f"{min(speed) / din['examples_per_s']:.1f}x" if din else "n/a"
+        ratio = _spread(row["x_din_mean"]) if dins else "n/a"
+        slowest = _spread(row["x_din_slowest"]) if dins else "n/a"
         lines.append(
             f"| {row['name']} | "
             + " | ".join(f"{s:,.0f}" for s in speed)
             + f" | {speed[-1] / speed[0]:.2f} | {ratio} | {slowest} | {row['auc']:.4f} |"
         )
-    if din:
-        cells = [f"{din['examples_per_s']:,.0f} (all epochs)"] + [""] * (epochs - 1)
+    if dins:
+        speeds = [d["examples_per_s"] for d in dins]
+        cells = [
+            f"{np.median(speeds):,.0f} (all epochs; rounds "
+            + ", ".join(f"{s:,.0f}" for s in speeds)
+            + ")"
+        ] + [""] * (epochs - 1)
         lines.append(
-            f"| DeepCTR-Torch DIN | {' | '.join(cells)} | | 1.0x | 1.0x | {din['auc']:.4f} |"
+            f"| DeepCTR-Torch DIN | {' | '.join(cells)} | | 1.0x | 1.0x | {dins[0]['auc']:.4f} |"
         )
     return "\n".join(lines)
 
@@ -145,6 +182,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="dataset (default: MovieLens-100k)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat everything N times")
     parser.add_argument("--skip-din", action="store_true")
     parser.add_argument("--one", nargs=6, metavar=("DATA", "PRE", "OUT", "B", "T", "OLD"))
     parser.add_argument("--din", metavar="DATA")
@@ -176,19 +214,29 @@ def main() -> None:
             check=True,
             env=env,
         )  # fmt: skip
-    rows = []
-    for name, (backbone, transfer, old) in CONFIGS.items():
-        out = str(work / f"ft-{len(rows)}")
-        shutil.rmtree(out, ignore_errors=True)  # a fresh run each time, never a resume
-        result = _child(
-            "--epochs", str(args.epochs), "--one", data, pre, out, backbone, transfer,
-            "1" if old else "0",
-        )  # fmt: skip
-        rows.append({"name": name, "backbone": backbone, "transfer": transfer, **result})
-        print(name, [round(s) for s in result["examples_per_s"]], flush=True)
-    din = None if args.skip_din else _child("--epochs", str(args.epochs), "--din", data)
-    payload = {"data": data, "epochs": args.epochs, "rows": rows, "din": din}
-    print(write_results("finetune_speed", payload, markdown(rows, din, args.epochs)))
+    rows = [
+        {"name": name, "backbone": backbone, "transfer": transfer, "rounds": []}
+        for name, (backbone, transfer, _, _) in CONFIGS.items()
+    ]
+    dins: list[dict[str, Any]] = []
+    for round_ in range(args.rounds):
+        for i, (name, (backbone, transfer, old, default_malloc)) in enumerate(CONFIGS.items()):
+            out = str(work / f"ft-{i}")
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run each time, never a resume
+            result = _child(
+                "--epochs", str(args.epochs), "--one", data, pre, out, backbone, transfer,
+                "1" if old else "0",
+                env={ALLOCATOR_ENV: "0"} if default_malloc else None,
+            )  # fmt: skip
+            rows[i]["rounds"].append(result)
+            print(round_ + 1, name, [round(s) for s in result["examples_per_s"]], flush=True)
+        if not args.skip_din:
+            dins.append(_child("--epochs", str(args.epochs), "--din", data))
+            print(round_ + 1, "DIN", round(dins[-1]["examples_per_s"]), flush=True)
+    rows = summarise(rows, dins)
+    payload = {"data": data, "epochs": args.epochs, "rounds": args.rounds, "rows": rows,
+               "din": dins}  # fmt: skip
+    print(write_results("finetune_speed", payload, markdown(rows, dins, args.epochs)))
 
 
 if __name__ == "__main__":

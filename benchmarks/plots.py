@@ -194,6 +194,12 @@ def _serving_latency(payload: dict, plt) -> Any:
             parts = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}"]
             if "threads" in r:
                 parts.append(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}")
+            if r.get("workers", 1) > 1:
+                parts.append(f"{r['workers']} workers")
+            if r.get("route") == "FastAPI":
+                parts.append("FastAPI")
+            if r.get("score_on") == "thread":
+                parts.append("scoring thread")
             if r["max_batch"] == 1:
                 parts.append("no batching")
             elif r["max_wait_ms"]:
@@ -333,9 +339,16 @@ def _finetune_speed(payload: dict, plt) -> Any:
         speed = row["examples_per_s"]
         style = "--" if "baseline" in row["name"] else "-"
         ax.plot(range(1, len(speed) + 1), speed, style, marker="o", label=row["name"])
-    if payload.get("din"):
-        ax.axhline(payload["din"]["examples_per_s"], color="black", ls=":", label="DeepCTR DIN")
-    ax.set(xlabel="epoch", ylabel="training examples/s (one process)", yscale="log")
+    din = payload.get("din")
+    if din:  # one run (0.8 and before) or one per round
+        din_speed = (
+            np.median([d["examples_per_s"] for d in din])
+            if isinstance(din, list)
+            else (din["examples_per_s"])
+        )
+        ax.axhline(din_speed, color="black", ls=":", label="DeepCTR DIN")
+    ax.set(xlabel="epoch", ylabel="training examples/s (one process, median of rounds)",
+           yscale="log")  # fmt: skip
     ax.set_xticks(range(1, payload["epochs"] + 1))
     ax.set_title("fine-tuning speed per epoch", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

@@ -30,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,25 +233,28 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
     breakdown = where_the_time_goes(artifact, bodies[:300], requests[:300])
     print(breakdown, flush=True)
     cores = os.cpu_count() or 1
-    for max_batch, wait_ms, n_clients, threads, route, workers in (
-        (64, 0, 1, 1, "fast path", 1),
-        (64, 0, 1, 1, "FastAPI", 1),
-        (64, 0, 1, cores, "fast path", 1),
-        (64, 0, 1, 1, "fast path", cores),
-        (64, 0, clients, 1, "fast path", 1),
-        (64, 0, clients, 1, "FastAPI", 1),
-        (64, 0, clients, cores, "fast path", 1),
-        (64, 0, clients, 1, "fast path", cores),
-        (64, 0, clients, 1, "fast path", 2 * cores),
-        (64, 2, clients, 1, "fast path", 1),
-        (1, 0, clients, 1, "fast path", 1),
+    for max_batch, wait_ms, n_clients, threads, route, workers, score_on in (
+        (64, 0, 1, 1, "fast path", 1, "thread"),
+        (64, 0, 1, 1, "fast path", 1, "loop"),
+        (64, 0, 1, 1, "FastAPI", 1, "thread"),
+        (64, 0, 1, cores, "fast path", 1, "thread"),
+        (64, 0, 1, 1, "fast path", cores, "thread"),
+        (64, 0, clients, 1, "fast path", 1, "thread"),
+        (64, 0, clients, 1, "fast path", 1, "loop"),
+        (64, 0, clients, 1, "FastAPI", 1, "thread"),
+        (64, 0, clients, cores, "fast path", 1, "thread"),
+        (64, 0, clients, 1, "fast path", cores, "thread"),
+        (64, 0, clients, 1, "fast path", cores, "loop"),
+        (64, 0, clients, 1, "fast path", 2 * cores, "thread"),
+        (64, 2, clients, 1, "fast path", 1, "thread"),
+        (1, 0, clients, 1, "fast path", 1, "thread"),
     ):
         content_type = "application/json" if route == "fast path" else THROUGH_FASTAPI.decode()
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "genctr_rec.cli", "serve", "--artifact", str(artifact),
              "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(wait_ms),
-             "--threads", str(threads), "--workers", str(workers)],
+             "--threads", str(threads), "--workers", str(workers), "--score-on", score_on],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -290,6 +294,7 @@ def over_http(artifact: Path, items: int, clients: int, per_client: int) -> tupl
             "threads": threads,
             "workers": workers,
             "route": route,
+            "score_on": score_on,
             "server_cpu_ms_per_request": 1e3 * server_cpu / timed,
             "client_cpu_ms_per_request": 1e3 * client_cpu / timed,
             "p50_ms": float(np.percentile(times, 50)),
@@ -352,9 +357,8 @@ def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> 
             fn(item)
         return (time.perf_counter() - start) / len(items) * 1e3
 
-    async def through_app() -> dict[str, float]:
-        """Both routes in alternating rounds (this machine's speed drifts): medians."""
-        app = create_app(predictor, ServeConfig(warm_up_rounds=0))
+    async def started_app(score_on: str) -> tuple[Any, asyncio.Task]:
+        app = create_app(predictor, ServeConfig(warm_up_rounds=0, score_on=score_on))
         started: asyncio.Queue = asyncio.Queue()
         lifespan = [{"type": "lifespan.startup"}]
 
@@ -365,18 +369,29 @@ def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> 
             app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, started.put)
         )
         await started.get()
-        routes = {"asgi_app_ms": b"application/json", "asgi_through_fastapi_ms": THROUGH_FASTAPI}
+        return app, runner
+
+    async def through_app() -> dict[str, float]:
+        """The routes in alternating rounds (this machine's speed drifts): medians."""
+        on_loop, loop_runner = await started_app("loop")
+        on_thread, thread_runner = await started_app("thread")
+        routes = {
+            "asgi_app_thread_ms": (on_thread, b"application/json"),
+            "asgi_app_loop_ms": (on_loop, b"application/json"),
+            "asgi_through_fastapi_ms": (on_thread, THROUGH_FASTAPI),
+        }
         rounds: dict[str, list[float]] = {key: [] for key in routes}
         for body in bodies[:20]:
-            for content_type in routes.values():
+            for app, content_type in routes.values():
                 await _asgi_post(app, body, content_type)
         for _ in range(5):
-            for key, content_type in routes.items():
+            for key, (app, content_type) in routes.items():
                 start = time.perf_counter()
                 for body in bodies:
                     await _asgi_post(app, body, content_type)
                 rounds[key].append((time.perf_counter() - start) / len(bodies) * 1e3)
-        runner.cancel()
+        loop_runner.cancel()
+        thread_runner.cancel()
         return {key: float(np.median(values)) for key, values in rounds.items()}
 
     try:
@@ -389,6 +404,11 @@ def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> 
         }
     finally:
         torch.set_num_threads(threads)
+
+
+def _place(row: dict) -> str:
+    """Where the row's batches ran (``--score-on``; before 0.9 always the scoring thread)."""
+    return {"loop": "event loop", "thread": "scoring thread"}[row.get("score_on", "thread")]
 
 
 def _same_traffic(row: dict) -> bool:
@@ -434,15 +454,15 @@ def main() -> None:
         "in process, the same traffic "
         f"{next(r['requests_per_s'] for r in rows if _same_traffic(r)):.0f} requests/s):",
         "",
-        "| clients | route | workers | max_batch | max_wait_ms | torch threads | p50 ms | p99 ms | "
-        "requests/s (median of 3) | of in-process | requests per call (one worker's) | "
-        "CPU ms a request: service / clients |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | route | batches run on | workers | max_batch | max_wait_ms | torch threads | "
+        "p50 ms | p99 ms | requests/s (median of 3) | of in-process | requests per call (one "
+        "worker's) | CPU ms a request: service / clients |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     in_process_rate = next(r["requests_per_s"] for r in rows if _same_traffic(r))
     for r in http_rows:
         lines.append(
-            f"| {r['clients']} | {r['route']} | {r['workers']} | {r['max_batch']} | "
+            f"| {r['clients']} | {r['route']} | {_place(r)} | {r['workers']} | {r['max_batch']} | "
             f"{r['max_wait_ms']} | {r['threads']} | "
             f"{r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | "
@@ -454,7 +474,7 @@ def main() -> None:
     lines += [
         "",
         "Where a request's time goes (the same traffic, one request at a time, one torch "
-        "thread, milliseconds per request; the two routes in 5 alternating rounds, medians):",
+        "thread, milliseconds per request; the three paths in 5 alternating rounds, medians):",
         "",
         "| path | the whole ASGI app, no sockets | of which `Predictor.score` | of which "
         "`prepare` | JSON parse | request model from bytes (pydantic) | the rest: framework, "
@@ -462,8 +482,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, key in (
-        ("fast path (0.6)", "asgi_app_ms"),
-        ("FastAPI route", "asgi_through_fastapi_ms"),
+        ("fast path, batches on a scoring thread (the default)", "asgi_app_thread_ms"),
+        ("fast path, batches on the event loop (`--score-on loop`)", "asgi_app_loop_ms"),
+        ("FastAPI route (scoring thread)", "asgi_through_fastapi_ms"),
     ):
         lines.append(
             f"| {name} | {b[key]:.2f} | {b['predictor_score_ms']:.2f} | "

@@ -375,6 +375,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.max_body_bytes,
             args.shutdown_timeout,
             workers=args.workers,
+            score_on=args.score_on,
         ),
         args.cache_size,
         args.oov,
@@ -421,6 +422,15 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         help="wait this long for more requests before a batch (0: take what is queued)",
+    )
+    srv.add_argument(
+        "--score-on",
+        default="thread",
+        choices=["thread", "loop"],
+        help="where each batch runs: on a scoring thread beside the event loop (thread, the "
+        "default: the loop parses further requests meanwhile, larger batches under load) or on "
+        "the loop's own thread (loop: no hand-off, less CPU and latency for requests that come "
+        "one at a time)",
     )
     srv.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (1 MiB)"

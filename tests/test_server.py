@@ -326,3 +326,21 @@ def test_the_fast_path_answers_as_fastapi_does(server) -> None:
             assert fast.status_code == routed.status_code
             assert fast.content == routed.content
             assert fast.headers["content-type"] == routed.headers["content-type"]
+
+
+def test_scoring_on_the_event_loop_answers_the_same(server, artifacts: dict) -> None:
+    """``--score-on loop`` (batches on the event loop's thread) answers as the default, a
+    scoring thread; /metadata says which runs."""
+    url, path = server
+    proc, loop_url = start_server(path, "--score-on", "loop")
+    try:
+        rng = np.random.default_rng(3)
+        for history, candidates in [(0, 1), (40, 25)]:
+            body = score_body(rng, history, candidates)
+            on_thread = httpx.post(f"{url}/score", json=body, timeout=30).json()["scores"]
+            on_loop = httpx.post(f"{loop_url}/score", json=body, timeout=30).json()["scores"]
+            np.testing.assert_allclose(on_loop, on_thread, atol=1e-6)
+        assert httpx.get(f"{url}/metadata").json()["batching"]["score_on"] == "thread"
+        assert httpx.get(f"{loop_url}/metadata").json()["batching"]["score_on"] == "loop"
+    finally:
+        stop_server(proc)

@@ -23,13 +23,33 @@ def to_padded(
     values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None
 ) -> torch.Tensor:
     """[N, D] jagged values -> [B, L, D] zero-padded, L = max length (or ``max_len``: then
-    nothing is read from the device)."""
+    nothing is read from the device).
+
+    Runs fbgemm's ``jagged_to_padded_dense`` (forward and backward one kernel each; 1.04 ms
+    against 1.77 ms for scattering into zeros and gathering the gradient back, at B = 1024,
+    L = 50, D = 16 on 2 CPU cores) where fbgemm has the op for the device, else the scatter.
+    """
     lengths = lengths.long()
     width = int(lengths.max()) if max_len is None and len(lengths) else (max_len or 0)
-    out = values.new_zeros((len(lengths), max(width, 1)) + tuple(values.shape[1:]))
+    width = max(width, 1)
+    if values.dim() == 2 and _has_jagged_kernel(values.device):
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+        return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [width], 0.0)
+    out = values.new_zeros((len(lengths), width) + tuple(values.shape[1:]))
     rows, positions = row_positions(lengths, values.shape[0])
     out[rows, positions] = values
     return out
+
+
+def _has_jagged_kernel(device: torch.device) -> bool:
+    """fbgemm's jagged kernels are registered for ``device`` (CPU and CUDA builds; not meta)."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+    except ImportError:  # pragma: no cover - fbgemm is a declared dependency
+        return False
+    return hasattr(torch.ops.fbgemm, "jagged_to_padded_dense")
 
 
 def mean_pool(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

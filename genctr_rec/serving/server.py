@@ -9,9 +9,10 @@ through FastAPI.
 
 Concurrent requests are micro-batched: each batch takes every request that queued while the
 model was busy with the previous one (up to ``max_batch``), and optionally waits
-``max_wait_ms`` for more; it is scored in one model call on one worker thread (the event loop
-never runs the model). With the default ``max_wait_ms=0`` a lone request waits for nothing,
-and batches grow by themselves under load. Every bad request gets a 4xx
+``max_wait_ms`` for more; it is scored in one model call on a scoring thread beside the event
+loop (``score_on="thread"``, the default), or on the loop's own thread (``"loop"``: no hand-off,
+for traffic that comes one request at a time). With the default ``max_wait_ms=0`` a lone
+request waits for nothing, and batches grow by themselves under load. Every bad request gets a 4xx
 ``{"detail", "field"}``; an unexpected failure gets a 500 for the requests of that batch only.
 SIGTERM stops accepting and drains what was received.
 """
@@ -96,6 +97,13 @@ class ServeConfig:
     shutdown_timeout_s: float = 30.0
     warm_up_rounds: int = 3
     workers: int = 1
+    score_on: str = "thread"  # SCORE_ON: where a batch runs (MicroBatcher)
+
+
+# ``thread``: one scoring thread, so that the loop reads and parses further requests while the
+# model runs; ``loop``: the event loop's thread runs each batch (no hand-off to a thread and
+# back: benchmarks/results/serving_latency.md)
+SCORE_ON = ("thread", "loop")
 
 
 def replaying(body: bytes, receive: Callable) -> Callable:
@@ -229,7 +237,18 @@ class BodyLimit:
 
 
 class MicroBatcher:
-    """Collects concurrent prepared requests into batches for ``score_batch``."""
+    """Collects concurrent prepared requests into batches for ``score_batch``.
+
+    Where a batch runs (``score_on``): ``thread`` hands it to one scoring thread, so that
+    while the model runs the event loop reads and parses the next requests (larger batches,
+    two cores at work under concurrent load); ``loop`` scores on the event loop's thread,
+    which spares the hand-off (a thread woken and the loop woken back: about 0.1 ms of CPU
+    even for an empty call on the benchmark machine) and so serves requests that come one at a
+    time with less CPU and latency (one client: p50 1.1 against 1.9 ms), while under load the
+    loop waits for the model (benchmarks/results/serving_latency.md). Either way batches
+    run one at a time and never beside the warm-up (``start(after=...)``), which runs on the
+    scoring thread so that ``/livez`` answers meanwhile.
+    """
 
     def __init__(
         self,
@@ -237,19 +256,24 @@ class MicroBatcher:
         max_batch: int,
         max_wait_ms: float,
         observe_batch: Callable[[int], None] | None = None,
+        score_on: str = "thread",
     ) -> None:
+        if score_on not in SCORE_ON:
+            raise ValueError(f"score_on must be one of {SCORE_ON}, got {score_on!r}")
         self.score_batch = score_batch
         self.observe_batch = observe_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.on_loop = score_on == "loop"
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genctr-score")
         self.batches = 0
         self.requests = 0
         self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, after: Awaitable | None = None) -> None:
+        """Start batching; the first batch waits for ``after`` (the warm-up) to finish."""
+        self._task = asyncio.get_running_loop().create_task(self._run(after))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -265,7 +289,15 @@ class MicroBatcher:
         self.queue.put_nowait((prepared, future))
         return future
 
-    async def _run(self) -> None:
+    async def _score(self, prepared: list[PreparedRequest]) -> list[np.ndarray]:
+        if self.on_loop:
+            return self.score_batch(prepared)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.score_batch, prepared)
+
+    async def _run(self, after: Awaitable | None) -> None:
+        if after is not None:
+            await asyncio.gather(after, return_exceptions=True)  # its failure is logged there
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
@@ -284,9 +316,7 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                results = await loop.run_in_executor(
-                    self.executor, self.score_batch, [p for p, _ in live]
-                )
+                results = await self._score([p for p, _ in live])
             except Exception as exc:  # the batch fails, the service stays up
                 logger.exception("scoring a batch of %d requests failed", len(live))
                 for _, future in live:
@@ -311,6 +341,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
         config.max_batch,
         config.max_wait_ms,
         telemetry.batch_size.observe,
+        config.score_on,
     )
     started = time.time()
     state: dict[str, Any] = {"ready": False, "warm_up_s": None}
@@ -318,9 +349,13 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
     async def warm_up() -> None:
         """On the scoring thread, so that it never runs beside a batch; ready when done."""
         if config.warm_up_rounds > 0:
-            seconds = await asyncio.get_running_loop().run_in_executor(
-                batcher.executor, predictor.warm_up, config.warm_up_rounds
-            )
+            try:
+                seconds = await asyncio.get_running_loop().run_in_executor(
+                    batcher.executor, predictor.warm_up, config.warm_up_rounds
+                )
+            except Exception:  # never ready; batches still run (the batcher waited for this)
+                logger.exception("warm-up failed: the service stays not ready")
+                raise
             state["warm_up_s"] = round(seconds, 3)
             telemetry.warm_up_seconds.set(seconds)
             logger.info("warmed up in %.2f s: ready", seconds)
@@ -329,8 +364,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        batcher.start()
         warming = asyncio.get_running_loop().create_task(warm_up())
+        batcher.start(after=warming)
         yield
         warming.cancel()
         await batcher.stop()
@@ -406,6 +441,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
             "batching": {  # this worker's
                 "max_batch": config.max_batch,
                 "max_wait_ms": config.max_wait_ms,
+                "score_on": config.score_on,
                 "batches": batcher.batches,
                 "requests": batcher.requests,
             },

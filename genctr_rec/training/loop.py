@@ -21,6 +21,7 @@ from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.data.prefetch import prefetched
 from genctr_rec.progress import Progress
 from genctr_rec.storage import cache_dir, is_remote, upload_tree
+from genctr_rec.training.allocator import keep_freed_memory
 from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.loss_log import LossLog
 from genctr_rec.training.sharding import sharding_summary
@@ -351,6 +352,7 @@ def train_run(
     the config, resumed from the newest valid one; batches are decoded ``cfg.train.prefetch``
     ahead on a background thread (default: 2 on CUDA, none on CPU). None when stopped on request
     (``stop_after_steps``)."""
+    keep_freed_memory()
     checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
     precision = cfg.train.resolved_precision(ctx.device, cfg.max_history)
     if precision == "bf16":
