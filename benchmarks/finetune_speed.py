@@ -14,12 +14,18 @@ one-process job left a second OpenMP team that stopped spin-waiting; see benchma
 * no DDP around the dense part in a one-process job; Adam as one fused kernel.
 
 The "as 0.5" rows run today's code with those four replaced by 0.5's forms (``run_as_05``).
+0.9 keeps a step's freed memory mapped (``genctr_rec/training/allocator.py``: glibc handed it
+back to the kernel and faulted it in again, zeroed, at the next step); the "malloc as 0.8" rows
+run today's code with glibc's own thresholds (``GENCTR_KEEP_FREED_MEMORY=0``).
 
 Each configuration runs ``genctr finetune`` as users do (validation 4 times an epoch, a
 checkpoint at every epoch end) in its own process, for ``--epochs`` epochs (no early stop);
 throughput counts training steps only (validation and checkpoint time excluded). DIN runs
 ``benchmarks.peers.train_peer`` (needs ``requirements/bench.txt``) on the same splits and
-features for the same epochs.
+features for the same epochs. Everything runs ``--rounds`` times (3), one configuration after
+another, DIN last in each round: the table gives each epoch's median over rounds and the
+ratios to DIN taken within each round (this machine's speed moves by a third between minutes;
+runs close together move together).
 
     python -m benchmarks.finetune_speed                      # MovieLens-100k, 3 epochs
     python -m benchmarks.finetune_speed --data DIR --epochs 2
