@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -32,7 +34,7 @@ def to_padded(
     lengths = lengths.long()
     width = int(lengths.max()) if max_len is None and len(lengths) else (max_len or 0)
     width = max(width, 1)
-    if values.dim() == 2 and _has_jagged_kernel(values.device):
+    if values.dim() == 2 and _has_jagged_kernel(values.device.type):
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
         return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [width], 0.0)
     out = values.new_zeros((len(lengths), width) + tuple(values.shape[1:]))
@@ -41,9 +43,11 @@ def to_padded(
     return out
 
 
-def _has_jagged_kernel(device: torch.device) -> bool:
-    """fbgemm's jagged kernels are registered for ``device`` (CPU and CUDA builds; not meta)."""
-    if device.type not in ("cpu", "cuda"):
+@functools.cache
+def _has_jagged_kernel(device_type: str) -> bool:
+    """fbgemm's jagged kernels are registered for the device type (CPU and CUDA builds; not
+    meta)."""
+    if device_type not in ("cpu", "cuda"):
         return False
     try:
         import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
