@@ -166,7 +166,7 @@ def _serving_latency(payload: dict, plt) -> Any:
     """In process: p50 bars with p99 whiskers per mode; over HTTP: p50 / p99 and requests/s per
     client count and batching, the in-process rate beside it."""
     rows = payload["in_process"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.4]})
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     for ax, history in zip(axes[:2], (50, 200), strict=True):
         sel = [r for r in rows if r["history"] == history and r["candidates"] == 100]
@@ -191,20 +191,21 @@ def _serving_latency(payload: dict, plt) -> Any:
     if http:
 
         def label(r: dict) -> str:
-            parts = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}"]
-            if "threads" in r:
-                parts.append(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}")
+            """The row's settings that differ from the service's defaults, one line."""
+            parts = [f"{r['clients']} cl"]
+            if r.get("threads", 1) > 1:
+                parts.append(f"{r['threads']} thr")
             if r.get("workers", 1) > 1:
-                parts.append(f"{r['workers']} workers")
+                parts.append(f"{r['workers']} wk")
             if r.get("route") == "FastAPI":
                 parts.append("FastAPI")
-            if r.get("score_on") == "thread":
-                parts.append("scoring thread")
+            if r.get("score_on") == "loop":
+                parts.append("loop")
             if r["max_batch"] == 1:
-                parts.append("no batching")
+                parts.append("no batch")
             elif r["max_wait_ms"]:
-                parts.append(f"wait {r['max_wait_ms']:g} ms")
-            return "\n".join(parts)
+                parts.append(f"wait {r['max_wait_ms']:g}")
+            return ", ".join(parts)
 
         labels = [label(r) for r in http]
         x = np.arange(len(http))
@@ -212,10 +213,14 @@ def _serving_latency(payload: dict, plt) -> Any:
         ax.bar(x + 0.2, [r["p99_ms"] for r in http], 0.4, label="p99")
         for i, r in enumerate(http):
             ax.annotate(
-                f"{r['requests_per_s']:.0f} req/s", (i, r["p99_ms"]), ha="center",
-                va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points",
+                f"{r['requests_per_s']:.0f}", (i, r["p99_ms"]), ha="center",
+                va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points",
             )  # fmt: skip
-        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xticks(x, labels, fontsize=7, rotation=60, ha="right")
+        ax.text(
+            0.01, 0.98, "numbers: requests/s; cl clients, thr torch threads, wk workers,\n"
+            "loop: --score-on loop", transform=ax.transAxes, va="top", fontsize=7,
+        )  # fmt: skip
         ax.set_ylabel("latency per request (ms)")
         ax.set_title("over HTTP: 100 candidates, history 200", fontsize=10)
         ax.legend(fontsize=8)
