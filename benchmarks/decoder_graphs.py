@@ -29,7 +29,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_results
-from benchmarks.decoder_layouts import BATCHES, CASES, _batches, _decoder, time_case
+from benchmarks.decoder_layouts import (
+    BATCHES,
+    CASES,
+    _autocast,
+    _batches,
+    _decoder,
+    _forward,
+    time_case,
+)
 from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.models.jagged import row_positions, to_padded
 
@@ -118,12 +126,8 @@ def _eager_reference(stage: str, dim: int, cap: int, batch, bf16: bool):
     decoder = _decoder(stage, dim, cap, batch[0].device)
     decoder.layout = "padded"
     items, cats = (x.detach().clone().requires_grad_() for x in batch[:2])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:
-        if stage == "pretrain":
-            out = decoder.sequence(items, cats, batch[2])
-        else:
-            out = decoder.target(items, cats, batch[2], batch[3])
+    with _autocast(items.device, "bf16" if bf16 else "fp32"):
+        out = _forward(decoder, stage, (items, cats, *batch[2:]))
     loss = torch.nn.functional.mse_loss(out.float(), batch[4])
     loss.backward()
     return loss.detach(), items.grad, cats.grad
