@@ -71,6 +71,9 @@ def _break(root: Path, case: str) -> tuple[str, str | None, int | None]:
         cats[row] = cats[row] + [0]
         set_col("hist_category_ids", pa.array(cats, type=pa.list_(pa.int64())))
         return TRAIN0, "hist_category_ids", row
+    if case == "duplicate_column":  # Arrow allows two columns of one name
+        pq.write_table(table.append_column("item_id", table["item_id"]), path)
+        return TRAIN0, "item_id", None
     if case == "truncated_parquet":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -114,6 +117,7 @@ CASES = [
     "nan_label",
     "label_two",
     "unequal_history",
+    "duplicate_column",
     "truncated_parquet",
     "corrupt_parquet",
     "meta_missing",
@@ -165,6 +169,48 @@ def test_cli_prints_error_and_exits_nonzero(small_dataset: Path, capsys) -> None
     assert main(["data", "validate", str(small_dataset)]) == 2
     err = capsys.readouterr().err
     assert "column 'label'" in err and "row 99" in err and TRAIN0 in err
+
+
+SEQUENCES0 = "sequences/part-0.parquet"
+
+
+def _break_sequences(root: Path, case: str) -> tuple[str, int]:
+    """One breakage of the pre-training corpus; returns (column, row) the error must name."""
+    path = root / SEQUENCES0
+    table = pq.read_table(path)
+    lists = {name: table[name].to_pylist() for name in ("item_ids", "timestamps")}
+    row = next(i for i, items in enumerate(lists["item_ids"]) if len(items) > 2)
+    column = "timestamps" if case != "item_out_of_range" else "item_ids"
+    if case == "timestamps_unpaired":
+        lists["timestamps"][row] = lists["timestamps"][row][:-1]
+    elif case == "timestamps_backwards":
+        lists["timestamps"][row] = lists["timestamps"][row][::-1]
+    else:
+        lists["item_ids"][row][1] = NUM_ITEMS
+    for name, values in lists.items():
+        at = table.schema.get_field_index(name)
+        table = table.set_column(at, name, pa.array(values, type=pa.list_(pa.int64())))
+    pq.write_table(table, path)
+    return column, row
+
+
+@pytest.mark.parametrize(
+    "case", ["timestamps_unpaired", "timestamps_backwards", "item_out_of_range"]
+)
+def test_pretraining_refuses_a_broken_corpus(small_dataset: Path, tmp_path: Path, capsys, case):
+    """The pre-training reader and the negative sampler check sequences/ as the validator does
+    (before: unpaired or backward timestamps trained silently, an out-of-range id crashed the
+    sampler with an IndexError); nothing is written for the run."""
+    column, row = _break_sequences(small_dataset, case)
+    with pytest.raises(DataFormatError) as info:
+        validate_dataset(small_dataset)
+    _assert_names(info.value, SEQUENCES0, column, row)
+    out = tmp_path / "pre"
+    code = main(["pretrain", "--data", str(small_dataset), "--out", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert SEQUENCES0 in err and f"column '{column}'" in err and f"row {row}" in err, err
+    assert not (out / "checkpoint").exists() and not list(out.glob("checkpoints/*"))
 
 
 def test_history_after_impression_is_rejected(small_dataset: Path) -> None:

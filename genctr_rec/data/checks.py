@@ -22,7 +22,8 @@ def _is_integer(t: pa.DataType) -> bool:
 
 
 def check_schema(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
-    """Every expected column is present with a compatible type (any integer width for ids)."""
+    """Every expected column is present once with a compatible type (any integer width for
+    ids)."""
     for field in expected:
         if field.name not in schema.names:
             raise DataFormatError(
@@ -30,6 +31,9 @@ def check_schema(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
                 f"required column is missing (file has: {', '.join(schema.names)})",
                 field.name,
             )
+        copies = len(schema.get_all_field_indices(field.name))
+        if copies > 1:  # Arrow allows it; which copy is meant cannot be told
+            raise DataFormatError(path, f"the column appears {copies} times", field.name)
         actual = schema.field(field.name).type
         if pa.types.is_list(field.type):
             ok = (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _is_integer(
@@ -135,6 +139,19 @@ def check_same_lengths(
     )
 
 
+def check_oldest_first(
+    path: Path, column: str, offsets: np.ndarray, timestamps: np.ndarray, row0: int
+) -> None:
+    """A list column of timestamps must not decrease within a row (oldest first)."""
+    step_back = np.diff(timestamps) < 0
+    inside = np.ones(len(step_back), dtype=bool)
+    inside[offsets[1:-1] - 1] = False  # differences that cross a row boundary don't count
+    bad = step_back & inside
+    if bad.any():
+        row = int(np.searchsorted(offsets, np.flatnonzero(bad)[0] + 1, side="right") - 1)
+        raise DataFormatError(path, "timestamps must be oldest first", column, row0 + row)
+
+
 def dense_column(path: Path, table: pa.Table, name: str, row0: int) -> np.ndarray:
     """A numeric column as float32, rejecting nulls, NaN and infinities."""
     column = table.column(name)
@@ -164,6 +181,9 @@ def feature_column(
             f"(file has: {', '.join(table.column_names)})",
             spec.name,
         )
+    copies = len(table.schema.get_all_field_indices(spec.name))
+    if copies > 1:
+        raise DataFormatError(path, f"the column appears {copies} times", spec.name)
     actual = table.schema.field(spec.name).type
     if spec.kind == "dense":
         return dense_column(path, table, spec.name, row0)

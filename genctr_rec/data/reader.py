@@ -23,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
 from genctr_rec.data.checks import (
+    check_oldest_first,
     check_range,
     check_same_lengths,
     feature_column,
@@ -62,11 +63,18 @@ def _decode_pairs(
     max_history: int,
     items_col: str,
     cats_col: str,
+    times_col: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Checks a (items, categories) list pair and returns truncated (starts, lengths, values)."""
+    """Checks a (items, categories) list pair, and with ``times_col`` their timestamps (paired,
+    oldest first: the order of clicks is what pre-training learns), and returns truncated
+    (starts, lengths, values)."""
     item_offsets, items = list_column(path, table, items_col, row0)
     cat_offsets, cats = list_column(path, table, cats_col, row0)
     check_same_lengths(path, items_col, item_offsets, cats_col, cat_offsets, row0)
+    if times_col is not None:
+        time_offsets, times = list_column(path, table, times_col, row0)
+        check_same_lengths(path, items_col, item_offsets, times_col, time_offsets, row0)
+        check_oldest_first(path, times_col, time_offsets, times, row0)
     check_range(path, items_col, items, meta.num_items, row0, item_offsets)
     check_range(path, cats_col, cats, meta.num_categories, row0, cat_offsets)
     starts, lengths = suffix_ranges(item_offsets[:-1], item_offsets[1:], max_history)
@@ -397,7 +405,7 @@ class SequenceReader(_Reader):
     def _decode(self, path: Path, table: pa.Table, row0: int) -> Columns:
         users = scalar_column(path, table, "user_id", row0)
         starts, lengths, values = _decode_pairs(
-            path, table, row0, self.meta, self.max_history, "item_ids", "category_ids"
+            path, table, row0, self.meta, self.max_history, "item_ids", "category_ids", "timestamps"
         )
         values = {SEQ_ITEMS: values["item_ids"], SEQ_CATEGORIES: values["category_ids"]}
         return Columns({"user_id": users}, values, starts, lengths)

@@ -17,6 +17,7 @@ import numpy as np
 
 from genctr_rec.data.catalogue import read_item_catalogue, row_groups
 from genctr_rec.data.checks import (
+    check_oldest_first,
     check_range,
     check_same_lengths,
     feature_column,
@@ -155,14 +156,7 @@ def _validate_sequences(path: Path, meta: DatasetMeta, summary: SplitSummary) ->
         check_same_lengths(path, "item_ids", i_off, "timestamps", t_off, row0)
         check_range(path, "item_ids", items, meta.num_items, row0, i_off)
         check_range(path, "category_ids", cats, meta.num_categories, row0, c_off)
-        # oldest first: timestamps non-decreasing within each row
-        step_back = np.diff(ts) < 0
-        inside = np.ones(len(step_back), dtype=bool)
-        inside[i_off[1:-1] - 1] = False  # differences that cross a row boundary don't count
-        bad = step_back & inside
-        if bad.any():
-            r = int(np.searchsorted(i_off, np.flatnonzero(bad)[0] + 1, side="right") - 1)
-            raise DataFormatError(path, "timestamps must be oldest first", "timestamps", row0 + r)
+        check_oldest_first(path, "timestamps", t_off, ts, row0)
         dup = summary.users.intersection(users.tolist()) if summary.rows else set()
         if dup or len(np.unique(users)) != len(users):
             raise DataFormatError(path, "user_id appears in more than one sequence row", "user_id")

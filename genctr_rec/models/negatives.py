@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from genctr_rec.data.schema import split_files
-from genctr_rec.storage import location, read_table
+from genctr_rec.data.catalogue import read_item_catalogue, row_groups
+from genctr_rec.data.checks import check_range, list_column
+from genctr_rec.data.schema import SEQUENCE_SCHEMA, DatasetMeta, split_files
 
 
 class NegativeSampler:
@@ -83,21 +85,18 @@ class NegativeSampler:
     def from_dataset(
         cls, data_dir: str | Path, mode: str, seed: int, rank: int = 0
     ) -> NegativeSampler:
-        """Build the sampling table from items.parquet and the pre-training sequences."""
-        items = read_table(location(data_dir) / "items.parquet")
-        item_category = torch.zeros(len(items), dtype=torch.long)
-        item_category[torch.tensor(items["item_id"].to_numpy())] = torch.tensor(
-            items["category_id"].to_numpy()
-        )
-        seen = [
-            np.unique(
-                read_table(p, columns=["item_ids"])["item_ids"]
-                .combine_chunks()
-                .flatten()
-                .to_numpy()
-            )
-            for p in split_files(data_dir, "sequences")
-        ]
+        """Build the sampling table from items.parquet and the pre-training sequences, both
+        checked as the readers check them (a broken id names its file, column and row)."""
+        meta = DatasetMeta.read(data_dir)
+        catalogue = read_item_catalogue(data_dir, meta, features=[])
+        item_category = torch.from_numpy(catalogue.categories)
+        seen = []
+        only_items = pa.schema([SEQUENCE_SCHEMA.field("item_ids")])  # read no other column
+        for path in split_files(data_dir, "sequences"):
+            for table, row0 in row_groups(path, only_items):
+                offsets, items = list_column(path, table, "item_ids", row0)
+                check_range(path, "item_ids", items, meta.num_items, row0, offsets)
+                seen.append(np.unique(items))
         train_items = torch.from_numpy(np.unique(np.concatenate(seen)))
         generator = torch.Generator().manual_seed(seed * 1000 + rank)
         return cls(item_category, train_items, mode, generator)
