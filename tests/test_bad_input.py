@@ -15,7 +15,7 @@ import pytest
 from genctr_rec.cli import main
 from genctr_rec.data import movielens, synth
 from genctr_rec.data.reader import ImpressionReader
-from genctr_rec.data.schema import DataFormatError
+from genctr_rec.data.schema import DataFormatError, DatasetMeta
 from genctr_rec.data.validate import validate_dataset
 from tests.helpers import NUM_ITEMS
 
@@ -211,6 +211,38 @@ def test_pretraining_refuses_a_broken_corpus(small_dataset: Path, tmp_path: Path
     assert code == 2, err
     assert SEQUENCES0 in err and f"column '{column}'" in err and f"row {row}" in err, err
     assert not (out / "checkpoint").exists() and not list(out.glob("checkpoints/*"))
+
+
+@pytest.mark.parametrize("case", ["missing", "nan"])
+def test_dense_feature_statistics_check_their_column(
+    small_dataset: Path, tmp_path: Path, capsys, case: str
+) -> None:
+    """A declared dense feature is standardised with train/'s mean and deviation before any
+    reader runs: that pass checks the column as the readers do (before: a missing column was
+    an Arrow traceback, a NaN became the mean)."""
+    meta = json.loads((small_dataset / "meta.json").read_text())
+    meta["features"] = [{"name": "user_age", "kind": "dense", "where": "impression"}]
+    (small_dataset / "meta.json").write_text(json.dumps(meta))
+    for split in ("train", "test"):
+        for path in sorted((small_dataset / split).glob("*.parquet")):
+            table = pq.read_table(path)
+            ages = np.full(table.num_rows, 30.0, dtype=np.float32)
+            broken = path.name == Path(TRAIN0).name and split == "train"
+            if broken and case == "nan":
+                ages[7] = np.nan
+            if not (broken and case == "missing"):
+                table = table.append_column("user_age", pa.array(ages))
+            pq.write_table(table, path)
+    with pytest.raises(DataFormatError) as info:
+        DatasetMeta.read(small_dataset).feature_schema(small_dataset)
+    _assert_names(info.value, TRAIN0, "user_age", 7 if case == "nan" else None)
+    if case == "missing":
+        assert "file has: user_id" in str(info.value)
+        out = tmp_path / "ft"
+        args = ["finetune", "--data", str(small_dataset), "--out", str(out), "--backbone", "dnn"]
+        assert main([*args, "--transfer", "none", "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert TRAIN0 in err and "column 'user_age'" in err and "Traceback" not in err, err
 
 
 def test_history_after_impression_is_rejected(small_dataset: Path) -> None:

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from genctr_rec.data.checks import check_range, check_schema, feature_column, scalar_column
+from genctr_rec.data.checks import (
+    check_range,
+    check_schema,
+    feature_column,
+    missing_feature,
+    scalar_column,
+)
 from genctr_rec.data.features import FeatureSpec
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.schema import ITEMS_FILE, ITEMS_SCHEMA, DataFormatError, DatasetMeta
@@ -23,15 +29,22 @@ from genctr_rec.storage import location, open_parquet
 
 
 def row_groups(
-    path: Path, expected: pa.Schema, extra: list[str] | tuple[str, ...] = ()
+    path: Path,
+    expected: pa.Schema,
+    extra: list[str] | tuple[str, ...] = (),
+    feature: FeatureSpec | None = None,
 ) -> Iterator[tuple[pa.Table, int]]:
     """Yields (table, first row) per row group after checking the file opens and has the schema;
-    ``extra`` columns are read too where the file has them."""
+    ``extra`` columns are read too where the file has them, and ``feature``'s column, which the
+    file must have."""
     try:
         handle = open_parquet(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataFormatError(path, f"not a readable Parquet file ({exc})") from exc
     check_schema(path, handle.schema_arrow, expected)
+    if feature is not None and feature.name not in handle.schema_arrow.names:
+        raise missing_feature(path, feature, handle.schema_arrow.names)
+    extra = [*extra, feature.name] if feature is not None else extra
     columns = expected.names + [c for c in extra if c in handle.schema_arrow.names]
     row0 = 0
     for rg in range(handle.metadata.num_row_groups):

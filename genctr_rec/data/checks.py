@@ -168,6 +168,17 @@ def dense_column(path: Path, table: pa.Table, name: str, row0: int) -> np.ndarra
     return values
 
 
+def missing_feature(path: Path, spec, file_columns: list[str]) -> DataFormatError:
+    """The error for a declared feature whose column a file lacks (its columns listed, for
+    typos)."""
+    return DataFormatError(
+        path,
+        f"declared in meta.json's features ({spec.kind}, where={spec.where}) but missing "
+        f"(file has: {', '.join(file_columns)})",
+        spec.name,
+    )
+
+
 def feature_column(
     path: Path, table: pa.Table, spec, row0: int
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -175,12 +186,7 @@ def feature_column(
     (:class:`~genctr_rec.data.features.FeatureSpec`): ``id`` -> int64 ids in range, ``ids`` ->
     (offsets, values) in range, ``dense`` -> finite float32."""
     if spec.name not in table.column_names:
-        raise DataFormatError(
-            path,
-            f"declared in meta.json's features ({spec.kind}, where={spec.where}) but missing "
-            f"(file has: {', '.join(table.column_names)})",
-            spec.name,
-        )
+        raise missing_feature(path, spec, table.column_names)
     copies = len(table.schema.get_all_field_indices(spec.name))
     if copies > 1:
         raise DataFormatError(path, f"the column appears {copies} times", spec.name)
