@@ -149,7 +149,7 @@ CHOICES = {
 # flags that only one stage reads
 STAGE_ONLY = {
     "pretrain": {"negatives", "num_negatives"},
-    "finetune": {"side_features", "context_fusion", "context_dropout", "decoder_lr"},
+    "finetune": {"side_features", "context_fusion", "context_dropout", "decoder_lr", "compile"},
 }
 
 

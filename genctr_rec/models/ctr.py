@@ -117,6 +117,9 @@ class CTRModel(nn.Module):
         context = dim if decoder is not None else 0
         self.backbone = build_backbone(backbone, width, dim, context, fusion, context_dropout)
         self.decoder = decoder
+        # pad histories to this length rather than the batch's longest (static shapes for
+        # ``--compile``: genctr_rec.training.compiled); None: the decoder's choice
+        self.history_cap: int | None = None
 
     def forward(
         self,
@@ -155,7 +158,9 @@ class CTRModel(nn.Module):
         # one padded history of item + category sums serves the decoder and the backbone
         history = None
         if uses_history or layout == "padded":
-            width = None if self.decoder is None else self.decoder.padded_width(h_item.device)
+            width = self.history_cap
+            if width is None and self.decoder is not None:
+                width = self.decoder.padded_width(h_item.device)
             history = to_padded(h_item + h_cat, lengths, width)
         g = None
         if self.decoder is not None:

@@ -32,6 +32,7 @@ from genctr_rec.factory import feature_schema
 from genctr_rec.logs import as_json
 from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
+from genctr_rec.training.compiled import compile_dense_step
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
@@ -92,6 +93,8 @@ def _train_and_test(
         loaded = load_model(
             dmp, location(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer]
         )
+    if cfg.train.compile:
+        compile_dense_step(dmp.module, cfg.max_history)
     reader = ImpressionReader(
         cfg.data,
         split.train_split,

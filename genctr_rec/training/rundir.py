@@ -185,6 +185,15 @@ def make_writable_dir(run_dir: Location) -> None:
         ) from exc
 
 
+def _defaults(section: str) -> dict[str, Any]:
+    """The dataclass defaults of a config section (``model`` or ``train``), as JSON."""
+    from dataclasses import asdict
+
+    from genctr_rec.config import ModelConfig, TrainConfig
+
+    return json.loads(json.dumps(asdict(ModelConfig() if section == "model" else TrainConfig())))
+
+
 def write_or_check_config(cfg: Any, run_dir: Location) -> None:
     """Write ``config.json``, or check it equals the saved one when there is a run to resume."""
     path = run_dir / CONFIG_FILE
@@ -194,6 +203,11 @@ def write_or_check_config(cfg: Any, run_dir: Location) -> None:
         for key in ("data", "init_from"):  # written relative before 0.4
             if saved.get(key):
                 saved[key] = absolute_location(saved[key])
+        for key in ("model", "train"):  # settings added since the run was written: defaults
+            if isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
+                defaults = _defaults(key)
+                missing = set(current[key]) - set(saved[key])
+                saved[key].update({name: defaults[name] for name in missing if name in defaults})
         if saved == current:
             return
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
