@@ -129,3 +129,28 @@ def test_a_run_written_before_a_setting_existed_still_resumes(tmp_path: Path) ->
     cfg.train.compile = True  # a real change is still refused
     with pytest.raises(Exception, match="different configuration"):
         write_or_check_config(cfg, tmp_path)
+
+
+def test_a_failed_compile_falls_back_to_eager(monkeypatch, caplog) -> None:
+    """Inductor on CPU needs a C++ compiler: where compiling raises, the step runs eagerly
+    (same outputs) and says so once."""
+    import genctr_rec.training.compiled as compiled_module
+
+    def broken_compile(fn, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    embeddings = SharedEmbeddings(ITEMS, CATEGORIES, DIM, dedup=False, device=torch.device("cpu"))
+    model = CTRModel(embeddings, "dnn", GenerativeDecoder(DIM, CAP + 1))
+    reference = copy.deepcopy(model)
+    forwards = compile_dense_step(model, CAP)
+    batches = [_batch(32, torch.Generator().manual_seed(2)) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="genctr_rec.training.compiled"):
+        assert _train(model, batches) == pytest.approx(_train(reference, batches), rel=1e-6)
+    assert all(f.failed and f.compiled_calls == 0 for f in forwards)
+    warnings = [r for r in caplog.records if "running it eagerly" in r.getMessage()]
+    assert len(warnings) == 2  # once per compiled part, not once per step
