@@ -7,6 +7,7 @@ Exact AUC and GAUC need every prediction in one place: they are gathered to rank
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,8 @@ from torchrec.metrics.calibration import compute_calibration
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
 from genctr_rec.training.distributed import from_main
+
+logger = logging.getLogger(__name__)
 
 NE_ETA = 1e-12  # TorchRec's NEMetric default
 
@@ -67,31 +70,44 @@ def _group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray):
     return auc, n, valid
 
 
-def ctr_metrics(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
+def ctr_metrics(
+    scores: np.ndarray, labels: np.ndarray, users: np.ndarray
+) -> dict[str, float | int | None]:
     """AUC, GAUC, LogLoss, NE and calibration of click probabilities ``scores`` against 0/1
     ``labels``.
 
     NE (normalized entropy) is the cross-entropy over that of always predicting the base rate
     (below 1 is better than the base rate); calibration is predicted clicks over actual clicks
     (1 is calibrated). Both through ``torchrec.metrics``' functions, as production jobs report
-    them."""
+    them. A figure the labels leave undefined is None (JSON null), never a number: AUC and NE
+    when every label is the same (torchmetrics would say 0.0, NE divides by a zero entropy),
+    calibration without a click (TorchRec would say 0.0), GAUC when no user has both labels."""
     p = torch.from_numpy(scores.astype(np.float64))
     y = torch.from_numpy(labels.astype(np.float64))
     auc = float(binary_auroc(p, y.long()))
     logloss = float(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
     group_auc, n, valid = _group_auc(scores, labels, users)
-    gauc = float((group_auc * n)[valid].sum() / n[valid].sum()) if valid.any() else float("nan")
+    gauc = float((group_auc * n)[valid].sum() / n[valid].sum()) if valid.any() else None
     ones = torch.ones_like(y)
     ce_sum = compute_cross_entropy(y, p, ones, NE_ETA).sum()
     positives = y.sum()
     ne = compute_ne(ce_sum, ones.sum(), positives, ones.sum() - positives, NE_ETA)
     calibration = compute_calibration(p.sum(), positives)
+    one_class = bool(positives == 0 or positives == len(y))
+    if one_class:
+        logger.warning(
+            "all %d labels are %d: AUC and NE are undefined (reported as null)",
+            len(y),
+            int(positives > 0),
+        )
+    if not valid.any():
+        logger.warning("no user has both a click and a non-click: GAUC is undefined (null)")
     return {
-        "auc": auc,
-        "gauc": gauc,
+        "auc": None if one_class else auc,
+        "gauc": gauc if valid.any() else None,
         "logloss": logloss,
-        "ne": float(ne),
-        "calibration": float(calibration),
+        "ne": None if one_class else float(ne),
+        "calibration": float(calibration) if positives > 0 else None,
         "rows": int(len(scores)),
     }
 

@@ -36,6 +36,15 @@ def prepare_data(workdir: Path, preset: str) -> Path:
     return data
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _figure(value: float | None, spec: str) -> str:
+    """A figure for the summary table; undefined ones (None: metrics.ctr_metrics) as n/a."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _done(run: Path) -> dict[str, Any] | None:
     path = run / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -78,7 +87,7 @@ def run_pipeline(
         "pretrain": {k: v for k, v in pre.items() if "@" in k},
         "backbone": backbone,
         "results": results,
-        "auc_gain": results["genctr"]["auc"] - results["backbone"]["auc"],
+        "auc_gain": _difference(results["genctr"]["auc"], results["backbone"]["auc"]),
     }
     if not ctx.is_main:
         return summary
@@ -87,15 +96,17 @@ def run_pipeline(
     rows = [f"| model ({backbone}, seed {seed}) | test AUC | GAUC | LogLoss |", "|---|---|---|---|"]
     for name, label in (("backbone", "backbone alone"), ("genctr", "GenCTR (PS+MI, CS+CD)")):
         r = results[name]
-        rows.append(f"| {label} | {r['auc']:.4f} | {r['gauc']:.4f} | {r['logloss']:.4f} |")
+        cells = [_figure(r[key], ".4f") for key in ("auc", "gauc", "logloss")]
+        rows.append(f"| {label} | {' | '.join(cells)} |")
     print("\n".join(rows))
     print(
         f"pre-training next-item HR@10 (100 random negatives): "
-        f"{pre['hr@10_random']:.3f}; AUC gain: {summary['auc_gain']:+.4f}"
+        f"{pre['hr@10_random']:.3f}; AUC gain: {_figure(summary['auc_gain'], '+.4f')}"
     )
     for quantize, e in summary["export"].items():
         print(
-            f"export {quantize}: {e['artifact']} | test AUC change {e['auc_change']:+.6f} | "
+            f"export {quantize}: {e['artifact']} | "
+            f"test AUC change {_figure(e['auc_change'], '+.6f')} | "
             f"max |p - p_trained| {e['max_abs_diff']:.2e} | tables {e['table_shrink']:.2f}x "
             f"smaller | sample request scores {e['sample_scores']}"
         )

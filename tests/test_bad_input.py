@@ -397,3 +397,29 @@ def test_bad_training_numbers_are_one_line(
     assert main([*argv, flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_dataset_without_clicks_trains_and_reports_undefined_figures(
+    small_dataset: Path, tmp_path: Path
+) -> None:
+    """No click anywhere (a valid dataset by the format): fine-tuning runs, selects without
+    crashing on an undefined validation AUC, writes strict JSON with null where AUC, GAUC, NE
+    and calibration have no value (before: AUC 0.0 and GAUC NaN), and an int8 export skips the
+    AUC check it cannot make instead of failing."""
+    for split in ("train", "test"):
+        for path in sorted((small_dataset / split).glob("*.parquet")):
+            table = pq.read_table(path)
+            at = table.schema.get_field_index("label")
+            pq.write_table(
+                table.set_column(at, "label", pa.array([0] * table.num_rows, pa.int8())), path
+            )
+    out = tmp_path / "ft"
+    args = ["finetune", "--data", str(small_dataset), "--out", str(out), "--backbone", "dnn"]
+    assert main([*args, "--transfer", "none", "--epochs", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=pytest.fail)
+    test = metrics["test"]
+    assert test["auc"] is None and test["gauc"] is None and test["ne"] is None
+    assert test["calibration"] is None and test["logloss"] > 0
+    assert len(metrics["valid"]) >= 2 and all(v["auc"] is None for v in metrics["valid"])
+    art = tmp_path / "art"
+    assert main(["export", "--run", str(out), "--out", str(art), "--quantize", "int8"]) == 0

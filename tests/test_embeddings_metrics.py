@@ -4,6 +4,7 @@ default plan for its tables; and the evaluation metrics against brute force."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -130,3 +131,30 @@ def test_metrics_over_ranks_equal_one_process() -> None:
     whole = _metrics_on_ranks(0, 1, 9)
     for result in run_ranks(_metrics_on_ranks, 3, 9):
         assert result == whole
+
+
+@pytest.mark.parametrize("clicked", [0, 1])
+def test_figures_the_labels_leave_undefined_are_null(clicked: int, caplog) -> None:
+    """Every label the same: AUC and NE have no value (torchmetrics said 0.0, NE divided by a
+    zero entropy); no click: no calibration (TorchRec said 0.0); no user with both labels: no
+    GAUC (was NaN, which json.dumps writes as the invalid token NaN). None, JSON null."""
+    rng = np.random.default_rng(0)
+    scores = rng.random(50)
+    labels = np.full(50, clicked, dtype=np.float32)
+    with caplog.at_level("WARNING", logger="genctr_rec.metrics"):
+        out = ctr_metrics(scores, labels, rng.integers(0, 5, 50))
+    assert out["auc"] is None and out["ne"] is None and out["gauc"] is None
+    assert (out["calibration"] is None) == (clicked == 0)
+    assert out["logloss"] > 0 and out["rows"] == 50
+    json.loads(json.dumps(out), parse_constant=pytest.fail)  # strict JSON: no NaN
+    assert any("undefined" in r.getMessage() for r in caplog.records)
+
+
+def test_selection_survives_an_undefined_validation_figure() -> None:
+    """Fine-tuning selects by validation AUC: an undefined one never beats a defined one, and
+    anything beats an undefined best (the newest model is kept until the figure means
+    something)."""
+    from genctr_rec.training.loop import _improves
+
+    assert _improves(None, None) and _improves(0.6, None) and _improves(0.7, 0.6)
+    assert not _improves(None, 0.6) and not _improves(0.5, 0.6)

@@ -48,6 +48,20 @@ class Validation:
     save_best: Callable[[], None]
 
 
+def _improves(value: float | None, best: float | None) -> bool:
+    """Whether a validation ``value`` beats the ``best`` so far (higher is better). An
+    undefined figure (None: e.g. AUC of a split with one label class) never beats a defined
+    one, and anything beats an undefined best: selection then keeps the newest model until
+    the figure means something."""
+    if best is None:
+        return True
+    return value is not None and value > best
+
+
+def _shown(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
+
+
 def _new_history() -> dict[str, Any]:
     return {
         "epoch_loss": [],
@@ -214,7 +228,7 @@ def train_epochs(
         record = {"step": global_step, "epoch": epoch, **metrics}
         history["valid"].append(record)
         best = history["best"]
-        if best is None or metrics[validation.metric] > best[validation.metric]:
+        if _improves(metrics.get(validation.metric), best and best.get(validation.metric)):
             validation.save_best()
             history["best"], history["bad_validations"] = record, 0
         else:
@@ -224,12 +238,12 @@ def train_epochs(
                 if isinstance(value, float):
                     writer.add_scalar(f"eval/{name}", value, global_step)
         logger.info(
-            "%s validation at step %d: %s %.4f (best %.4f at step %d)",
+            "%s validation at step %d: %s %s (best %s at step %d)",
             desc,
             global_step,
             validation.metric,
-            metrics[validation.metric],
-            history["best"][validation.metric],
+            _shown(metrics.get(validation.metric)),
+            _shown(history["best"].get(validation.metric)),
             history["best"]["step"],
         )
         if 0 < validation.patience <= history["bad_validations"]:
