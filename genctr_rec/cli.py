@@ -530,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from genctr_rec.serving import ArtifactError
     from genctr_rec.serving.workers import WorkerFailedToStart
     from genctr_rec.storage import StorageError, check_reachable
+    from genctr_rec.training.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+    from genctr_rec.training.preemption import Preempted
 
     setup_logging(args.verbose)
     try:  # a native crash under torchrun then shows where it happened (error_file is N/A)
@@ -544,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
         finished = True
         return code
+    except Preempted as exc:
+        print(f"genctr: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except (
         DataFormatError,
         StackError,

@@ -24,6 +24,7 @@ from genctr_rec.storage import cache_dir, is_remote, upload_tree
 from genctr_rec.training.allocator import keep_freed_memory
 from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.loss_log import LossLog
+from genctr_rec.training.preemption import Preempted, StopOnSigterm
 from genctr_rec.training.sharding import sharding_summary
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,45 @@ def train_epochs(
     ``stop_after_steps`` > 0 ends this invocation after that many steps in total (a
     checkpoint is written first) and returns None: the job is resumed by running it again,
     the way preemptible or time-limited allocations are used.
+    SIGTERM (a scheduler's preemption or cancellation) stops the run at the next step with a
+    checkpoint and raises :class:`~genctr_rec.training.preemption.Preempted`
+    (``training/preemption.py``).
+
     Returns per-epoch mean losses and throughput."""
+    with StopOnSigterm(ctx.device) as sigterm:
+        return _train_epochs(
+            reader,
+            step,
+            built,
+            epochs,
+            ctx,
+            run_dir,
+            desc,
+            checkpoints,
+            generators,
+            stop_after_steps,
+            validation,
+            max_steps,
+            sigterm,
+        )
+
+
+def _train_epochs(
+    reader: Any,
+    step: Callable[[Any], torch.Tensor],
+    built: Any,
+    epochs: int,
+    ctx: DistContext,
+    run_dir: Path,
+    desc: str,
+    checkpoints: CheckpointManager | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    stop_after_steps: int = 0,
+    validation: Validation | None = None,
+    max_steps: int = 0,
+    sigterm: StopOnSigterm | None = None,
+) -> dict[str, Any] | None:
+    """:func:`train_epochs` inside its SIGTERM handler."""
     generators = generators or {}
     history = _new_history()
     acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
@@ -286,11 +325,18 @@ def train_epochs(
                 history["stopped"] = {"step": global_step, "reason": "max_steps"}
             periodic = checkpoints is not None and checkpoints.every_steps > 0
             stopping = 0 < stop_after_steps <= global_step
-            if stopping or (periodic and global_step % checkpoints.every_steps == 0):
+            preempted = sigterm is not None and sigterm.requested()  # collective, every rank
+            saving = stopping or preempted
+            if saving or (periodic and global_step % checkpoints.every_steps == 0):
                 acc["seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
                 if checkpoints is not None:
                     save()
+            if preempted:
+                progress.close()
+                if writer is not None:
+                    writer.close()
+                raise Preempted(global_step, saved=checkpoints is not None)
             if stopping:
                 progress.close()
                 logger.info("stopping after step %d as asked; run again to resume", global_step)
