@@ -59,6 +59,12 @@ def _improves(value: float | None, best: float | None) -> bool:
     return value is not None and value > best
 
 
+def _scalar(value: float | None) -> float:
+    """A figure for TensorBoard: an undefined one (None) as NaN, so that every run has the
+    same tags."""
+    return float("nan") if value is None else value
+
+
 def _shown(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
@@ -129,7 +135,9 @@ def write_hparams(run_dir: Path, cfg: Any, results: dict[str, Any], ctx: DistCon
     writer = tensorboard_writer(run_dir, ctx)
     if writer is None:
         return
-    numbers = {f"test/{k}": float(v) for k, v in results.items() if isinstance(v, float)}
+    numbers = {
+        f"test/{k}": _scalar(v) for k, v in results.items() if v is None or isinstance(v, float)
+    }
     writer.add_hparams(hparams_of(cfg), numbers, run_name=".")
     writer.close()
 
@@ -241,8 +249,8 @@ def train_epochs(
                 history["bad_validations"] += 1
             if writer is not None:
                 for name, value in metrics.items():
-                    if isinstance(value, float):
-                        writer.add_scalar(f"eval/{name}", value, global_step)
+                    if value is None or isinstance(value, float):
+                        writer.add_scalar(f"eval/{name}", _scalar(value), global_step)
             logger.info(
                 "%s validation at step %d: %s %s (best %s at step %d)",
                 desc,
