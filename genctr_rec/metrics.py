@@ -100,11 +100,11 @@ def ctr_metrics(
             len(y),
             int(positives > 0),
         )
-    if not valid.any():
+    if gauc is None:
         logger.warning("no user has both a click and a non-click: GAUC is undefined (null)")
     return {
         "auc": None if one_class else auc,
-        "gauc": gauc if valid.any() else None,
+        "gauc": gauc,
         "logloss": logloss,
         "ne": None if one_class else float(ne),
         "calibration": float(calibration) if positives > 0 else None,

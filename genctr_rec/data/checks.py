@@ -21,6 +21,14 @@ def _is_integer(t: pa.DataType) -> bool:
     return pa.types.is_integer(t)
 
 
+def check_once(path: Path, schema: pa.Schema, name: str) -> None:
+    """Column ``name`` appears once: Arrow allows two of one name, and which one is meant
+    cannot be told."""
+    copies = len(schema.get_all_field_indices(name))
+    if copies > 1:
+        raise DataFormatError(path, f"the column appears {copies} times", name)
+
+
 def check_schema(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
     """Every expected column is present once with a compatible type (any integer width for
     ids)."""
@@ -31,9 +39,7 @@ def check_schema(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
                 f"required column is missing (file has: {', '.join(schema.names)})",
                 field.name,
             )
-        copies = len(schema.get_all_field_indices(field.name))
-        if copies > 1:  # Arrow allows it; which copy is meant cannot be told
-            raise DataFormatError(path, f"the column appears {copies} times", field.name)
+        check_once(path, schema, field.name)
         actual = schema.field(field.name).type
         if pa.types.is_list(field.type):
             ok = (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _is_integer(
@@ -187,9 +193,7 @@ def feature_column(
     (offsets, values) in range, ``dense`` -> finite float32."""
     if spec.name not in table.column_names:
         raise missing_feature(path, spec, table.column_names)
-    copies = len(table.schema.get_all_field_indices(spec.name))
-    if copies > 1:
-        raise DataFormatError(path, f"the column appears {copies} times", spec.name)
+    check_once(path, table.schema, spec.name)
     actual = table.schema.field(spec.name).type
     if spec.kind == "dense":
         return dense_column(path, table, spec.name, row0)
