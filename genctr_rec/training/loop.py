@@ -180,6 +180,7 @@ def train_epochs(
     stop_after_steps: int = 0,
     validation: Validation | None = None,
     max_steps: int = 0,
+    sigterm: StopOnSigterm | None = None,
 ) -> dict[str, Any] | None:
     """Runs ``epochs`` epochs (or ``max_steps`` steps when > 0); ``step(batch)`` returns the
     loss, whose backward also applies the fused embedding optimizer. Resumes from
@@ -191,173 +192,170 @@ def train_epochs(
     ``stop_after_steps`` > 0 ends this invocation after that many steps in total (a
     checkpoint is written first) and returns None: the job is resumed by running it again,
     the way preemptible or time-limited allocations are used.
-    SIGTERM (a scheduler's preemption or cancellation) stops the run at the next step with a
-    checkpoint and raises :class:`~genctr_rec.training.preemption.Preempted`
-    (``training/preemption.py``).
+    With ``sigterm`` (the handler :func:`train_run` installs), SIGTERM (a scheduler's
+    preemption or cancellation) stops the run at the next step with a checkpoint and raises
+    :class:`~genctr_rec.training.preemption.Preempted` (``training/preemption.py``).
 
     Returns per-epoch mean losses and throughput."""
-    with StopOnSigterm(ctx.device) as sigterm:
-        generators = generators or {}
-        history = _new_history()
-        acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
-        global_step, start_epoch, mid_epoch = 0, 0, False
-        latest = checkpoints.newest_valid() if checkpoints else None
-        plan = sharding_summary(built.dmp)
-        if latest is not None:
-            built.dense_optimizer.init_state()  # Adam's state must exist to be loaded into
-            state = built.app_state()
-            progress, rng = checkpoints.load(latest, state, plan, verified=True)
-            built.load_app_state(state)
-            reader.load_state_dict(progress["reader"])
-            history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
-            for key, empty in _new_history().items():  # checkpoints of 0.2 lack the newer keys
-                history.setdefault(key, empty)
-            start_epoch = reader.state_dict()["epoch"]
-            mid_epoch = reader.state_dict()["batches_done"] > 0
-            if rng is not None:
-                restore_rng(rng, generators)
-            else:
-                logger.warning("world size changed since %s: RNG streams restart", latest)
-            logger.info("resumed from %s (epoch %d, step %d)", latest, start_epoch, global_step)
+    generators = generators or {}
+    history = _new_history()
+    acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
+    global_step, start_epoch, mid_epoch = 0, 0, False
+    latest = checkpoints.newest_valid() if checkpoints else None
+    plan = sharding_summary(built.dmp)
+    if latest is not None:
+        built.dense_optimizer.init_state()  # Adam's state must exist to be loaded into
+        state = built.app_state()
+        progress, rng = checkpoints.load(latest, state, plan, verified=True)
+        built.load_app_state(state)
+        reader.load_state_dict(progress["reader"])
+        history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
+        for key, empty in _new_history().items():  # checkpoints of 0.2 lack the newer keys
+            history.setdefault(key, empty)
+        start_epoch = reader.state_dict()["epoch"]
+        mid_epoch = reader.state_dict()["batches_done"] > 0
+        if rng is not None:
+            restore_rng(rng, generators)
+        else:
+            logger.warning("world size changed since %s: RNG streams restart", latest)
+        logger.info("resumed from %s (epoch %d, step %d)", latest, start_epoch, global_step)
 
-        def save() -> None:
-            losses.flush(acc)
-            progress = {
-                "step": global_step,
-                "reader": reader.state_dict(),
-                "history": history,
-                "epoch_acc": acc,
-                "world_size": ctx.world_size,
-                "sharding": plan,
-            }
-            checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
+    def save() -> None:
+        losses.flush(acc)
+        progress = {
+            "step": global_step,
+            "reader": reader.state_dict(),
+            "history": history,
+            "epoch_acc": acc,
+            "world_size": ctx.world_size,
+            "sharding": plan,
+        }
+        checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
 
-        writer = tensorboard_writer(run_dir, ctx)
-        losses = LossLog(ctx.device, writer)
+    writer = tensorboard_writer(run_dir, ctx)
+    losses = LossLog(ctx.device, writer)
 
-        def validate(epoch: int) -> None:
-            """Validate now; marks the run stopped when patience is used up."""
-            assert validation is not None
-            metrics = validation.evaluate()
-            record = {"step": global_step, "epoch": epoch, **metrics}
-            history["valid"].append(record)
-            best = history["best"]
-            if _improves(metrics.get(validation.metric), best and best.get(validation.metric)):
-                validation.save_best()
-                history["best"], history["bad_validations"] = record, 0
-            else:
-                history["bad_validations"] += 1
-            if writer is not None:
-                for name, value in metrics.items():
-                    if value is None or isinstance(value, float):
-                        writer.add_scalar(f"eval/{name}", _scalar(value), global_step)
-            logger.info(
-                "%s validation at step %d: %s %s (best %s at step %d)",
-                desc,
-                global_step,
-                validation.metric,
-                _shown(metrics.get(validation.metric)),
-                _shown(history["best"].get(validation.metric)),
-                history["best"]["step"],
-            )
-            if 0 < validation.patience <= history["bad_validations"]:
-                history["stopped"] = {"step": global_step, "reason": "patience"}
+    def validate(epoch: int) -> None:
+        """Validate now; marks the run stopped when patience is used up."""
+        assert validation is not None
+        metrics = validation.evaluate()
+        record = {"step": global_step, "epoch": epoch, **metrics}
+        history["valid"].append(record)
+        best = history["best"]
+        if _improves(metrics.get(validation.metric), best and best.get(validation.metric)):
+            validation.save_best()
+            history["best"], history["bad_validations"] = record, 0
+        else:
+            history["bad_validations"] += 1
+        if writer is not None:
+            for name, value in metrics.items():
+                if value is None or isinstance(value, float):
+                    writer.add_scalar(f"eval/{name}", _scalar(value), global_step)
+        logger.info(
+            "%s validation at step %d: %s %s (best %s at step %d)",
+            desc,
+            global_step,
+            validation.metric,
+            _shown(metrics.get(validation.metric)),
+            _shown(history["best"].get(validation.metric)),
+            history["best"]["step"],
+        )
+        if 0 < validation.patience <= history["bad_validations"]:
+            history["stopped"] = {"step": global_step, "reason": "patience"}
 
-        def finished() -> bool:
-            return history["stopped"] is not None or (0 < max_steps <= global_step)
+    def finished() -> bool:
+        return history["stopped"] is not None or (0 < max_steps <= global_step)
 
-        for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, epochs):
+        if finished():
+            break
+        if not mid_epoch:
+            reader.set_epoch(epoch)
+            acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
+        mid_epoch = False
+        start = time.perf_counter()
+        progress = Progress(
+            f"{desc} epoch {epoch + 1}/{epochs}", _steps_left(reader), enabled=ctx.is_main
+        )
+        for batch in reader:
+            built.dense_optimizer.zero_grad(set_to_none=True)
+            loss = step(batch)
+            loss.backward()
+            built.dense_optimizer.step()
+            read = losses.add(loss, epoch, global_step, acc)
+            acc["examples"] += batch.batch_size
+            global_step += 1
+            shown = {"loss": acc["total"] / acc["count"]} if read else {}
+            progress.update(1, batch.batch_size * ctx.world_size, **shown)
+            if (
+                validation is not None
+                and validation.every_steps > 0
+                and global_step % validation.every_steps == 0
+            ):
+                acc["seconds"] += time.perf_counter() - start  # examples/s counts training only
+                losses.flush(acc)
+                validate(epoch)
+                start = time.perf_counter()
+            if 0 < max_steps <= global_step and history["stopped"] is None:
+                history["stopped"] = {"step": global_step, "reason": "max_steps"}
+            periodic = checkpoints is not None and checkpoints.every_steps > 0
+            stopping = 0 < stop_after_steps <= global_step
+            # collective: every rank calls it after every step
+            preempted = sigterm is not None and sigterm.requested()
+            if stopping or preempted or (periodic and global_step % checkpoints.every_steps == 0):
+                acc["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                if checkpoints is not None:
+                    save()
+            if preempted:
+                progress.close()
+                if writer is not None:
+                    writer.close()
+                raise Preempted(global_step, saved=checkpoints is not None)
+            if stopping:
+                progress.close()
+                logger.info("stopping after step %d as asked; run again to resume", global_step)
+                if writer is not None:
+                    writer.close()
+                return None
             if finished():
                 break
-            if not mid_epoch:
-                reader.set_epoch(epoch)
-                acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
-            mid_epoch = False
-            start = time.perf_counter()
-            progress = Progress(
-                f"{desc} epoch {epoch + 1}/{epochs}", _steps_left(reader), enabled=ctx.is_main
-            )
-            for batch in reader:
-                built.dense_optimizer.zero_grad(set_to_none=True)
-                loss = step(batch)
-                loss.backward()
-                built.dense_optimizer.step()
-                read = losses.add(loss, epoch, global_step, acc)
-                acc["examples"] += batch.batch_size
-                global_step += 1
-                shown = {"loss": acc["total"] / acc["count"]} if read else {}
-                progress.update(1, batch.batch_size * ctx.world_size, **shown)
-                if (
-                    validation is not None
-                    and validation.every_steps > 0
-                    and global_step % validation.every_steps == 0
-                ):
-                    acc["seconds"] += time.perf_counter() - start  # examples/s counts training only
-                    losses.flush(acc)
-                    validate(epoch)
-                    start = time.perf_counter()
-                if 0 < max_steps <= global_step and history["stopped"] is None:
-                    history["stopped"] = {"step": global_step, "reason": "max_steps"}
-                periodic = checkpoints is not None and checkpoints.every_steps > 0
-                stopping = 0 < stop_after_steps <= global_step
-                preempted = sigterm.requested()  # collective: every rank, every step
-                saving = stopping or preempted
-                if saving or (periodic and global_step % checkpoints.every_steps == 0):
-                    acc["seconds"] += time.perf_counter() - start
-                    start = time.perf_counter()
-                    if checkpoints is not None:
-                        save()
-                if preempted:
-                    progress.close()
-                    if writer is not None:
-                        writer.close()
-                    raise Preempted(global_step, saved=checkpoints is not None)
-                if stopping:
-                    progress.close()
-                    logger.info("stopping after step %d as asked; run again to resume", global_step)
-                    if writer is not None:
-                        writer.close()
-                    return None
-                if finished():
-                    break
-            progress.close()
-            losses.flush(acc)
-            acc["seconds"] += time.perf_counter() - start
-            history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
-            history["examples_per_s"].append(
-                acc["examples"] * ctx.world_size / max(acc["seconds"], 1e-9)
-            )
-            if writer is not None:
-                writer.add_scalar("train/epoch_loss", history["epoch_loss"][-1], global_step)
-                writer.add_scalar(
-                    "train/examples_per_s", history["examples_per_s"][-1], global_step
-                )
-                for name, lr in learning_rates(built).items():
-                    writer.add_scalar(f"train/lr/{name}", lr, global_step)
-            logger.info(
-                "%s epoch %d: loss %.4f, %.0f examples/s over %d ranks",
-                desc,
-                epoch + 1,
-                history["epoch_loss"][-1],
-                history["examples_per_s"][-1],
-                ctx.world_size,
-            )
-            validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == global_step
-            if validation is not None and not validated_now and history["stopped"] is None:
-                validate(epoch)
-            if history["stopped"] is not None and history["stopped"]["reason"] == "patience":
-                logger.info(
-                    "%s: no improvement in %d validations, stopping at step %d; best at step %d",
-                    desc,
-                    validation.patience,
-                    global_step,
-                    history["best"]["step"],
-                )
-            if checkpoints:
-                save()
+        progress.close()
+        losses.flush(acc)
+        acc["seconds"] += time.perf_counter() - start
+        history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
+        history["examples_per_s"].append(
+            acc["examples"] * ctx.world_size / max(acc["seconds"], 1e-9)
+        )
         if writer is not None:
-            writer.close()
-        return history
+            writer.add_scalar("train/epoch_loss", history["epoch_loss"][-1], global_step)
+            writer.add_scalar("train/examples_per_s", history["examples_per_s"][-1], global_step)
+            for name, lr in learning_rates(built).items():
+                writer.add_scalar(f"train/lr/{name}", lr, global_step)
+        logger.info(
+            "%s epoch %d: loss %.4f, %.0f examples/s over %d ranks",
+            desc,
+            epoch + 1,
+            history["epoch_loss"][-1],
+            history["examples_per_s"][-1],
+            ctx.world_size,
+        )
+        validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == global_step
+        if validation is not None and not validated_now and history["stopped"] is None:
+            validate(epoch)
+        if history["stopped"] is not None and history["stopped"]["reason"] == "patience":
+            logger.info(
+                "%s: no improvement in %d validations, stopping at step %d; best at step %d",
+                desc,
+                validation.patience,
+                global_step,
+                history["best"]["step"],
+            )
+        if checkpoints:
+            save()
+    if writer is not None:
+        writer.close()
+    return history
 
 
 def bf16_autocast(step: Callable[[Any], torch.Tensor], device: torch.device):
@@ -398,20 +396,22 @@ def train_run(
     depth = cfg.train.prefetch
     if depth is None:
         depth = 2 if ctx.device.type == "cuda" else 0
-    return train_epochs(
-        prefetched(reader, depth),
-        step,
-        built,
-        cfg.train.epochs,
-        ctx,
-        out,
-        desc,
-        checkpoints,
-        generators,
-        stop_after_steps,
-        validation,
-        cfg.train.steps,
-    )
+    with StopOnSigterm(ctx.device) as sigterm:
+        return train_epochs(
+            prefetched(reader, depth),
+            step,
+            built,
+            cfg.train.epochs,
+            ctx,
+            out,
+            desc,
+            checkpoints,
+            generators,
+            stop_after_steps,
+            validation,
+            cfg.train.steps,
+            sigterm,
+        )
 
 
 def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContext) -> dict:
