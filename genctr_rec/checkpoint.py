@@ -12,6 +12,7 @@ pre-training run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,8 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from genctr_rec.config import ConfigError
 from genctr_rec.storage import (
     Location,
     files_under,
@@ -45,12 +49,17 @@ logger = logging.getLogger(__name__)
 MODEL_KEY = "model"
 
 
-def save_model(model: nn.Module, path: str | Path) -> None:
+def save_model(
+    model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None
+) -> None:
     """Collective: every rank calls it. ``path`` appears only once complete, with a manifest of
-    its files' sizes and SHA-256 sums that :func:`load_model` verifies."""
+    its files' sizes and SHA-256 sums that :func:`load_model` verifies. ``extra`` is saved
+    beside the model (a run's selected model keeps its optimizer state under ``optim``, so
+    that tomorrow's run can warm-start from it: ``training/warm_start.py``)."""
     path = location(path)
+    state = {MODEL_KEY: model.state_dict(), **(extra or {})}
     if is_remote(path):
-        _save_in_place(model, path)
+        _save_in_place(state, path)
         return
     tmp = path.with_name(path.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -59,7 +68,7 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         tmp.parent.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(tmp), no_dist=_one_process())
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=_one_process())
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -76,14 +85,14 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         dist.barrier()
 
 
-def _save_in_place(model: nn.Module, path: Location) -> None:
+def _save_in_place(state: dict[str, Any], path: Location) -> None:
     """Object storage: the old copy (manifest first) is deleted, every rank writes, and the
     manifest written last makes the checkpoint whole again."""
     if _rank() == 0:
         (path / MANIFEST).unlink(missing_ok=True)
         remove_tree(path)
     _barrier()
-    dcp.save({MODEL_KEY: model.state_dict()}, checkpoint_id=str(path), no_dist=_one_process())
+    dcp.save(state, checkpoint_id=str(path), no_dist=_one_process())
     _barrier()
     if _rank() == 0:
         write_manifest(path)
@@ -95,12 +104,14 @@ def load_model(
     path: str | Path,
     prefixes: Sequence[str] | None = None,
     no_dist: bool = False,
+    grow: bool = False,
 ) -> list[str]:
     """Collective: load ``path`` into ``model`` (all keys, or those under ``prefixes``).
 
     ``no_dist=True`` loads in this process alone, whatever process group exists (an unsharded
     model, e.g. for export on one rank). Returns the loaded keys. Raises if the checkpoint lacks
-    a requested key.
+    a requested key. ``grow=True`` lets tables have more rows than the checkpoint's (a grown
+    catalogue: :class:`GrowingLoadPlanner`).
     """
     path = location(path)
     if not (path / ".metadata").is_file():
@@ -115,10 +126,123 @@ def load_model(
         state = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
         if not state:
             raise KeyError(f"the model has no state under {list(prefixes)}")
-    dcp.load({MODEL_KEY: state}, checkpoint_id=str(path), no_dist=no_dist or _one_process())
+    if grow:
+        load_grown({MODEL_KEY: state}, path, no_dist)
+    else:
+        dcp.load({MODEL_KEY: state}, checkpoint_id=str(path), no_dist=no_dist or _one_process())
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s", len(state), path)
     return sorted(state)
+
+
+def load_state(state: dict[str, Any], path: str | Path) -> None:
+    """Collective: load ``state`` (e.g. ``{"model": ..., "optim": ...}``) in place from a
+    verified checkpoint written by :func:`save_model` (any world size or plan)."""
+    path = location(path)
+    verify_manifest(path)
+    dcp.load(state, checkpoint_id=str(path), no_dist=_one_process())
+
+
+GROWABLE = "embeddings.tables."  # table weights and their optimizer states: rows may grow
+
+
+class GrowingLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, except that a table tensor may have more rows than the saved one: the
+    saved rows are read into the first rows (resharded as usual), the others are untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grown: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.restarted: list[str] = []
+
+    def create_local_plan(self):
+        saved = self.metadata.state_dict_metadata
+        for fqn in [k for k in self.state_dict if k not in saved]:
+            # a table that moved between the fused optimizer and replication (e.g. one rank
+            # yesterday, two today) has its optimizer state under another name: it restarts,
+            # as a resharded resume's does (OPTIMIZER_STATE_BOUND); any other key must be there
+            if fqn.startswith("optim.") and GROWABLE in fqn:
+                del self.state_dict[fqn]
+                self.restarted.append(fqn)
+        for fqn, obj in self.state_dict.items():
+            md = saved.get(fqn)
+            if not isinstance(md, TensorStorageMetadata) or not hasattr(obj, "size"):
+                continue
+            before, after = tuple(md.size), tuple(obj.size())
+            if before == after:
+                continue
+            check_growth(fqn, before, after)
+            self.grown[fqn] = (before, after)
+            # the size check is DCP's only objection: the reads intersect the saved chunks
+            saved[fqn] = dataclasses.replace(md, size=obj.size())
+        return super().create_local_plan()
+
+
+def check_growth(fqn: str, before: tuple[int, ...], after: tuple[int, ...]) -> None:
+    """Raise ConfigError unless ``fqn`` is a table tensor that only gained rows."""
+    key = fqn.split(".", 1)[-1]
+    if GROWABLE not in fqn or len(before) != len(after) or before[1:] != after[1:]:
+        raise ConfigError(
+            f"the warm-start model's {key} has shape {list(before)}, this run's "
+            f"{list(after)}: a warm start keeps the model's shape (only tables may grow)"
+        )
+    if after[0] < before[0]:
+        raise ConfigError(
+            f"{key}: the previous run had {before[0]} rows, this dataset's vocabulary has "
+            f"{after[0]}: a vocabulary may grow between runs (ids stable), never shrink"
+        )
+
+
+def load_grown(
+    app_state: dict[str, Any], path: str | Path, no_dist: bool = False
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Collective: load a checkpoint into ``app_state`` in place, tables allowed to have grown.
+    Returns the grown tensors (name -> (saved shape, new shape))."""
+    path = location(path)
+    try:
+        verify_manifest(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--warm-start: {exc}") from exc
+    planner = GrowingLoadPlanner()
+    try:
+        dcp.load(
+            app_state,
+            checkpoint_id=str(path),
+            planner=planner,
+            no_dist=no_dist or _one_process(),
+        )
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DCP wraps every rank's failure
+        cause = _config_error_in(exc)
+        if cause is not None:
+            raise cause from exc
+        raise CheckpointError(f"--warm-start {path}: cannot load ({first_line(exc)})") from exc
+    if planner.restarted:
+        tables = sorted({k.split(GROWABLE, 1)[1].split(".", 1)[0] for k in planner.restarted})
+        logger.warning(
+            "%s: the optimizer state of %s restarts: the table moved between the fused "
+            "optimizer and replication since it was saved",
+            path,
+            ", ".join(tables),
+        )
+    return planner.grown
+
+
+def _config_error_in(exc: BaseException) -> ConfigError | None:
+    """DCP re-raises a planner's error wrapped (CheckpointException); find ours inside."""
+    for failure in getattr(exc, "failures", {}).values():
+        if isinstance(failure, ConfigError):
+            return failure
+        inner = getattr(failure, "exc", None) or getattr(failure, "exception", None)
+        if isinstance(inner, ConfigError):
+            return inner
+    text = str(exc)
+    for marker in ("a warm start keeps", "never shrink"):
+        if marker in text:
+            line = next(line for line in text.splitlines() if marker in line)
+            return ConfigError(line.strip().split("ConfigError: ")[-1])
+    return None
 
 
 # genctr-rec 0.1 kept both tables in one TorchRec module: embeddings.tables.embedding_bags.item

@@ -235,15 +235,24 @@ def _run_config(args: argparse.Namespace, stage: str) -> RunConfig:
         model=model,
         train=train,
         backbone=getattr(args, "backbone", None),
-        transfer=getattr(args, "transfer", "none"),
+        transfer=getattr(args, "transfer", None) or "none",
         init_from=getattr(args, "init_from", None),
+        warm_start=getattr(args, "warm_start", None),
     )
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, object]:
+    """The model settings given on the command line (a warm start checks them)."""
+    names = [f.name for f in fields(ModelConfig)] + ["backbone", "transfer", "max_history"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from genctr_rec.training.pretrain import pretrain
 
-    metrics = pretrain(_run_config(args, "pretrain"), args.out, args.stop_after_steps)
+    metrics = pretrain(
+        _run_config(args, "pretrain"), args.out, args.stop_after_steps, _explicit(args)
+    )
     if metrics is not None and _is_rank0():
         print(json.dumps({k: v for k, v in metrics.items() if "@" in k or k == "epoch_loss"}))
     return 0
@@ -252,7 +261,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from genctr_rec.training.finetune import finetune
 
-    metrics = finetune(_run_config(args, "finetune"), args.out, args.stop_after_steps)
+    metrics = finetune(
+        _run_config(args, "finetune"), args.out, args.stop_after_steps, _explicit(args)
+    )
     if metrics is not None and _is_rank0():
         print(json.dumps(metrics["test"]))
     return 0
@@ -268,9 +279,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # the arguments that take a directory or an object-storage URL (s3://bucket/prefix)
-URL_ARGUMENTS = ("data", "out", "init_from", "run", "artifact")
+URL_ARGUMENTS = ("data", "out", "init_from", "warm_start", "run", "artifact")
 URL_NOTE = "; a local path or s3://bucket/prefix"
 DATA_HELP = "dataset directory in the public format (docs/data-format.md)" + URL_NOTE
+WARM_START_HELP = (
+    "continue this run of the same stage (yesterday's): its selected model and optimizer "
+    "state on this dataset, whose vocabularies may have grown; its model settings are kept"
+    + URL_NOTE
+)
 OUT_HELP = (
     "run directory: created, or resumed when it holds this run (locked while training; a "
     "directory of other files is refused)" + URL_NOTE
@@ -281,6 +297,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser("pretrain", help="stage 1: generative pre-training")
     pre.add_argument("--data", required=True, help=DATA_HELP)
     pre.add_argument("--out", required=True, help=OUT_HELP)
+    pre.add_argument("--warm-start", default=None, metavar="PREV_RUN", help=WARM_START_HELP)
     _add_config_options(pre, "pretrain")
     pre.set_defaults(func=_pretrain)
 
@@ -289,17 +306,19 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     fine.add_argument("--out", required=True, help=OUT_HELP)
     fine.add_argument(
         "--backbone",
-        required=True,
+        default=None,
         choices=list(BACKBONE_NAMES),
-        help="the CTR model: DNN, DCN V2, or DCN V2 with target attention over the history",
+        help="the CTR model: DNN, DCN V2, or DCN V2 with target attention over the history "
+        "(required, unless --warm-start gives it)",
     )
     fine.add_argument(
         "--transfer",
-        default="none",
+        default=None,
         choices=list(TRANSFERS),
-        help="none | ps | decoder | ps_decoder | ps_mi (GenCTR)",
+        help="none | ps | decoder | ps_decoder | ps_mi (GenCTR) (default: none)",
     )
     fine.add_argument("--init-from", default=None, help="pre-training run directory" + URL_NOTE)
+    fine.add_argument("--warm-start", default=None, metavar="PREV_RUN", help=WARM_START_HELP)
     _add_config_options(fine, "finetune")
     fine.set_defaults(func=_finetune)
 

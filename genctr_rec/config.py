@@ -211,6 +211,8 @@ class RunConfig:
     num_categories: int = 0
     max_history: int = 0
     features: dict[str, Any] | None = None  # FeatureSchema.to_json(), resolved at start
+    warm_start: str | None = None  # the run this one continues (training/warm_start.py)
+    lineage: list[str] = field(default_factory=list)  # every warm start of the chain, oldest first
 
     def __post_init__(self) -> None:
         self.train.resolve(self.stage)
@@ -219,6 +221,8 @@ class RunConfig:
         self.data = absolute_location(self.data)
         if self.init_from:
             self.init_from = absolute_location(self.init_from)
+        if self.warm_start:
+            self.warm_start = absolute_location(self.warm_start)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -128,3 +128,27 @@ def jagged_embeddings(lengths: list[int], dim: int, seed: int):
     items = torch.randn(n, dim, generator=g, requires_grad=True)
     cats = torch.randn(n, dim, generator=g, requires_grad=True)
     return items, cats, torch.tensor(lengths)
+
+
+def grow_catalogue(source: Path, target: Path, new_items: int, new_categories: int = 0) -> Path:
+    """A copy of dataset ``source`` whose catalogue gained ``new_items`` items (ids appended,
+    each in category ``id % num_categories``) and ``new_categories`` categories: tomorrow's
+    dataset of a warm start, whose old rows are today's."""
+    import shutil
+
+    shutil.copytree(source, target)
+    meta = json.loads((target / "meta.json").read_text())
+    old_items = meta["num_items"]
+    meta["num_items"] = old_items + new_items
+    meta["num_categories"] += new_categories
+    items = pq.read_table(target / "items.parquet")
+    added = {
+        "item_id": np.arange(old_items, meta["num_items"], dtype=np.int64),
+        "category_id": np.arange(old_items, meta["num_items"]) % meta["num_categories"],
+    }
+    for name in items.column_names[2:]:  # item features: the first value of the column
+        added[name] = [items.column(name)[0].as_py()] * new_items
+    grown = pa.concat_tables([items, pa.table(added, schema=items.schema)])
+    pq.write_table(grown, target / "items.parquet")
+    (target / "meta.json").write_text(json.dumps(meta))
+    return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from genctr_rec.checkpoint import load_state, save_model
 from genctr_rec.config import RunConfig
 from genctr_rec.factory import build_stage_model
 from genctr_rec.training.distributed import DistContext
@@ -51,8 +53,19 @@ class BuiltModel:
 
     def load_app_state(self, state: dict) -> None:
         self.dmp.load_state_dict(state["model"])
-        if "optim" not in state.get("resharding_reset", ()):
+        if "optim" in state and "optim" not in state.get("resharding_reset", ()):
             self.optimizer.load_state_dict(state["optim"])
+
+    def save_selected(self, path: str | Path) -> None:
+        """Collective: the model with its optimizer state (what a warm start continues)."""
+        save_model(self.dmp, path, {"optim": self.optimizer.state_dict()})
+
+    def load_selected(self, path: str | Path) -> None:
+        """Collective: model and optimizer state back from :meth:`save_selected`."""
+        self.dense_optimizer.init_state()
+        state = self.app_state()
+        load_state(state, path)
+        self.load_app_state(state)
 
 
 def _adam(named: dict[str, torch.Tensor], lr: float, decoder_lr: float):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from genctr_rec.checkpoint import load_model, save_model
+from genctr_rec.checkpoint import load_model
 from genctr_rec.config import TRANSFER_PREFIXES, TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
@@ -38,6 +38,7 @@ from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
+from genctr_rec.training.warm_start import check_features, inherit, warm_start_model
 
 logger = logging.getLogger(__name__)
 EVALS_PER_EPOCH = 4  # validation cadence when --eval-every is 0
@@ -54,27 +55,45 @@ def _inherit_from_pretraining(cfg: RunConfig) -> None:
         pre = RunConfig.load(cfg.init_from)
         if pre.stage != "pretrain":
             raise ConfigError(f"--init-from {cfg.init_from} is not a pre-training run")
-        if (pre.num_items, pre.num_categories) != (cfg.num_items, cfg.num_categories):
+        if pre.num_items > cfg.num_items or pre.num_categories > cfg.num_categories:
             raise ConfigError(
                 f"--init-from {cfg.init_from} was trained on tables of "
                 f"{pre.num_items} items / {pre.num_categories} categories, the data "
-                f"has {cfg.num_items} / {cfg.num_categories}"
+                f"has {cfg.num_items} / {cfg.num_categories}: a catalogue may grow (ids "
+                "stable, the new rows start fresh), never shrink"
             )
         for name in ("dim", "num_layers", "num_heads", "decoder", "lookup"):
             setattr(cfg.model, name, getattr(pre.model, name))
         cfg.max_history = pre.max_history
 
 
-def finetune(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
+def finetune(
+    cfg: RunConfig,
+    out: str | Path,
+    stop_after_steps: int = 0,
+    explicit: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """Train stage 2, select by validation, evaluate on test, write ``out/``. Returns the
-    metrics."""
+    metrics. With ``cfg.warm_start`` the run continues that run (``training/warm_start.py``);
+    ``explicit`` are the settings the user gave, checked against it."""
     out = location(out)
     meta = DatasetMeta.read(cfg.data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
+    previous = None
+    if cfg.warm_start:
+        if cfg.init_from:
+            raise ConfigError("--warm-start and --init-from exclude each other: a warm start "
+                              "continues a fine-tuning run, which already has its pre-training")
+        previous = inherit(cfg, cfg.warm_start, explicit or {})
+    elif cfg.backbone is None:
+        raise ConfigError("--backbone is required (unless --warm-start gives it)")
     if cfg.model.side_features:
         cfg.features = meta.feature_schema(cfg.data).to_json()
-    _inherit_from_pretraining(cfg)
+    if previous is not None:
+        check_features(previous, cfg)
+    else:
+        _inherit_from_pretraining(cfg)
     split = ValidationSplit.for_dataset(cfg.data, cfg.train.valid_fraction)
     ctx = init_distributed()
     check_overrides(cfg.train.sharding)
@@ -89,9 +108,14 @@ def _train_and_test(
     built = build_model(cfg, ctx)
     dmp = built.dmp
     loaded: list[str] = []
-    if cfg.transfer in TRANSFER_PREFIXES:
+    if cfg.warm_start:
+        warm_start_model(built, cfg.warm_start)
+    elif cfg.transfer in TRANSFER_PREFIXES:
         loaded = load_model(
-            dmp, location(cfg.init_from) / "checkpoint", TRANSFER_PREFIXES[cfg.transfer]
+            dmp,
+            location(cfg.init_from) / "checkpoint",
+            TRANSFER_PREFIXES[cfg.transfer],
+            grow=True,
         )
     if cfg.train.compile:
         compile_dense_step(dmp.module, cfg.max_history)
@@ -130,7 +154,7 @@ def _train_and_test(
             metric="auc",
             every_steps=every,
             patience=cfg.train.patience,
-            save_best=lambda: save_model(dmp, out / BEST_DIR),
+            save_best=lambda: built.save_selected(out / BEST_DIR),
         )
         logger.info("validation: %s, every %d steps", split.describe(), every)
     history = train_run(
@@ -148,14 +172,15 @@ def _train_and_test(
     if history is None:  # stopped early on request; the checkpoint resumes it
         return None
     if history["best"] is not None:
-        load_model(dmp, out / BEST_DIR)
+        built.load_selected(out / BEST_DIR)
     test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history, "test", features)
-    save_model(dmp, out / "checkpoint")
+    built.save_selected(out / "checkpoint")
     metrics = {
         **run_metrics("finetune", history, built, ctx),
         "backbone": cfg.backbone,
         "transfer": cfg.transfer,
         "init_from": cfg.init_from,
+        "warm_start": cfg.warm_start,
         "loaded_tensors": len(loaded),
         "validation_split": split.describe(),
         "test": test,

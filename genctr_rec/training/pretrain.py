@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from genctr_rec.checkpoint import load_model, save_model
 from genctr_rec.config import RunConfig
 from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
 from genctr_rec.data.schema import DatasetMeta
@@ -35,6 +34,7 @@ from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
+from genctr_rec.training.warm_start import inherit, warm_start_model
 
 logger = logging.getLogger(__name__)
 EVAL_CANDIDATES = 100
@@ -114,13 +114,22 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
     return on_main({n: np.concatenate(r) for n, r in ranks.items()}, hit_rates)
 
 
-def pretrain(cfg: RunConfig, out: str | Path, stop_after_steps: int = 0) -> dict[str, Any] | None:
-    """Train stage 1 and write ``out/`` (config, checkpoint, metrics). Returns the metrics."""
+def pretrain(
+    cfg: RunConfig,
+    out: str | Path,
+    stop_after_steps: int = 0,
+    explicit: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Train stage 1 and write ``out/`` (config, checkpoint, metrics). Returns the metrics.
+    With ``cfg.warm_start`` the run continues that pre-training run (``training/warm_start.py``);
+    ``explicit`` are the settings the user gave, checked against it."""
     out = location(out)
     ctx = init_distributed()
     meta = DatasetMeta.read(cfg.data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
+    if cfg.warm_start:
+        inherit(cfg, cfg.warm_start, explicit or {})
     check_overrides(cfg.train.sharding)
     with open_run(cfg, out, ctx):
         return _train_and_evaluate(cfg, out, ctx, stop_after_steps)
@@ -131,6 +140,8 @@ def _train_and_evaluate(
 ) -> dict[str, Any] | None:
     built = build_model(cfg, ctx)
     dmp = built.dmp
+    if cfg.warm_start:
+        warm_start_model(built, cfg.warm_start)
     sampler = NegativeSampler.from_dataset(cfg.data, cfg.train.negatives, cfg.train.seed, ctx.rank)
     # one more than the history so that, after holding out the last click, the predicted
     # positions cover 0..max_history, the positions fine-tuning queries
@@ -156,7 +167,7 @@ def _train_and_evaluate(
             metric=SELECT_BY,
             every_steps=cfg.train.eval_every,
             patience=cfg.train.patience,
-            save_best=lambda: save_model(dmp, out / BEST_DIR),
+            save_best=lambda: built.save_selected(out / BEST_DIR),
         )
     history = train_run(
         cfg,
@@ -173,9 +184,9 @@ def _train_and_evaluate(
     if history is None:  # stopped early on request; the checkpoint resumes it
         return None
     if history["best"] is not None:
-        load_model(dmp, out / BEST_DIR)
+        built.load_selected(out / BEST_DIR)
     quality = evaluate_next_item(dmp, cfg, ctx)
-    save_model(dmp, out / "checkpoint")
+    built.save_selected(out / "checkpoint")
     metrics = {
         **run_metrics("pretrain", history, built, ctx),
         "decoder": cfg.model.decoder,

@@ -194,6 +194,20 @@ def _defaults(section: str) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(ModelConfig() if section == "model" else TrainConfig())))
 
 
+def _run_default(name: str) -> Any:
+    """A RunConfig field's default, as JSON."""
+    from dataclasses import MISSING, fields
+
+    from genctr_rec.config import RunConfig
+
+    for f in fields(RunConfig):
+        if f.name == name:
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            return None if f.default is MISSING else f.default
+    return None
+
+
 def write_or_check_config(cfg: Any, run_dir: Location) -> None:
     """Write ``config.json``, or check it equals the saved one when there is a run to resume."""
     path = run_dir / CONFIG_FILE
@@ -208,6 +222,8 @@ def write_or_check_config(cfg: Any, run_dir: Location) -> None:
                 defaults = _defaults(key)
                 missing = set(current[key]) - set(saved[key])
                 saved[key].update({name: defaults[name] for name in missing if name in defaults})
+        for key in set(current) - set(saved):  # top-level fields added since (0.11: lineage)
+            saved[key] = _run_default(key)
         if saved == current:
             return
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
