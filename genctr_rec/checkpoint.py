@@ -49,9 +49,7 @@ logger = logging.getLogger(__name__)
 MODEL_KEY = "model"
 
 
-def save_model(
-    model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None
-) -> None:
+def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Collective: every rank calls it. ``path`` appears only once complete, with a manifest of
     its files' sizes and SHA-256 sums that :func:`load_model` verifies. ``extra`` is saved
     beside the model (a run's selected model keeps its optimizer state under ``optim``, so

@@ -480,11 +480,14 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     )
     srv.add_argument("--cache-size", type=int, default=100_000, help="g(s, c) cache entries")
     srv.add_argument(
+        "--unknown-ids",
         "--oov",
-        default="reject",
-        choices=["reject", "skip_history"],
-        help="an unknown history id: 422 (reject) or dropped (skip_history); unknown "
-        "candidates are always refused",
+        dest="oov",
+        default="default",
+        choices=["default", "reject", "skip_history"],
+        help="an id past the model's vocabulary (a new ad, category, user or feature value): "
+        "scored with its table's default row (default; counted in /metrics), refused with 422 "
+        "(reject), or, in a history only, dropped (skip_history: unknown candidates refused)",
     )
     srv.add_argument(
         "--threads",

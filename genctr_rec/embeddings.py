@@ -30,7 +30,7 @@ from torchrec import (
     PoolingType,
 )
 
-from genctr_rec.data.features import FeatureSchema
+from genctr_rec.data.features import USER_ID, FeatureSchema
 
 ITEM_TABLE = "item"
 CATEGORY_TABLE = "category"
@@ -39,17 +39,22 @@ FEATURES_MODULE = "features"  # tables.features: the user table and declared sid
 
 
 def feature_collection(
-    schema: FeatureSchema, dim: int, device: torch.device | None = None
+    schema: FeatureSchema,
+    dim: int,
+    device: torch.device | None = None,
+    default_rows: bool = False,
 ) -> EmbeddingBagCollection:
     """One pooled table per side feature, named like its KJT key (``user_id``, then the
     declared ``id`` / ``ids`` features): a single id is its own bag (SUM), a list is
-    mean-pooled. Training shards it with the rest; serving builds the same one unsharded."""
+    mean-pooled. Training shards it with the rest; serving builds the same one unsharded, with
+    ``default_rows`` one row more in each declared feature's table (the user table has its
+    default row already)."""
     lists = schema.pooled_lists()
     configs = [
         EmbeddingBagConfig(
             name=key,
             embedding_dim=dim,
-            num_embeddings=rows,
+            num_embeddings=rows + (default_rows and key != USER_ID),
             feature_names=[key],
             pooling=PoolingType.MEAN if key in lists else PoolingType.SUM,
         )

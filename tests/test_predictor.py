@@ -144,7 +144,8 @@ def test_a_candidate_category_against_the_catalogue_is_refused_unless_trusted(
     assert as_given.shape == (1,) and not np.allclose(as_given, as_catalogue)
 
 
-def test_oov_reject_names_the_field(genctr: Predictor) -> None:
+def test_oov_reject_names_the_field(artifacts: dict) -> None:
+    genctr = Predictor(artifacts["genctr-none"]["path"], oov="reject")
     with pytest.raises(RequestError) as err:
         genctr.score(Request([1, NUM_ITEMS + 5], [0, 0], 0, [1]))
     assert err.value.field == "history.item_ids[1]"
@@ -202,3 +203,53 @@ def test_malformed_requests(genctr: Predictor) -> None:
         genctr.score(Request([1, 2], [0, 0], 0, [1], history_timestamps=[5, 3]))
     with pytest.raises(RequestError, match="integers"):
         genctr.score(Request([1, 2**70], [0, 0], 0, [1]))
+
+
+def test_unknown_ids_score_with_the_default_rows(artifacts: dict, runs: dict) -> None:
+    """A new ad in a page is scored (the default item row, the category the request gives),
+    the page's other candidates score as without it, and every unknown id is counted."""
+    from genctr_rec.serving.artifact import load_trained
+    from genctr_rec.serving.model import table_weights
+
+    path = artifacts["genctr-none"]["path"]
+    predictor = Predictor(path, cache_size=0)
+    assert predictor.oov == "default"
+    # the default rows are the mean trained rows, after every trained row unchanged
+    _, trained = load_trained(runs["genctr"])
+    served = {k: v for k, v in predictor.model.state_dict().items() if k.endswith(".weight")}
+    for name, rows in table_weights(trained).items():
+        table = next(v for k, v in served.items() if k.endswith(f"embeddings.{name}.weight"))
+        assert table.shape[0] == rows.shape[0] + 1
+        torch.testing.assert_close(table[:-1], rows, rtol=0, atol=0)
+        torch.testing.assert_close(table[-1], rows.mean(0))
+    known = [5, 17, 23]
+    cats = predictor.item_categories[known].tolist()
+    base = predictor.score(Request([3, 4], None, cats[0], known, cats))
+    page = predictor.score(Request([3, 4], None, cats[0], [5, NUM_ITEMS + 7, 17, 23],
+                                   [cats[0], 2, cats[1], cats[2]]))  # fmt: skip
+    np.testing.assert_allclose(page[[0, 2, 3]], base, atol=1e-6)
+    assert 0 < page[1] < 1
+    # any unknown id is the same default row; the request's category is used
+    other = predictor.score(Request([3, 4], None, cats[0], [10**12], [2]))
+    np.testing.assert_allclose(other, page[[1]], atol=1e-6)
+    elsewhere = predictor.score(Request([3, 4], None, cats[0], [10**12], [3]))
+    assert not np.allclose(elsewhere, other)
+    no_category = predictor.score(Request([3, 4], None, cats[0], [NUM_ITEMS]))
+    bad_category = predictor.score(
+        Request([3, 4], None, cats[0], [NUM_ITEMS], [NUM_CATEGORIES + 4])
+    )
+    np.testing.assert_allclose(no_category, bad_category, atol=1e-6)  # both: default category
+    assert predictor.unknown_ids == {"candidates.item_id": 5, "candidates.category_id": 1}
+    # history, query and feature values past their vocabularies
+    history = predictor.score(Request([3, NUM_ITEMS + 1, 4], [1, 2, 99], NUM_CATEGORIES + 3, [5]))
+    assert np.isfinite(history).all()
+    features = dict(TOY_FEATURES, user_segment=99, user_interests=[1, 500])
+    assert np.isfinite(predictor.score(PlainRequest([3], None, 1, [5], features=features))).all()
+    assert predictor.unknown_ids["history.item_ids"] == 1
+    assert predictor.unknown_ids["history.category_ids"] == 1
+    assert predictor.unknown_ids["query_category_id"] == 1
+    assert predictor.unknown_ids["features.user_segment"] == 1
+    assert predictor.unknown_ids["features.user_interests"] == 1
+    # int8 tables have the default rows too
+    int8 = Predictor(artifacts["genctr-int8"]["path"], cache_size=0)
+    assert 0 < int8.score(Request([3, 4], None, cats[0], [NUM_ITEMS + 7], [2]))[0] < 1

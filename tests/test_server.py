@@ -25,9 +25,32 @@ from tests.serving import (
 @pytest.fixture(scope="module")
 def server(artifacts: dict) -> Iterator[tuple[str, Path]]:
     path = artifacts["genctr-int8"]["path"]
-    proc, url = start_server(path)
+    proc, url = start_server(path, "--unknown-ids", "reject")  # the 422s below test refusal
     yield url, path
     stop_server(proc)
+
+
+def test_unknown_ids_are_scored_and_counted_by_default(artifacts: dict) -> None:
+    """A page with a new ad gets every candidate scored (was a 422 for the whole page)."""
+    path = artifacts["genctr-int8"]["path"]
+    proc, url = start_server(path)
+    try:
+        assert httpx.get(f"{url}/metadata").json()["oov_policy"] == "default"
+        body = {
+            "history": {"item_ids": [1, NUM_ITEMS + 3]},
+            "query_category_id": 0,
+            "candidates": [{"item_id": 3}, {"item_id": NUM_ITEMS + 1, "category_id": 2}],
+            "features": TOY_FEATURES,
+        }
+        response = httpx.post(f"{url}/score", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        expected = Predictor(path).score(as_request(body))
+        np.testing.assert_allclose(response.json()["scores"], expected, atol=1e-6)
+        text = httpx.get(f"{url}/metrics").text
+        assert _metric(text, "genctr_unknown_ids_total", field="candidates.item_id") == 1
+        assert _metric(text, "genctr_unknown_ids_total", field="history.item_ids") == 1
+    finally:
+        stop_server(proc)
 
 
 def test_scores_equal_the_predictor(server) -> None:

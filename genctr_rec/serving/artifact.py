@@ -74,7 +74,10 @@ from genctr_rec.storage import (
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "genctr-serving-artifact"
-ARTIFACT_VERSION = 2  # 2: side features (user_id, declared features) in the model
+# 2: side features (user_id, declared features) in the model; 3: a default row per table,
+# where unknown ids are scored (serving/model.py). Both are read.
+ARTIFACT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MODEL_FILE = "model.pt"
 ITEM_CATEGORIES_FILE = "item_categories.npy"
 ITEM_FEATURES_FILE = "item_features.npz"
@@ -248,6 +251,7 @@ def export_run(
         "dim": cfg.model.dim,
         "backbone": cfg.backbone,
         "model_integration": trained.decoder is not None,
+        "default_rows": True,  # row num_items / num_categories / vocab_size: unknown ids
         "quantize": quantize,
         "parity": parity,
         "export_seconds": round(time.time() - started, 2),
@@ -377,11 +381,11 @@ def load_artifact(path: str | Path) -> Artifact:
     metadata = json.loads((path / META_FILE).read_text())
     if (
         metadata.get("format") != ARTIFACT_FORMAT
-        or metadata.get("format_version") != ARTIFACT_VERSION
+        or metadata.get("format_version") not in READABLE_VERSIONS
     ):
         raise ArtifactError(
             f"{path}: format {metadata.get('format')} v{metadata.get('format_version')}, this "
-            f"genctr-rec reads {ARTIFACT_FORMAT} v{ARTIFACT_VERSION}"
+            f"genctr-rec reads {ARTIFACT_FORMAT} v{READABLE_VERSIONS}"
         )
     model = torch.jit.load(str(path / MODEL_FILE), map_location="cpu").eval()
     categories = np.load(path / ITEM_CATEGORIES_FILE)

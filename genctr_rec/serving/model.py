@@ -13,7 +13,10 @@ candidates per request) and has three entry points:
 * ``contexts``: g(s, c) alone for given (request, category) pairs, so that a caller can cache it;
 * ``score``: probabilities given g per candidate (from ``contexts`` or a cache).
 
-The tables sit in one unsharded ``EmbeddingCollection`` (plain sequence lookups: no backward at
+Every table has one row more than training's: the mean of its trained rows, the **default
+row** where the predictor looks up ids the model never saw (a new ad, a new category, a feature
+value past its vocabulary; the user table already ends in its trained default row). The
+tables sit in one unsharded ``EmbeddingCollection`` (plain sequence lookups: no backward at
 inference, so the pooled-bag trick of training buys nothing), optionally int8 row-wise
 quantised with TorchRec's ``quantize_inference_model``. The user and side-feature tables sit in
 the same ``EmbeddingBagCollection`` training used (``embeddings.feature_collection``),
@@ -89,10 +92,14 @@ class FeatureLookup(nn.Module):
     """Pooled side features [N, len(keys) * dim] (``user_id`` and the declared sparse ones, in
     the schema's order) from a key-major jagged pair; [N, 0] when the model reads none."""
 
-    def __init__(self, schema: FeatureSchema | None, dim: int) -> None:
+    def __init__(self, schema: FeatureSchema | None, dim: int, default_rows: bool = False) -> None:
         super().__init__()
         self.keys: list[str] = schema.sparse_keys if schema is not None else []
-        self.tables = feature_collection(schema, dim, torch.device("cpu")) if self.keys else None
+        self.tables = (
+            feature_collection(schema, dim, torch.device("cpu"), default_rows)
+            if self.keys
+            else None
+        )
 
     def forward(
         self, values: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor
@@ -307,6 +314,16 @@ class ServingModel(nn.Module):
         return torch.sigmoid(logits)
 
 
+def _with_default_row(target: torch.Tensor, trained: torch.Tensor) -> None:
+    """``target`` [n + 1, D] = the trained rows [n, D], then their mean: the default row. A
+    table that already ends in a trained default row (the user table) is copied as it is."""
+    if target.shape[0] == trained.shape[0]:
+        target.copy_(trained)
+        return
+    target[:-1].copy_(trained)
+    target[-1].copy_(trained.mean(0))
+
+
 def table_weights(model: CTRModel) -> dict[str, torch.Tensor]:
     """The full item and category tables of an unsharded model, whichever lookup layout."""
     found = {}
@@ -338,15 +355,18 @@ def build_serving_model(
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     weights = table_weights(model)
-    lookup = TableLookup(
-        weights[ITEM_TABLE].shape[0], weights[CATEGORY_TABLE].shape[0], weights[ITEM_TABLE].shape[1]
-    )
-    features = FeatureLookup(schema, weights[ITEM_TABLE].shape[1])
+    dim = weights[ITEM_TABLE].shape[1]
+    # one default row more per table: where unknown ids are looked up
+    num_items, num_categories = weights[ITEM_TABLE].shape[0], weights[CATEGORY_TABLE].shape[0]
+    lookup = TableLookup(num_items + 1, num_categories + 1, dim)
+    features = FeatureLookup(schema, dim, default_rows=True)
     with torch.no_grad():
         for name in TABLES:
-            lookup.tables.embeddings[name].weight.copy_(weights[name])
+            _with_default_row(lookup.tables.embeddings[name].weight, weights[name])
         if features.tables is not None:
-            features.tables.load_state_dict(model.embeddings.tables[FEATURES_MODULE].state_dict())
+            trained = model.embeddings.tables[FEATURES_MODULE].state_dict()
+            for key, value in features.tables.state_dict().items():
+                _with_default_row(value, trained[key])
     sizes = {"fp32": table_bytes(lookup) + table_bytes(features)}
     if quantize == "int8":
         quant_prep_customize_row_alignment(lookup, [EmbeddingCollection], INT8_ROW_ALIGNMENT)
@@ -365,5 +385,5 @@ def build_serving_model(
     parts = [lookup, features, ContextNet(decoder), head]
     for part in parts:
         part.eval()
-    serving = ServingModel(*(_script(p) for p in parts), weights[CATEGORY_TABLE].shape[0])
+    serving = ServingModel(*(_script(p) for p in parts), num_categories + 1)
     return torch.jit.script(serving.eval()), sizes

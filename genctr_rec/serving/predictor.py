@@ -5,9 +5,15 @@ and N candidate ads. With model integration the decoder output g(s, c) depends o
 history and the candidate's category, so the predictor computes it once per distinct category
 in a request and keeps it in a bounded LRU cache keyed by (history digest, category).
 
-Out-of-vocabulary policy (``oov``):
+Unknown-id policy (``oov``; ``genctr serve --unknown-ids``):
 
-* ``reject`` (default): any id outside ``[0, vocab)`` fails the request with a
+* ``default`` (the default): an id the model never saw (a new ad, a category, a feature value
+  past its vocabulary, anything outside ``[0, vocab)``) is looked up in its table's default
+  row (artifact format 3: the mean trained row). A new candidate takes the category the
+  request gives for it, else the default category, and the default item features. Each is
+  counted per field (:attr:`Predictor.unknown_ids`, ``genctr_unknown_ids`` in ``/metrics``).
+  Artifacts of format 2 have no default rows: there the policy falls back to ``reject``.
+* ``reject``: any id outside ``[0, vocab)`` fails the request with a
   :class:`RequestError` naming the field and the position (HTTP 422).
 * ``skip_history``: history entries with an unknown item or category are dropped (new items
   reach user histories before the next training run); unknown candidates and an unknown query
@@ -24,24 +30,27 @@ item features come from the artifact's catalogue for each candidate.
 """
 
 import hashlib
+import logging
 import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from genctr_rec.data.features import USER_ID
+from genctr_rec.data.catalogue import ItemCatalogue
+from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.reader import side_inputs
 from genctr_rec.data.stream import Jagged
 from genctr_rec.serving.artifact import Artifact, RequestTensors, load_artifact
 
-OOV_POLICIES = ("reject", "skip_history")
+logger = logging.getLogger(__name__)
+OOV_POLICIES = ("default", "reject", "skip_history")
 
 
 class RequestError(ValueError):
@@ -137,6 +146,29 @@ def _first_outside(array: np.ndarray, vocab: int) -> int | None:
     return int(bad[0]) if len(bad) else None
 
 
+def _with_default_item(catalogue: ItemCatalogue, schema: FeatureSchema | None) -> ItemCatalogue:
+    """The catalogue with one more item, the default one: each id feature's default row (its
+    vocab_size), each dense feature's training mean (0 once standardised)."""
+    specs = {f.name: f for f in schema.of("item")} if schema is not None else {}
+    scalars = {}
+    for name, values in catalogue.scalars.items():
+        spec = specs.get(name)
+        if spec is not None and spec.kind == "dense":
+            extra = schema.dense_stats.get(name, (0.0, 1.0))[0]
+        else:
+            extra = spec.vocab_size if spec is not None else 0
+        scalars[name] = np.append(values, np.asarray(extra, dtype=values.dtype))
+    lists = {}
+    for name, jag in catalogue.lists.items():
+        default = Jagged(
+            np.array([specs[name].vocab_size], dtype=np.int64),
+            np.zeros(1, np.int64),
+            np.ones(1, np.int64),
+        )
+        lists[name] = Jagged.concat([jag, default])
+    return ItemCatalogue(catalogue.categories, scalars, lists)
+
+
 class Predictor:
     """Loads an artifact and returns a click probability per candidate.
 
@@ -157,7 +189,7 @@ class Predictor:
         self,
         artifact: str | Path | Artifact,
         cache_size: int = 100_000,
-        oov: str = "reject",
+        oov: str = "default",
         max_candidates: int = 1000,
         max_request_history: int = 10_000,
         trust_request_categories: bool = False,
@@ -179,6 +211,29 @@ class Predictor:
         self.cache = ContextCache(cache_size) if cache_size > 0 and self.model_integration else None
         self.schema = self.artifact.features
         self.catalogue = self.artifact.catalogue
+        self.default_rows = bool(meta.get("default_rows"))
+        if oov == "default" and not self.default_rows:
+            logger.warning(
+                "%s has no default rows (format %s, before genctr-rec 0.11): unknown ids are "
+                "refused; run genctr export again to score them",
+                self.artifact.path,
+                meta.get("format_version"),
+            )
+            self.oov = "reject"
+        if self.default_rows:  # the default item: default category, default item features
+            self.item_categories = np.append(self.item_categories, self.num_categories)
+            if self.catalogue is not None:
+                self.catalogue = _with_default_item(self.catalogue, self.schema)
+        self.unknown_ids: Counter[str] = Counter()  # ids scored with a default row, by field
+        self.on_unknown: Callable[[str, int], None] | None = None  # the service's counter
+        self._unknown_lock = threading.Lock()
+
+    def _unknown(self, field_name: str, count: int) -> None:
+        if count:
+            with self._unknown_lock:
+                self.unknown_ids[field_name] += count
+            if self.on_unknown is not None:
+                self.on_unknown(field_name, count)
 
     # -- validation -------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
@@ -202,7 +257,10 @@ class Predictor:
         start = max(0, len(items) - self.max_history)  # the newest max_history entries
         items, cats = items[start:], cats[start:]
         query = int(_ids([request.query_category], "query_category_id")[0])
-        if not 0 <= query < self.num_categories:
+        if not 0 <= query < self.num_categories and self.oov == "default":
+            self._unknown("query_category_id", 1)
+            query = self.num_categories
+        elif not 0 <= query < self.num_categories:
             raise RequestError(
                 "query_category_id", f"{query} is outside [0, {self.num_categories})"
             )
@@ -214,19 +272,30 @@ class Predictor:
                 "candidates", f"{len(cand_items)} candidates; at most {self.max_candidates}"
             )
         bad = _first_outside(cand_items, self.num_items)
-        if bad is not None:
+        given_cats = request.candidate_categories
+        if bad is not None and self.oov == "default":
+            unknown = (cand_items < 0) | (cand_items >= self.num_items)
+            self._unknown("candidates.item_id", int(unknown.sum()))
+            cand_items = np.where(unknown, self.num_items, cand_items)
+        elif bad is not None:
             raise RequestError(
                 f"candidates[{bad}].item_id",
                 f"{cand_items[bad]} is outside the item vocabulary [0, {self.num_items})",
             )
-        cand_cats = self._categories(request.candidate_categories, cand_items, "candidates")
+        cand_cats = self._categories(given_cats, cand_items, "candidates")
         bad = _first_outside(cand_cats, self.num_categories)
-        if bad is not None:
+        if bad is not None and self.oov == "default":
+            unknown = (cand_cats < 0) | (cand_cats >= self.num_categories)
+            # a new item without a category has the default one already: not counted twice
+            given = unknown & (cand_cats != self.num_categories)
+            self._unknown("candidates.category_id", int(given.sum()))
+            cand_cats = np.where(unknown, self.num_categories, cand_cats)
+        elif bad is not None:
             raise RequestError(
                 f"candidates[{bad}].category_id",
                 f"{cand_cats[bad]} is outside [0, {self.num_categories})",
             )
-        if request.candidate_categories is not None and not self.trust_request_categories:
+        if given_cats is not None and not self.trust_request_categories:
             self._check_against_catalogue(cand_items, cand_cats)
         key = b""
         if self.cache is not None:
@@ -268,7 +337,11 @@ class Predictor:
                 continue
             array = _ids([value] if spec.kind == "id" else value, where)
             bad = _first_outside(array, spec.vocab_size)
-            if bad is not None:
+            if bad is not None and self.oov == "default":
+                unknown = (array < 0) | (array >= spec.vocab_size)
+                self._unknown(where, int(unknown.sum()))
+                array = np.where(unknown, spec.vocab_size, array)
+            elif bad is not None:
                 at = where if spec.kind == "id" else f"{where}[{bad}]"
                 raise RequestError(at, f"{array[bad]} is outside [0, {spec.vocab_size})")
             values[name] = array
@@ -278,7 +351,8 @@ class Predictor:
         """A candidate's category must be its catalogue's: the model was trained so, and a
         wrong one is scored silently wrong."""
         known = self.item_categories[items]
-        wrong = np.flatnonzero(cats != known)
+        # a new item (the default row) has no catalogue category to contradict
+        wrong = np.flatnonzero((cats != known) & (items < self.num_items))
         if wrong.size:
             i = int(wrong[0])
             raise RequestError(
@@ -291,7 +365,7 @@ class Predictor:
         self, given: Sequence[int | None] | None, items: np.ndarray, name: str
     ) -> np.ndarray:
         """The given categories, missing ones (None) taken from the catalogue."""
-        catalogue = self.item_categories[np.clip(items, 0, self.num_items - 1)]
+        catalogue = self.item_categories[np.clip(items, 0, len(self.item_categories) - 1)]
         if given is None:
             return catalogue.copy()
         if len(given) != len(items):
@@ -309,6 +383,11 @@ class Predictor:
         keep = item_ok & cat_ok
         if keep.all():
             return items, cats
+        if self.oov == "default":
+            self._unknown("history.item_ids", int((~item_ok).sum()))
+            self._unknown("history.category_ids", int((~cat_ok & item_ok).sum()))
+            items = np.where(item_ok, items, self.num_items)
+            return items, np.where(cat_ok, cats, self.num_categories)
         if self.oov == "skip_history":
             return items[keep], cats[keep]
         bad = int(np.flatnonzero(~keep)[0])

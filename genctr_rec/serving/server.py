@@ -336,6 +336,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
     """The ASGI application (FastAPI wrapped in the body-size limit)."""
     config = config or ServeConfig()
     telemetry = ServiceMetrics(predictor.cache.stats if predictor.cache is not None else None)
+    predictor.on_unknown = telemetry.count_unknown
     batcher = MicroBatcher(
         predictor.score_prepared,
         config.max_batch,
@@ -521,7 +522,7 @@ def serve(
     port: int = 8080,
     config: ServeConfig | None = None,
     cache_size: int = 100_000,
-    oov: str = "reject",
+    oov: str = "default",
     max_candidates: int = 1000,
     max_request_history: int = 10_000,
     trust_request_categories: bool = False,

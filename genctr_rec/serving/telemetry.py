@@ -67,6 +67,12 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.unknown_ids = Counter(
+            "genctr_unknown_ids",
+            "ids past the model's vocabulary, scored with a default row, by request field",
+            ["field"],
+            registry=self.registry,
+        )
         self._cache_stats = cache_stats
         self._cache_gauges: dict[str, Gauge] = {}
         if cache_stats is not None:
@@ -90,6 +96,11 @@ class ServiceMetrics:
             stats = self._cache_stats()
             for name, gauge in self._cache_gauges.items():
                 gauge.set(stats.get(name, 0))
+
+    def count_unknown(self, field: str, count: int) -> None:
+        """``count`` ids of ``field`` scored with a default row (field names are the
+        request's, bounded by the model's declared features)."""
+        self.unknown_ids.labels(field).inc(count)
 
     def render(self) -> tuple[bytes, str]:
         if not self.shared:

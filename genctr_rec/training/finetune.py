@@ -83,8 +83,10 @@ def finetune(
     previous = None
     if cfg.warm_start:
         if cfg.init_from:
-            raise ConfigError("--warm-start and --init-from exclude each other: a warm start "
-                              "continues a fine-tuning run, which already has its pre-training")
+            raise ConfigError(
+                "--warm-start and --init-from exclude each other: a warm start "
+                "continues a fine-tuning run, which already has its pre-training"
+            )
         previous = inherit(cfg, cfg.warm_start, explicit or {})
     elif cfg.backbone is None:
         raise ConfigError("--backbone is required (unless --warm-start gives it)")

@@ -53,9 +53,7 @@ def inherit(cfg: RunConfig, previous: str | Path, explicit: dict[str, Any]) -> R
         )
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for name, value in explicit.items():
-        theirs = (
-            getattr(prev.model, name) if name in model_fields else getattr(prev, name, value)
-        )
+        theirs = getattr(prev.model, name) if name in model_fields else getattr(prev, name, value)
         if name in model_fields or name in INHERITED:
             if value is not None and value != theirs:
                 raise ConfigError(
