@@ -38,16 +38,43 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _check_days(args: argparse.Namespace) -> bool:
+    """Whether ``--days`` asks for a day-by-day dataset (and its numbers make sense)."""
+    if args.days is None:
+        if args.window != 1:
+            raise ConfigError("--window needs --days")
+        return False
+    if args.days < 1 or args.window < 1:
+        raise ConfigError("--days and --window must be at least 1")
+    return True
+
+
+def _print_days(out: str, metas: list) -> None:
+    for meta in metas:
+        sizes = {"num_items": meta.num_items, "num_users": meta.num_users}
+        print(
+            json.dumps({"out": f"{out}/day-{meta.extra['day']:02d}", **sizes, **meta.extra["rows"]})
+        )
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     from genctr_rec.data.schema import META_FILE
     from genctr_rec.data.synth import SynthConfig, generate
     from genctr_rec.data.writer import dataset_destination
 
     cfg = SynthConfig.preset(args.preset)
+    given = set()
     for f in fields(SynthConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(cfg, f.name, value)
+            given.add(f.name)
+    if _check_days(args):
+        from genctr_rec.data.synth import daily_world, generate_days
+
+        cfg = daily_world(cfg, args.days, given)
+        _print_days(args.out, generate_days(cfg, args.out, args.days, args.window, args.overwrite))
+        return 0
     with dataset_destination(args.out, args.overwrite, META_FILE) as out:
         meta = generate(cfg, out, overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), **meta.extra["rows"]}))
@@ -59,6 +86,12 @@ def _data_movielens(args: argparse.Namespace) -> int:
     from genctr_rec.data.schema import META_FILE
     from genctr_rec.data.writer import dataset_destination
 
+    if _check_days(args):
+        metas = movielens.build_days(
+            args.out, args.days, args.window, args.source, args.max_history, args.overwrite
+        )
+        _print_days(args.out, metas)
+        return 0
     with dataset_destination(args.out, args.overwrite, META_FILE) as out:
         meta = movielens.build(
             out, args.source, args.max_history, args.test_fraction, overwrite=args.overwrite
@@ -76,8 +109,24 @@ def _data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_days_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=None,
+        help=f"write OUT/day-00 ... OUT/day-{{N-1}} from {what}: day k trains on day k and "
+        "tests on day k + 1; ids stable across days, each day's catalogue extends the last",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="with --days: train day k on the WINDOW days up to k (a sliding window)",
+    )
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    from genctr_rec.data.synth import SynthConfig
+    from genctr_rec.data.synth import DAILY_WORLD, SynthConfig
 
     data = sub.add_parser("data", help="build or check a dataset directory")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -110,6 +159,15 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
             default=None,
             help=f"{synth_help.get(name, name)} (default: the preset's)",
         )
+    for name in ("item_growth", "item_retirement", "user_growth", "interest_drift"):
+        synth.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=float,
+            default=None,
+            help=f"{synth_help.get(name, name)} (default: 0, or {DAILY_WORLD[name]} with --days)",
+        )
+    _add_days_arguments(synth, "a world that changes day by day (datasets/synth.md)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     synth.set_defaults(func=_data_synth)
 
@@ -129,6 +187,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         default=0.1,
         help="newest fraction of ratings by time that becomes test/ (default: 0.1)",
     )
+    _add_days_arguments(ml, "N + 1 periods of equal rating count, by time (datasets/movielens.md)")
     ml.add_argument("--overwrite", action="store_true", help="replace a dataset genctr wrote there")
     ml.set_defaults(func=_data_movielens)
 

@@ -28,10 +28,13 @@ RATINGS = [
 ]
 
 
-def _write_100k(folder: Path) -> Path:
+def _write_100k(folder: Path, extra: list[tuple[int, int, int, int]] = ()) -> Path:
+    """The toy ratings (and ``extra`` ones) in GroupLens' 100k layout; movie 13 and user 4
+    are described though only ``extra`` may rate or be."""
     folder.mkdir(parents=True)
-    (folder / "u.data").write_text("".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in RATINGS))
-    genres = {10: [1, 5], 11: [8], 12: []}  # Action+Comedy, Drama, none -> unknown
+    ratings = RATINGS + list(extra)
+    (folder / "u.data").write_text("".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in ratings))
+    genres = {10: [1, 5], 11: [8], 12: [], 13: [8]}  # Action+Comedy, Drama, none -> unknown
     lines = []
     for movie, flags in genres.items():
         bits = ["1" if i in flags else "0" for i in range(19)]
@@ -39,6 +42,7 @@ def _write_100k(folder: Path) -> Path:
     (folder / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
     (folder / "u.user").write_text(
         "1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|K3A1X\n"
+        "4|30|F|writer|10001\n"
     )
     return folder
 
@@ -127,3 +131,25 @@ def test_default_source_is_hash_checked_ml100k(tmp_path: Path, monkeypatch) -> N
     cached.write_bytes(cached.read_bytes()[:-10])
     with pytest.raises(Exception, match="SHA-256"):
         movielens.fetch_ml100k()
+
+
+def test_days_cut_by_time_with_ids_in_order_of_first_appearance(tmp_path: Path) -> None:
+    """`--days 2`: three periods of equal rating count; day 0's test is day 1's train; movies
+    and users numbered by first appearance, so a movie first rated late (13, by a new user 4)
+    extends the catalogue without moving any earlier id."""
+    src = _write_100k(tmp_path / "ml-100k", extra=[(4, 13, 5, 960)])
+    metas = movielens.build_days(tmp_path / "out", days=2, source=src, max_history=5)
+    day = [tmp_path / "out" / f"day-{k:02d}" for k in range(2)]
+    for d in day:
+        validate_dataset(d)
+    assert [m.num_items for m in metas] == [3, 4] and [m.num_users for m in metas] == [3, 4]
+    train = [pq.read_table(d / "train").to_pylist() for d in day]
+    test = [pq.read_table(d / "test").to_pylist() for d in day]
+    assert [r["timestamp"] for r in train[0]] == [50, 100, 150]
+    assert test[0] == train[1]  # the same rows, the same ids
+    assert [r["item_id"] for r in train[0]] == [0, 1, 2]  # movies 12, 10, 11: first seen order
+    late = next(r for r in test[1] if r["timestamp"] == 960)
+    assert (late["item_id"], late["user_id"]) == (3, 3)
+    items = [pq.read_table(d / "items.parquet").to_pylist() for d in day]
+    assert items[1][:3] == items[0]
+    assert movielens.build(tmp_path / "whole", src).num_items == 4  # the one-split recipe

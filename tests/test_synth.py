@@ -6,9 +6,19 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from genctr_rec.data.synth import SynthConfig, _Catalogue, generate
+from genctr_rec.cli import main
+from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.synth import (
+    DAY,
+    SynthConfig,
+    _Catalogue,
+    daily_world,
+    generate,
+    generate_days,
+)
 from genctr_rec.data.validate import validate_dataset
 
 
@@ -69,3 +79,87 @@ def test_sequences_hold_only_pre_test_clicks(toy_synth: Path) -> None:
     test = pq.read_table(toy_synth / "test")
     last = max(max(ts) for ts in seq["timestamps"].to_pylist() if ts)
     assert last < min(test["timestamp"].to_pylist())
+
+
+def _day_tables(root: Path, day: int) -> dict:
+    d = root / f"day-{day:02d}"
+    return {part: pq.read_table(d / part) for part in ("train", "test", "items.parquet")}
+
+
+def test_days_are_a_chain_of_valid_datasets_on_stable_ids(tmp_path: Path) -> None:
+    """`--days`: each day a valid dataset; day k's test is day k + 1's train; each catalogue
+    extends the one before (same ids, same categories); new items and users arrive and are
+    shown; every impression shows an item live on its day."""
+    cfg = daily_world(SynthConfig.preset("toy"), 3)
+    metas = generate_days(cfg, tmp_path / "world", 3)
+    days = [_day_tables(tmp_path / "world", k) for k in range(3)]
+    for k in range(3):
+        validate_dataset(tmp_path / "world" / f"day-{k:02d}")
+    sizes = [m.num_items for m in metas]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] == cfg.num_items
+    assert metas[0].num_users < metas[-1].num_users == cfg.num_users
+    for k in range(2):
+        assert days[k]["test"].equals(days[k + 1]["train"])
+        before, after = days[k]["items.parquet"], days[k + 1]["items.parquet"]
+        assert after.slice(0, before.num_rows).equals(before)
+    # items born on day 2 are shown (in day-01's test), never before
+    new = np.asarray(days[1]["test"]["item_id"]) >= sizes[0]
+    assert new.any()
+    assert (np.asarray(days[0]["train"]["item_id"]) < sizes[0]).all()
+    catalogue = _Catalogue(cfg, np.random.default_rng(cfg.seed))
+    assert metas[-1].extra["retired_items"] > 0
+    for k in range(3):
+        for part in ("train", "test"):
+            table = days[k][part]
+            items = np.asarray(table["item_id"])
+            day = np.asarray(table["timestamp"]) // DAY
+            assert (catalogue.born[items] <= day).all() and (catalogue.retired[items] > day).all()
+            hist = np.asarray(table["hist_item_ids"].combine_chunks().flatten())
+            assert hist.max() < metas[k].num_items
+
+
+def test_days_window_trains_on_the_days_up_to_k(tmp_path: Path) -> None:
+    one = generate_days(daily_world(SynthConfig.preset("toy"), 2), tmp_path / "one", 2)
+    two = generate_days(daily_world(SynthConfig.preset("toy"), 2), tmp_path / "two", 2, window=2)
+    assert two[0].extra["rows"]["train"] == one[0].extra["rows"]["train"]
+    assert two[1].extra["rows"]["train"] == sum(m.extra["rows"]["train"] for m in one)
+    assert two[1].extra["rows"]["test"] == one[1].extra["rows"]["test"]
+
+
+def _category_overlap(root: Path, last: int) -> float:
+    """Share of a returning user's last-day clicked categories also clicked on day 0."""
+
+    def clicked(table) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        rows = table.filter(pc.equal(table["label"], 1)).to_pydict()
+        for user, cat in zip(rows["user_id"], rows["category_id"], strict=True):
+            out.setdefault(user, set()).add(cat)
+        return out
+
+    first = clicked(pq.read_table(root / "day-00" / "train"))
+    final = clicked(pq.read_table(root / f"day-{last:02d}" / "test"))
+    shared = [len(final[u] & first[u]) / len(final[u]) for u in final if u in first]
+    return float(np.mean(shared))
+
+
+def test_interest_drift_moves_what_users_click(tmp_path: Path) -> None:
+    still = daily_world(SynthConfig.preset("toy"), 4, {"interest_drift"})
+    moving = daily_world(SynthConfig.preset("toy"), 4, {"interest_drift"})
+    moving.interest_drift = 0.5
+    generate_days(still, tmp_path / "still", 4)
+    generate_days(moving, tmp_path / "moving", 4)
+    assert _category_overlap(tmp_path / "moving", 3) < 0.8 * _category_overlap(
+        tmp_path / "still", 3
+    )
+
+
+def test_days_cli_writes_each_day_and_refuses_window_without_days(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "world"
+    assert main(["data", "synth", "--preset", "toy", "--days", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["day-00", "day-01"]
+    assert DatasetMeta.read(out / "day-01").extra["world"]["item_growth"] == 0.4
+    assert main(["data", "synth", "--window", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--window needs --days" in capsys.readouterr().err
+    assert main(["data", "synth", "--days", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--days and --window must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

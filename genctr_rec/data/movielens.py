@@ -326,6 +326,30 @@ def _side_features(
     return user_cols, item_cols, specs, vocab
 
 
+@dataclass
+class _Period:
+    """One dataset cut from the ratings: ``[train_from, test_from)`` trains it,
+    ``[test_from, test_until)`` tests it; movies and users below ``num_items`` / ``num_users``
+    are its catalogue."""
+
+    directory: Path
+    train_from: int
+    test_from: int
+    test_until: int
+    num_items: int
+    num_users: int
+    extra: dict = field(default_factory=dict)
+
+
+def _first_seen(index: np.ndarray, ts: np.ndarray, size: int) -> np.ndarray:
+    """New id of each of ``size`` entities, numbered in order of first appearance in time."""
+    first = np.full(size, np.iinfo(np.int64).max)
+    np.minimum.at(first, index, ts)
+    rank = np.empty(size, dtype=np.int64)
+    rank[np.lexsort((np.arange(size), first))] = np.arange(size)
+    return rank
+
+
 def convert(
     ratings: Ratings,
     out: str | Path,
@@ -334,18 +358,93 @@ def convert(
     source_name: str = "movielens",
     overwrite: bool = False,
 ) -> DatasetMeta:
-    """Write ``ratings`` in the public format (atomically)."""
+    """Write ``ratings`` in the public format (atomically): the last ``test_fraction`` of
+    ratings by time is the test split, on a timestamp boundary so that every test timestamp
+    is strictly later than every train timestamp."""
+    order_ts = np.sort(ratings.timestamp)
+    split_time = int(order_ts[int(len(order_ts) * (1 - test_fraction))])
+    if split_time <= order_ts[0]:
+        raise DataFormatError(source_name, "cannot split by time: too few distinct timestamps")
+    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
+        end = np.iinfo(np.int64).max
+        period = _Period(tmp, 0, split_time, end, 0, 0, {"test_fraction": test_fraction})
+        return _write(ratings, [period], max_history, source_name, by_appearance=False)[0]
+
+
+def convert_days(
+    ratings: Ratings,
+    out: str | Path,
+    days: int,
+    window: int = 1,
+    max_history: int = 50,
+    source_name: str = "movielens",
+    overwrite: bool = False,
+) -> list[DatasetMeta]:
+    """``genctr data movielens --days N``: the ratings cut by time into ``N + 1`` periods of
+    equal count (on timestamp boundaries), written as ``out/day-00`` ...: period k (the
+    ``window`` periods up to k) trains day k, period k + 1 tests it. Movies and users are
+    numbered in order of first appearance, so each day's catalogue extends the day before's
+    and ids are stable across days."""
+    from contextlib import ExitStack
+
+    from genctr_rec.data.writer import dataset_destination
+    from genctr_rec.storage import location
+
+    if days < 1 or window < 1:
+        raise ValueError("--days and --window must be at least 1")
+    ts = np.sort(ratings.timestamp)
+    cuts = [int(ts[0])]
+    cuts += [int(ts[len(ts) * k // (days + 1)]) for k in range(1, days + 1)]
+    cuts.append(int(ts[-1]) + 1)
+    if len(set(cuts)) != len(cuts):
+        raise DataFormatError(source_name, f"cannot cut {days + 1} periods: too few timestamps")
+    _, movie_index = np.unique(ratings.movie, return_inverse=True)
+    _, user_index = np.unique(ratings.user, return_inverse=True)
+    with ExitStack() as stack:
+        periods = []
+        for k in range(days):
+            target = location(out) / f"day-{k:02d}"
+            local = stack.enter_context(dataset_destination(target, overwrite, META_FILE))
+            tmp = stack.enter_context(atomic_directory(local, overwrite, META_FILE))
+            before = ratings.timestamp < cuts[k + 2]
+            periods.append(
+                _Period(
+                    tmp,
+                    cuts[max(0, k + 1 - window)],
+                    cuts[k + 1],
+                    cuts[k + 2],
+                    len(np.unique(movie_index[before])),
+                    len(np.unique(user_index[before])),
+                    {"day": k, "window_days": window, "period_starts": cuts},
+                )
+            )
+        return _write(ratings, periods, max_history, source_name, by_appearance=True)
+
+
+def _write(
+    ratings: Ratings,
+    periods: list[_Period],
+    max_history: int,
+    source_name: str,
+    by_appearance: bool,
+) -> list[DatasetMeta]:
+    """Histories over the whole timeline, then each period's rows; returns their metadata."""
     genre_names = sorted(set(ratings.movie_genre.values()))
     genre_index = {g: i for i, g in enumerate(genre_names)}
-    movies = np.unique(ratings.movie)
-    item_of = {m: i for i, m in enumerate(movies.tolist())}
+    ts = ratings.timestamp
+    movies, movie_index = np.unique(ratings.movie, return_inverse=True)
+    users, user_index = np.unique(ratings.user, return_inverse=True)
+    if by_appearance:  # renumber: ids in order of first appearance
+        movie_rank = _first_seen(movie_index, ts, len(movies))
+        user_rank = _first_seen(user_index, ts, len(users))
+        movies[movie_rank] = movies.copy()
+        users[user_rank] = users.copy()
+        movie_index, user_index = movie_rank[movie_index], user_rank[user_index]
     item_category = np.array([genre_index[ratings.movie_genre[m]] for m in movies.tolist()])
-    users = np.unique(ratings.user)
-    user_id = np.searchsorted(users, ratings.user)
-    item = np.array([item_of[m] for m in ratings.movie.tolist()], dtype=np.int64)
+    user_id = user_index.astype(np.int64)
+    item = movie_index.astype(np.int64)
     category = item_category[item]
     label = (ratings.rating >= 4).astype(np.int8)
-    ts = ratings.timestamp
     user_cols, item_cols, specs, vocab = _side_features(ratings, users, movies)
     impression_schema = IMPRESSION_WRITE_SCHEMA
     for name, column in user_cols.items():
@@ -355,13 +454,6 @@ def convert(
     items_schema = ITEMS_SCHEMA
     for name, column in item_cols.items():
         items_schema = items_schema.append(pa.field(name, column.type))
-
-    # global time split: test = the last `test_fraction` of ratings by time, on a timestamp
-    # boundary so that every test timestamp is strictly later than every train timestamp
-    order_ts = np.sort(ts)
-    split_time = int(order_ts[int(len(ts) * (1 - test_fraction))])
-    if split_time <= order_ts[0]:
-        raise DataFormatError(source_name, "cannot split by time: too few distinct timestamps")
 
     # per user, time-ordered: clicks before each rating (strictly earlier timestamp)
     order = np.lexsort((ts, user_id))
@@ -376,17 +468,26 @@ def convert(
     starts, lengths = suffix_ranges(click_start[u], ends, max_history)
     idx = gather_ranges(starts, lengths)
     offsets = lengths_to_offsets(lengths)
-    is_test = t >= split_time
 
-    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
+    metas = []
+    for period in periods:
+        num_items = period.num_items or len(movies)
+        num_users = period.num_users or n_users
+        tmp = period.directory
         pq.write_table(
             pa.table(
-                {"item_id": np.arange(len(movies)), "category_id": item_category, **item_cols},
+                {
+                    "item_id": np.arange(num_items),
+                    "category_id": item_category[:num_items],
+                    **{name: column[:num_items] for name, column in item_cols.items()},
+                },
                 schema=items_schema,
             ),
             tmp / ITEMS_FILE,
         )
-        for split, mask in (("train", ~is_test), ("test", is_test)):
+        is_train = (t >= period.train_from) & (t < period.test_from)
+        is_test = (t >= period.test_from) & (t < period.test_until)
+        for split, mask in (("train", is_train), ("test", is_test)):
             rows = np.flatnonzero(mask)
             sub_off = lengths_to_offsets(lengths[rows])
             sub_idx = gather_ranges(offsets[rows], lengths[rows])
@@ -408,7 +509,7 @@ def convert(
             )
             with PartitionWriter(tmp / split, impression_schema, 16_384) as writer:
                 writer.write(table)
-        before = c_ts < split_time
+        before = c_ts < period.test_from
         seq_len = np.bincount(c_user[before], minlength=n_users)
         has = seq_len > 0
         seq_off = lengths_to_offsets(seq_len[has])
@@ -424,27 +525,35 @@ def convert(
         with PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, 16_384) as writer:
             writer.write(seq)
         meta = DatasetMeta(
-            num_items=len(movies),
+            num_items=num_items,
             num_categories=len(genre_names),
             max_history=max_history,
             source=source_name,
-            num_users=n_users,
+            num_users=num_users,
             features=specs,
             extra={
                 "categories": genre_names,
                 "vocabularies": vocab,
-                "split_time": split_time,
+                "split_time": period.test_from,
                 "click_threshold": 4,
-                "test_fraction": test_fraction,
+                **period.extra,
                 "rows": {
-                    "train": int((~is_test).sum()),
+                    "train": int(is_train.sum()),
                     "test": int(is_test.sum()),
                     "sequences": int(has.sum()),
                 },
             },
         )
         meta.write(tmp)
-    return meta
+        metas.append(meta)
+    return metas
+
+
+def _source(source: str | Path | None) -> tuple[Path, str]:
+    path = Path(source) if source else fetch_ml100k()
+    if not path.exists():
+        raise DataFormatError(path, "MovieLens source does not exist")
+    return path, "movielens-1m" if "1m" in path.name.lower() else "movielens-100k"
 
 
 def build(
@@ -455,8 +564,18 @@ def build(
     overwrite: bool = False,
 ) -> DatasetMeta:
     """``genctr data movielens``: from ``source`` (folder or zip) or the cached ml-100k."""
-    path = Path(source) if source else fetch_ml100k()
-    if not path.exists():
-        raise DataFormatError(path, "MovieLens source does not exist")
-    name = "movielens-1m" if "1m" in path.name.lower() else "movielens-100k"
+    path, name = _source(source)
     return convert(load_ratings(path), out, max_history, test_fraction, name, overwrite)
+
+
+def build_days(
+    out: str | Path,
+    days: int,
+    window: int = 1,
+    source: str | Path | None = None,
+    max_history: int = 50,
+    overwrite: bool = False,
+) -> list[DatasetMeta]:
+    """``genctr data movielens --days N``: see :func:`convert_days`."""
+    path, name = _source(source)
+    return convert_days(load_ratings(path), out, days, window, max_history, name, overwrite)

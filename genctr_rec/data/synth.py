@@ -73,6 +73,15 @@ class SynthConfig:
         organic_clicks: organic click slots per session (1..3), each taken with
             ``organic_prob``; the last is in the query category, the others in favourites.
         side_features: declare and plant the user and item side features above.
+        item_growth: share of the catalogue born after day 0 (evenly over the later days); ids
+            are in order of birth, so each day's catalogue extends the day before's. The
+            world knobs (``item_growth``, ``item_retirement``, ``user_growth``,
+            ``interest_drift``) are 0 in every preset: a one-dataset world is static.
+        item_retirement: daily chance that a live item is withdrawn (never shown again); one
+            item per category never retires.
+        user_growth: share of users born after day 0; user ids are in order of birth.
+        interest_drift: daily chance that each favourite category of a user is replaced by
+            a fresh one (with a fresh style).
         seed: everything is a function of this seed.
         users_per_chunk: users simulated at once (bounds memory).
     """
@@ -92,6 +101,10 @@ class SynthConfig:
     organic_clicks: int = 3
     organic_prob: float = 0.7
     side_features: bool = True
+    item_growth: float = 0.0
+    item_retirement: float = 0.0
+    user_growth: float = 0.0
+    interest_drift: float = 0.0
     seed: int = 2025
     users_per_chunk: int = 8_192
     row_group_size: int = 65_536
@@ -113,9 +126,25 @@ class SynthConfig:
             raise ValueError(f"unknown synth preset {name!r}; choose from {sorted(presets)}")
         return presets[name]
 
+    @property
+    def changing(self) -> bool:
+        """Whether the world changes from day to day (items or users born or retired, or
+        interests drifting): the simulator then samples from each day's live catalogue."""
+        return (
+            self.item_growth > 0
+            or self.item_retirement > 0
+            or self.user_growth > 0
+            or self.interest_drift > 0
+        )
+
 
 class _Catalogue:
-    """Items with categories, styles and popularity, and vectorised samplers over them."""
+    """Items with categories, styles and popularity, and vectorised samplers over them.
+
+    In a changing world every item has a birth day and a retirement day, and the samplers draw
+    from the items live on the session's day (groups are day x category); in a static world
+    there is one day and the draws are exactly those of a world without days.
+    """
 
     def __init__(self, cfg: SynthConfig, rng: np.random.Generator) -> None:
         n_items, n_cat, n_sty = cfg.num_items, cfg.num_categories, cfg.num_styles
@@ -133,25 +162,72 @@ class _Catalogue:
         self.style = rng.integers(0, n_sty, size=n_items)
         self.popularity = rng.normal(0.0, 1.0, size=n_items)
         self.vector = rng.normal(0.0, 1.0, size=(n_items, 8)).astype(np.float32)
-        weight = np.exp(self.popularity)
-        self._cat_sampler = _GroupSampler(self.category, weight, n_cat)
+        self.born = np.zeros(n_items, dtype=np.int64)
+        self.retired = np.full(n_items, np.iinfo(np.int64).max)
+        days = 1
+        if cfg.changing:
+            days = cfg.days
+            self._age(cfg)
+        live = (self.born[None, :] <= np.arange(days)[:, None]) & (
+            self.retired[None, :] > np.arange(days)[:, None]
+        )
+        weight = np.exp(self.popularity)[None, :] * live  # [day, item]
+        day_of = np.repeat(np.arange(days), n_items)
+        self._item_of = np.tile(np.arange(n_items), days)
+        day_cat = day_of * n_cat + self.category[self._item_of]
+        self._cat_sampler = _GroupSampler(day_cat, weight.reshape(-1), days * n_cat)
         self._style_sampler = _GroupSampler(
-            self.category * n_sty + self.style, weight, n_cat * n_sty
+            day_cat * n_sty + self.style[self._item_of], weight.reshape(-1), days * n_cat * n_sty
         )
         self.num_styles = n_sty
+        self.num_categories = n_cat
 
-    def sample_in_category(self, rng: np.random.Generator, category: np.ndarray) -> np.ndarray:
-        return self._cat_sampler.sample(rng, category)
+    def _age(self, cfg: SynthConfig) -> None:
+        """Birth and retirement days, from their own stream; ids are renumbered in order of
+        birth (stable), so a day's catalogue is a prefix of the next day's."""
+        rng = np.random.default_rng([cfg.seed, 11])
+        n_items = cfg.num_items
+        anchor = np.zeros(n_items, dtype=bool)  # one item per category: live from day 0, always
+        anchor[np.unique(self.category, return_index=True)[1]] = True
+        born = np.where(
+            rng.random(n_items) < cfg.item_growth, rng.integers(1, max(2, cfg.days), n_items), 0
+        )
+        born[anchor] = 0
+        life = rng.geometric(cfg.item_retirement, n_items) if cfg.item_retirement > 0 else None
+        retired = np.iinfo(np.int64).max if life is None else born + life
+        retired = np.where(anchor, np.iinfo(np.int64).max, retired)
+        order = np.argsort(born, kind="stable")
+        self.category, self.style = self.category[order], self.style[order]
+        self.popularity, self.vector = self.popularity[order], self.vector[order]
+        self.born = born[order]
+        self.retired = np.broadcast_to(retired, (n_items,))[order].copy()
+
+    def items_by(self, day: int) -> int:
+        """Catalogue size once ``day`` has begun (items born on it or before)."""
+        return int(np.searchsorted(self.born, day, side="right"))
+
+    def sample_in_category(
+        self, rng: np.random.Generator, category: np.ndarray, day: np.ndarray | int = 0
+    ) -> np.ndarray:
+        return self._item(self._cat_sampler.sample(rng, day * self.num_categories + category))
 
     def sample_in_style(
-        self, rng: np.random.Generator, category: np.ndarray, style: np.ndarray
+        self,
+        rng: np.random.Generator,
+        category: np.ndarray,
+        style: np.ndarray,
+        day: np.ndarray | int = 0,
     ) -> np.ndarray:
-        group = category * self.num_styles + style
-        items = self._style_sampler.sample(rng, group)
+        group = (day * self.num_categories + category) * self.num_styles + style
+        items = self._item(self._style_sampler.sample(rng, group))
         empty = items < 0  # a (category, style) group with no item: fall back to the category
         if empty.any():
-            items[empty] = self._cat_sampler.sample(rng, category[empty])
+            day_empty = day[empty] if isinstance(day, np.ndarray) else day
+            items[empty] = self.sample_in_category(rng, category[empty], day_empty)
         return items
+
+    def _item(self, entry: np.ndarray) -> np.ndarray:
+        return np.where(entry < 0, -1, self._item_of[np.maximum(entry, 0)])
 
 
 IMPRESSION_SIDE_SCHEMA = (
@@ -252,13 +328,28 @@ def _simulate_chunk(
     style = rng.integers(0, cfg.num_styles, size=(n, F))
     user_vec = rng.normal(0.0, 1.0, size=(n, 8)).astype(np.float32)
     n_sessions = rng.integers(cfg.min_sessions, cfg.max_sessions + 1, size=n)
-    span = cfg.days * DAY - 4 * S
-    times = np.sort(rng.integers(0, span, size=(n, S)), axis=1) + 4 * np.arange(S)  # strictly up
+    activity = n_sessions  # sessions over a whole life: the side features' activity
+    if cfg.changing:  # a user's sessions fall between their birth day and the world's end
+        birth = user_birth_days(cfg)[first_user : first_user + n]
+        # sessions in proportion to the days a user lives: activity per day does not depend
+        # on when the user arrived
+        lived = (cfg.days - birth) / cfg.days
+        n_sessions = np.maximum(1, np.round(n_sessions * lived)).astype(np.int64)
+        start = birth * DAY
+        span = cfg.days * DAY - 4 * S - start
+        offset = np.floor(rng.random((n, S)) * span[:, None]).astype(np.int64)
+        times = start[:, None] + np.sort(offset, axis=1) + 4 * np.arange(S)
+        drift = np.random.default_rng([cfg.seed, 13, first_user])
+    else:
+        span = cfg.days * DAY - 4 * S
+        times = np.sort(rng.integers(0, span, size=(n, S)), axis=1) + 4 * np.arange(S)
+    # (strictly increasing times)
+    session_day = times // DAY if cfg.changing else np.zeros((n, S), dtype=np.int64)
     # a random subset of the time-sorted session slots is active: activity stays uniform in time
     active = np.argsort(np.argsort(rng.random((n, S)), axis=1), axis=1) < n_sessions[:, None]
     rows = np.arange(n)
     pos_bias = -0.35 * np.arange(A)
-    user_side = side.users(cfg, first_user, n_sessions) if side is not None else None
+    user_side = side.users(cfg, first_user, activity) if side is not None else None
 
     # events per session: G organic clicks (at t-G..t-1), then A ad clicks (at t)
     G = cfg.organic_clicks
@@ -269,6 +360,14 @@ def _simulate_chunk(
     imp = {k: np.zeros((n, S, A), dtype=np.int64) for k in ("item", "cat", "query", "label", "pos")}
 
     for s in range(S):
+        day = session_day[:, s]
+        if cfg.interest_drift > 0 and s > 0:  # each day passed may replace a favourite
+            days_passed = (day - session_day[:, s - 1])[:, None]
+            replace = drift.random((n, F)) < 1 - (1 - cfg.interest_drift) ** days_passed
+            fresh = drift.choice(cfg.num_categories, size=(n, F), p=cat.category_prob)
+            fresh_ok = replace & ~(fresh[:, :, None] == favourites[:, None, :]).any(axis=2)
+            favourites = np.where(fresh_ok, fresh, favourites)
+            style = np.where(fresh_ok, drift.integers(0, cfg.num_styles, size=(n, F)), style)
         switch = rng.random((n, F)) < cfg.style_switch_prob
         style = np.where(switch, rng.integers(0, cfg.num_styles, size=(n, F)), style)
         slot = (rng.random((n, 1)) < fav_weight.cumsum(axis=1)).argmax(axis=1)
@@ -292,7 +391,7 @@ def _simulate_chunk(
             else:
                 o_slot = (rng.random((n, 1)) < fav_weight.cumsum(axis=1)).argmax(axis=1)
                 o_cat, o_style = favourites[rows, o_slot], style[rows, o_slot]
-            ev_item[:, s, j] = cat.sample_in_style(rng, o_cat, o_style)
+            ev_item[:, s, j] = cat.sample_in_style(rng, o_cat, o_style, day)
             ev_cat[:, s, j] = o_cat
             ev_time[:, s, j] = times[:, s] - G + j
             ev_valid[:, s, j] = (rng.random(n) < cfg.organic_prob) & active[:, s]
@@ -302,7 +401,8 @@ def _simulate_chunk(
             query[:, None],
             rng.choice(cfg.num_categories, size=(n, A), p=cat.category_prob),
         )
-        ad_item = cat.sample_in_category(rng, ad_cat.reshape(-1)).reshape(n, A)
+        ad_day = np.repeat(day, A)
+        ad_item = cat.sample_in_category(rng, ad_cat.reshape(-1), ad_day).reshape(n, A)
         is_fav = favourites[:, None, :] == ad_cat[:, :, None]  # (n, A, F)
         fav_style = np.take_along_axis(style, is_fav.argmax(axis=2), axis=1)
         match = is_fav.any(axis=2) & (fav_style == cat.style[ad_item])
@@ -420,64 +520,184 @@ def _sequence_table(clicks: dict[str, np.ndarray], split_time: int) -> pa.Table:
     )
 
 
+@dataclass
+class _Split:
+    """One dataset the simulation feeds: impressions in ``[train_from, test_from)`` train it,
+    ``[test_from, test_until)`` test it, clicks before ``test_from`` are its sequences."""
+
+    directory: Path
+    train_from: int
+    test_from: int
+    test_until: int
+    num_items: int
+    num_users: int
+    extra: dict
+
+
+def user_birth_days(cfg: SynthConfig) -> np.ndarray:
+    """Each user's first day (non-decreasing in the id), from its own stream; all 0 in a static
+    world."""
+    if not cfg.changing:
+        return np.zeros(cfg.num_users, dtype=np.int64)
+    rng = np.random.default_rng([cfg.seed, 12])
+    later = rng.random(cfg.num_users) < cfg.user_growth
+    return np.sort(np.where(later, rng.integers(1, max(2, cfg.days), cfg.num_users), 0))
+
+
 def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> DatasetMeta:
-    """Simulate and write a dataset directory atomically. Returns its metadata."""
+    """Simulate and write a dataset directory atomically: the last day is the test split.
+    Returns its metadata."""
+    split_time = (cfg.days - 1) * DAY
+    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
+        split = _Split(tmp, 0, split_time, np.iinfo(np.int64).max, cfg.num_items, cfg.num_users, {})
+        return _simulate(cfg, [split])[0]
+
+
+DAILY_WORLD = {
+    "item_growth": 0.4,
+    "item_retirement": 0.04,
+    "user_growth": 0.4,
+    "interest_drift": 0.1,
+}
+
+
+def daily_world(cfg: SynthConfig, days: int, given: set[str] = frozenset()) -> SynthConfig:
+    """``cfg`` made a changing world over ``days + 1`` days: the world knobs not in ``given``
+    take ``DAILY_WORLD``'s values, and unless given, sessions per user scale with the days so
+    a day holds as many impressions as a day of the preset's 4-day world."""
+    for name, value in DAILY_WORLD.items():
+        if name not in given:
+            setattr(cfg, name, value)
+    scale = (days + 1) / cfg.days
+    for name in ("min_sessions", "max_sessions"):
+        if name not in given:
+            setattr(cfg, name, max(1, round(getattr(cfg, name) * scale)))
+    return cfg
+
+
+def generate_days(
+    cfg: SynthConfig, out: str | Path, days: int, window: int = 1, overwrite: bool = False
+) -> list[DatasetMeta]:
+    """``genctr data synth --days N``: one world simulated over ``N + 1`` days, written as
+    ``out/day-00`` ... ``out/day-{N-1}``, each a complete dataset: day k's impressions (the
+    ``window`` days up to k with ``window > 1``) train it, day k + 1's test it, its catalogue
+    and users are those born by day k + 1 (ids stable across days). Each directory is
+    published atomically; a day already there is replaced only with ``overwrite``."""
+    from contextlib import ExitStack
+
+    from genctr_rec.data.writer import dataset_destination
+    from genctr_rec.storage import location
+
+    if days < 1 or window < 1:
+        raise ValueError("--days and --window must be at least 1")
+    cfg.days = days + 1
+    catalogue = _Catalogue(cfg, np.random.default_rng(cfg.seed))  # for the sizes only
+    births = user_birth_days(cfg)
+    world = {
+        k: getattr(cfg, k)
+        for k in ("item_growth", "item_retirement", "user_growth", "interest_drift")
+    }
+    with ExitStack() as stack:
+        splits = []
+        for k in range(days):
+            target = location(out) / f"day-{k:02d}"
+            local = stack.enter_context(dataset_destination(target, overwrite, META_FILE))
+            tmp = stack.enter_context(
+                atomic_directory(local, overwrite=overwrite, marker=META_FILE)
+            )
+            live = (catalogue.born <= k) & (catalogue.retired > k)
+            splits.append(
+                _Split(
+                    tmp,
+                    max(0, k + 1 - window) * DAY,
+                    (k + 1) * DAY,
+                    (k + 2) * DAY,
+                    catalogue.items_by(k + 1),
+                    int(np.searchsorted(births, k + 1, side="right")),
+                    {
+                        "day": k,
+                        "window_days": window,
+                        "world": world,
+                        "live_items": int(live.sum()),
+                        "new_items": int((catalogue.born == k + 1).sum()),
+                        "retired_items": int((catalogue.retired <= k).sum()),
+                        "new_users": int((births == k + 1).sum()),
+                    },
+                )
+            )
+        return _simulate(cfg, splits)
+
+
+def _simulate(cfg: SynthConfig, splits: list[_Split]) -> list[DatasetMeta]:
+    """Simulate every user once and write each split's rows; returns each split's metadata."""
+    import pyarrow.parquet as pq
+
     rng = np.random.default_rng(cfg.seed)
     catalogue = _Catalogue(cfg, rng)
     side = _SideFeatures(cfg) if cfg.side_features else None
-    split_time = (cfg.days - 1) * DAY
-    counts = {"train": 0, "test": 0, "sequences": 0, "clicks": 0}
-    impression_schema = IMPRESSION_WRITE_SCHEMA
-    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
-        columns = {
-            "item_id": np.arange(cfg.num_items, dtype=np.int64),
-            "category_id": catalogue.category,
-        }
+    impression_schema = IMPRESSION_SIDE_SCHEMA if side is not None else IMPRESSION_WRITE_SCHEMA
+    counts = [{"train": 0, "test": 0, "sequences": 0, "clicks": 0} for _ in splits]
+    writers = []
+    for split in splits:
+        n = split.num_items
+        columns = {"item_id": np.arange(n, dtype=np.int64), "category_id": catalogue.category[:n]}
         items_schema = ITEMS_SCHEMA
         if side is not None:
-            columns["item_tier"] = side.item_tier.astype(np.int64)
+            columns["item_tier"] = side.item_tier[:n].astype(np.int64)
             items_schema = items_schema.append(pa.field("item_tier", pa.int64()))
-            impression_schema = IMPRESSION_SIDE_SCHEMA
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table(columns, schema=items_schema), tmp / ITEMS_FILE, compression="zstd")
-        writers = {
-            "train": PartitionWriter(tmp / "train", impression_schema, cfg.row_group_size),
-            "test": PartitionWriter(tmp / "test", impression_schema, cfg.row_group_size),
-            "sequences": PartitionWriter(tmp / "sequences", SEQUENCE_SCHEMA, cfg.row_group_size),
-        }
-        progress = Progress(f"simulating {out}", cfg.num_users, "user")
-        try:
-            for first in range(0, cfg.num_users, cfg.users_per_chunk):
-                n = min(cfg.users_per_chunk, cfg.num_users - first)
-                chunk_rng = np.random.default_rng([cfg.seed, first])
-                imp, clicks = _simulate_chunk(cfg, catalogue, chunk_rng, first, n, side)
-                is_test = imp["timestamp"] >= split_time
-                for split, mask in (("train", ~is_test), ("test", is_test)):
+        pq.write_table(
+            pa.table(columns, schema=items_schema), split.directory / ITEMS_FILE, compression="zstd"
+        )
+        writers.append(
+            {
+                part: PartitionWriter(split.directory / part, schema, cfg.row_group_size)
+                for part, schema in (
+                    ("train", impression_schema),
+                    ("test", impression_schema),
+                    ("sequences", SEQUENCE_SCHEMA),
+                )
+            }
+        )
+    progress = Progress("simulating", cfg.num_users, "user")
+    try:
+        for first in range(0, cfg.num_users, cfg.users_per_chunk):
+            n = min(cfg.users_per_chunk, cfg.num_users - first)
+            chunk_rng = np.random.default_rng([cfg.seed, first])
+            imp, clicks = _simulate_chunk(cfg, catalogue, chunk_rng, first, n, side)
+            for split, writer, count in zip(splits, writers, counts, strict=True):
+                ts = imp["timestamp"]
+                is_train = (ts >= split.train_from) & (ts < split.test_from)
+                is_test = (ts >= split.test_from) & (ts < split.test_until)
+                for part, mask in (("train", is_train), ("test", is_test)):
                     if mask.any():
-                        writers[split].write(_impression_table(imp, clicks, mask, cfg.max_history))
-                        counts[split] += int(mask.sum())
-                seq = _sequence_table(clicks, split_time)
-                writers["sequences"].write(seq)
-                counts["sequences"] += seq.num_rows
-                counts["clicks"] += int(clicks["count"].sum())
-                progress.update(n, impressions=f"{counts['train'] + counts['test']:,}")
-        finally:
-            progress.close()
-            for writer in writers.values():
-                writer.close()
+                        writer[part].write(_impression_table(imp, clicks, mask, cfg.max_history))
+                        count[part] += int(mask.sum())
+                seq = _sequence_table(clicks, split.test_from)
+                writer["sequences"].write(seq)
+                count["sequences"] += seq.num_rows
+                count["clicks"] += int((clicks["time"] < split.test_until).sum())
+            progress.update(n, impressions=f"{sum(c['train'] for c in counts):,}")
+    finally:
+        progress.close()
+        for writer in writers:
+            for part in writer.values():
+                part.close()
+    metas = []
+    for split, count in zip(splits, counts, strict=True):
         meta = DatasetMeta(
-            num_items=cfg.num_items,
+            num_items=split.num_items,
             num_categories=cfg.num_categories,
             max_history=cfg.max_history,
             source="synth",
-            num_users=cfg.num_users,
+            num_users=split.num_users,
             features=list(SIDE_FEATURES) if side is not None else [],
             extra={
                 "synth_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-                "split_time": split_time,
-                "rows": counts,
+                "split_time": split.test_from,
+                "rows": count,
+                **split.extra,
             },
         )
-        meta.write(tmp)
-    return meta
+        meta.write(split.directory)
+        metas.append(meta)
+    return metas
