@@ -338,7 +338,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # the arguments that take a directory or an object-storage URL (s3://bucket/prefix)
-URL_ARGUMENTS = ("data", "out", "init_from", "warm_start", "run", "artifact")
+URL_ARGUMENTS = ("models", "data", "out", "init_from", "warm_start", "run", "artifact")
 URL_NOTE = "; a local path or s3://bucket/prefix"
 DATA_HELP = "dataset directory in the public format (docs/data-format.md)" + URL_NOTE
 WARM_START_HELP = (
@@ -454,6 +454,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.shutdown_timeout,
             workers=args.workers,
             score_on=args.score_on,
+            poll_s=args.poll_s,
         ),
         args.cache_size,
         args.oov,
@@ -488,7 +489,16 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         "--artifact",
         required=True,
         help="directory written by genctr export, or its s3:// URL (downloaded once to "
-        "GENCTR_CACHE, default ~/.cache/genctr-rec, and verified)",
+        "GENCTR_CACHE, default ~/.cache/genctr-rec, and verified); or a directory of versions "
+        "MODELS/<version>/ (genctr export --out MODELS/<version>): the pinned version (genctr "
+        "models pin), else the newest, swapped in without a pause as new ones arrive",
+    )
+    srv.add_argument(
+        "--poll-s",
+        type=float,
+        default=30.0,
+        help="with a directory of versions: seconds between checks for a new or pinned one "
+        "(0: never; default: 30)",
     )
     srv.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
@@ -565,10 +575,50 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     srv.set_defaults(func=_serve)
 
 
+def _models(args: argparse.Namespace) -> int:
+    from genctr_rec.serving.versions import ModelSource
+
+    source = ModelSource(args.models)
+    if args.models_command == "pin":
+        source.pin(args.version)
+    elif args.models_command == "unpin":
+        source.unpin()
+    versions = source.versions()
+    print(
+        json.dumps(
+            {
+                "models": args.models,
+                "versions": versions,
+                "pinned": source.pinned(),
+                "serving": source.target(),
+            }
+        )
+    )
+    return 0
+
+
+def _add_models_command(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser(
+        "models", help="a directory of versioned artifacts: list, pin (roll back), unpin"
+    )
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, text in (
+        ("list", "the complete versions, the pinned one, the one servers serve"),
+        ("pin", "serve VERSION on every server watching MODELS (checked first): a rollback"),
+        ("unpin", "serve the newest complete version again"),
+    ):
+        command = models_sub.add_parser(name, help=text)
+        command.add_argument("models", help="directory of versions MODELS/<version>/" + URL_NOTE)
+        if name == "pin":
+            command.add_argument("version", help="a complete version under MODELS")
+        command.set_defaults(func=_models)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_data_commands,
     _add_training_commands,
     _add_serving_commands,
+    _add_models_command,
     _add_pipeline_command,
 ]
 

@@ -41,8 +41,7 @@ def _write_100k(folder: Path, extra: list[tuple[int, int, int, int]] = ()) -> Pa
         lines.append("|".join([str(movie), f"Movie {movie}", "01-Jan-1995", "", "url"] + bits))
     (folder / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
     (folder / "u.user").write_text(
-        "1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|K3A1X\n"
-        "4|30|F|writer|10001\n"
+        "1|24|M|technician|85711\n2|53|F|other|94043\n3|23|M|writer|K3A1X\n4|30|F|writer|10001\n"
     )
     return folder
 

@@ -39,9 +39,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genctr_rec.serving.predictor import Predictor, PreparedRequest, RequestError
 from genctr_rec.serving.predictor import Request as ScoringRequest
+from genctr_rec.serving.swap import ModelWatcher, watch
 from genctr_rec.serving.telemetry import MeasuredApp, ServiceMetrics
+from genctr_rec.serving.versions import ServedModel
 
 logger = logging.getLogger(__name__)
+VERSION_HEADER = "x-genctr-model-version"
+VERSION_HEADER_BYTES = VERSION_HEADER.encode()
 
 
 class History(BaseModel):
@@ -97,6 +101,7 @@ class ServeConfig:
     shutdown_timeout_s: float = 30.0
     warm_up_rounds: int = 3
     workers: int = 1
+    poll_s: float = 30.0  # how often a directory of versions is checked for a new one
     score_on: str = "thread"  # SCORE_ON: where a batch runs (MicroBatcher)
 
 
@@ -153,7 +158,9 @@ class ScoreFastPath:
     route.
     """
 
-    def __init__(self, app: Callable, score: Callable[[ScoreBody], Awaitable[np.ndarray]]):
+    def __init__(
+        self, app: Callable, score: Callable[[ScoreBody], tuple[str, Awaitable[np.ndarray]]]
+    ):
         self.app = app
         self.score = score
 
@@ -171,7 +178,7 @@ class ScoreFastPath:
             return
         try:
             request = ScoreBody.model_validate_json(body)
-            scoring = self.score(request)
+            version, scoring = self.score(request)
         except (ValidationError, RequestError):
             await self.app(scope, replaying(body, receive), send)  # FastAPI's own answer
             return
@@ -183,6 +190,7 @@ class ScoreFastPath:
                 "headers": [
                     (b"content-length", str(len(content)).encode()),
                     (b"content-type", b"application/json"),
+                    (VERSION_HEADER_BYTES, version.encode()),
                 ],
             }
         )
@@ -284,16 +292,20 @@ class MicroBatcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    def submit(self, prepared: PreparedRequest) -> Awaitable[np.ndarray]:
+    def submit(
+        self, prepared: PreparedRequest, score_batch: Callable | None = None
+    ) -> Awaitable[np.ndarray]:
+        """Queue ``prepared``; ``score_batch``: the model that took it (the service's models
+        change while requests wait: each is scored by the one that prepared it)."""
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((prepared, future))
+        self.queue.put_nowait((prepared, future, score_batch or self.score_batch))
         return future
 
-    async def _score(self, prepared: list[PreparedRequest]) -> list[np.ndarray]:
+    async def _score(self, score_batch: Callable, prepared: list) -> list[np.ndarray]:
         if self.on_loop:
-            return self.score_batch(prepared)
+            return score_batch(prepared)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.score_batch, prepared)
+        return await loop.run_in_executor(self.executor, score_batch, prepared)
 
     async def _run(self, after: Awaitable | None) -> None:
         if after is not None:
@@ -312,33 +324,60 @@ class MicroBatcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except TimeoutError:
                     break
-            live = [(p, f) for p, f in batch if not f.done()]  # a client may have gone
-            if not live:
-                continue
-            try:
-                results = await self._score([p for p, _ in live])
-            except Exception as exc:  # the batch fails, the service stays up
-                logger.exception("scoring a batch of %d requests failed", len(live))
-                for _, future in live:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.requests += len(live)
-            if self.observe_batch is not None:
-                self.observe_batch(len(live))
-            for (_, future), result in zip(live, results, strict=True):
+            by_model: dict[Callable, list] = {}  # one model call per model (a swap's edge)
+            for p, f, scorer in batch:
+                if not f.done():  # a client may have gone
+                    by_model.setdefault(scorer, []).append((p, f))
+            for scorer, live in by_model.items():
+                await self._score_group(scorer, live)
+
+    async def _score_group(self, scorer: Callable, live: list) -> None:
+        try:
+            results = await self._score(scorer, [p for p, _ in live])
+        except Exception as exc:  # the batch fails, the service stays up
+            logger.exception("scoring a batch of %d requests failed", len(live))
+            for _, future in live:
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(exc)
+            return
+        self.batches += 1
+        self.requests += len(live)
+        if self.observe_batch is not None:
+            self.observe_batch(len(live))
+        for (_, future), result in zip(live, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
-def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
-    """The ASGI application (FastAPI wrapped in the body-size limit)."""
+def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = None) -> Any:
+    """The ASGI application (FastAPI wrapped in the body-size limit). ``model``: one
+    predictor, or a :class:`ModelWatcher` that swaps in new versions as they arrive."""
     config = config or ServeConfig()
-    telemetry = ServiceMetrics(predictor.cache.stats if predictor.cache is not None else None)
-    predictor.on_unknown = telemetry.count_unknown
+    watcher = model if isinstance(model, ModelWatcher) else ModelWatcher.fixed(model)
+    first = watcher.current.predictor
+    telemetry = ServiceMetrics(
+        (lambda: watcher.current.predictor.cache.stats()) if first.cache is not None else None
+    )
+    first.on_unknown = telemetry.count_unknown
+    telemetry.serving(watcher.current.version)
+    for version, reason in watcher.refused.items():
+        telemetry.refused(version, reason)
+    previous_swap, previous_refusal = watcher.on_swap, watcher.on_refusal
+
+    def on_swap(old: ServedModel, new: ServedModel) -> None:
+        new.predictor.on_unknown = telemetry.count_unknown
+        telemetry.swapped(old.version, new.version)
+        if previous_swap is not None:
+            previous_swap(old, new)
+
+    def on_refusal(version: str, reason: str) -> None:
+        telemetry.refused(version, reason)
+        if previous_refusal is not None:
+            previous_refusal(version, reason)
+
+    watcher.on_swap, watcher.on_refusal = on_swap, on_refusal
     batcher = MicroBatcher(
-        predictor.score_prepared,
+        first.score_prepared,
         config.max_batch,
         config.max_wait_ms,
         telemetry.batch_size.observe,
@@ -352,7 +391,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
         if config.warm_up_rounds > 0:
             try:
                 seconds = await asyncio.get_running_loop().run_in_executor(
-                    batcher.executor, predictor.warm_up, config.warm_up_rounds
+                    batcher.executor, first.warm_up, config.warm_up_rounds
                 )
             except Exception:  # never ready; batches still run (the batcher waited for this)
                 logger.exception("warm-up failed: the service stays not ready")
@@ -365,15 +404,19 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        warming = asyncio.get_running_loop().create_task(warm_up())
+        loop = asyncio.get_running_loop()
+        warming = loop.create_task(warm_up())
         batcher.start(after=warming)
+        watching = loop.create_task(watcher.run()) if watcher.watching else None
         yield
         warming.cancel()
+        if watching is not None:
+            watching.cancel()
         await batcher.stop()
 
     app = FastAPI(
         title="genctr-rec scoring service",
-        version=str(predictor.artifact.metadata.get("genctr_rec")),
+        version=str(first.artifact.metadata.get("genctr_rec")),
         description="Click probabilities from a GenCTR serving artifact.",
         lifespan=lifespan,
     )
@@ -422,9 +465,12 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
 
     @app.get("/metadata")
     async def metadata() -> dict[str, Any]:
-        """The artifact's metadata, the service's limits and counters."""
+        """The served version's metadata, the service's limits and counters."""
+        predictor = watcher.current.predictor
         meta = predictor.artifact.metadata
         return {
+            "version": watcher.current.version,
+            "models": watcher.describe(),
             "artifact": str(predictor.artifact.path),
             **{k: meta[k] for k in ("num_items", "num_categories", "max_history", "dim")},
             **{k: meta[k] for k in ("backbone", "model_integration", "quantize", "created")},
@@ -458,12 +504,18 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
         response_model=ScoreResponse,
         responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     )
-    async def score(body: ScoreBody) -> ScoreResponse:
-        """Click probability of every candidate, in candidate order."""
-        return ScoreResponse(scores=(await submit(body)).tolist())
+    async def score(body: ScoreBody, response: Response) -> ScoreResponse:
+        """Click probability of every candidate, in candidate order (the header
+        ``x-genctr-model-version`` names the version that scored them)."""
+        version, scoring = submit(body)
+        response.headers[VERSION_HEADER] = version
+        return ScoreResponse(scores=(await scoring).tolist())
 
-    def submit(body: ScoreBody) -> Awaitable[np.ndarray]:
-        """Check the request (raises :class:`RequestError`) and queue it for the batcher."""
+    def submit(body: ScoreBody) -> tuple[str, Awaitable[np.ndarray]]:
+        """Check the request (raises :class:`RequestError`) and queue it for the batcher on
+        the model current now. Returns that model's version and the scores to come."""
+        served = watcher.current
+        predictor = served.predictor
         prepared = predictor.prepare(
             ScoringRequest(
                 history_items=body.history.item_ids,
@@ -476,10 +528,36 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> Any:
                 features=body.features,
             )
         )
-        return batcher.submit(prepared)
+        return served.version, batcher.submit(prepared, predictor.score_prepared)
 
     fast = ScoreFastPath(app, submit)
-    return MeasuredApp(BodyLimit(fast, config.max_body_bytes), telemetry)
+    app.state.watcher = watcher  # for tests and embedding applications
+    versioned = VersionHeader(BodyLimit(fast, config.max_body_bytes), lambda: watcher.current)
+    return MeasuredApp(versioned, telemetry)
+
+
+class VersionHeader:
+    """ASGI: every HTTP response names a model version (``x-genctr-model-version``); ``/score``
+    answers carry the version that scored them, others the version current now."""
+
+    def __init__(self, app: Callable, current: Callable[[], ServedModel]) -> None:
+        self.app = app
+        self.current = current
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name == VERSION_HEADER_BYTES for name, _ in headers):
+                    headers.append((VERSION_HEADER_BYTES, self.current().version.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
 
 
 def run_draining(app: Any, host: str, port: int, shutdown_timeout_s: float) -> None:
@@ -545,14 +623,18 @@ def serve(
         "max_request_history": max_request_history,
         "trust_request_categories": trust_request_categories,
     }
-    predictor = Predictor(artifact, **options)  # a bad artifact fails here, before any worker
+    # a bad artifact (or a directory with no loadable version) fails here, before any worker
+    watcher = watch(artifact, options, config.poll_s, config.warm_up_rounds)
     quiet_uvicorn(access_log)
-    logger.info("serving %s on http://%s:%d", artifact, host, port)
+    logger.info(
+        "serving %s (version %s) on http://%s:%d", artifact, watcher.current.version, host, port
+    )
     if config.workers <= 1:
-        run_draining(create_app(predictor, config), host, port, config.shutdown_timeout_s)
+        run_draining(create_app(watcher, config), host, port, config.shutdown_timeout_s)
         return
-    local = str(predictor.artifact.path)  # downloaded and verified once, here
-    del predictor
+    # one artifact: downloaded and verified once, here; versions: each worker watches
+    local = artifact if watcher.source.versioned else str(watcher.current.predictor.artifact.path)
+    del watcher
     serve_workers(
         WorkerOptions(local, asdict(config), options, threads, verbose, access_log),
         host,

@@ -1,5 +1,6 @@
 """The service's Prometheus metrics (``GET /metrics``): requests by route and status, latency,
-micro-batch sizes, the g(s, c) cache and readiness.
+micro-batch sizes, the g(s, c) cache, readiness, and the model versions served, swapped in
+and refused.
 
 Each app has its own ``CollectorRegistry``, so several services (or tests) in one process do not
 share counters. With several worker processes (``genctr serve --workers``, which sets
@@ -73,6 +74,24 @@ class ServiceMetrics:
             ["field"],
             registry=self.registry,
         )
+        self.model_version = Gauge(
+            "genctr_model_version",
+            "1 for the model version served (by a worker), 0 for one served before",
+            ["version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.swaps = Counter(
+            "genctr_model_swaps",
+            "new model versions swapped in while serving",
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "genctr_model_refusals",
+            "model versions refused (damaged, unreadable or failing the probe), by version",
+            ["version"],
+            registry=self.registry,
+        )
         self._cache_stats = cache_stats
         self._cache_gauges: dict[str, Gauge] = {}
         if cache_stats is not None:
@@ -101,6 +120,17 @@ class ServiceMetrics:
         """``count`` ids of ``field`` scored with a default row (field names are the
         request's, bounded by the model's declared features)."""
         self.unknown_ids.labels(field).inc(count)
+
+    def serving(self, version: str) -> None:
+        self.model_version.labels(version).set(1)
+
+    def swapped(self, old: str, new: str) -> None:
+        self.model_version.labels(old).set(0)
+        self.model_version.labels(new).set(1)
+        self.swaps.inc()
+
+    def refused(self, version: str, reason: str) -> None:
+        self.refusals.labels(version).inc()
 
     def render(self) -> tuple[bytes, str]:
         if not self.shared:

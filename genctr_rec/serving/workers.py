@@ -43,7 +43,7 @@ FACTORY = "genctr_rec.serving.workers:app_from_environment"
 class WorkerOptions:
     """What each worker needs to build the same service (JSON in :data:`WORKER_OPTIONS`)."""
 
-    artifact: str  # a local directory: the parent has already downloaded and verified it
+    artifact: str  # one artifact the parent downloaded and verified, or a directory of versions
     serve: dict[str, Any] = field(default_factory=dict)  # ServeConfig's fields
     predictor: dict[str, Any] = field(default_factory=dict)  # Predictor's keyword arguments
     threads: int = 1  # torch intra-op threads per worker (0: torch's default)
@@ -64,13 +64,14 @@ def app_from_environment() -> Any:
     try:
         import torch
 
-        from genctr_rec.serving.predictor import Predictor
         from genctr_rec.serving.server import ServeConfig, create_app
+        from genctr_rec.serving.swap import watch
 
         if options.threads:
             torch.set_num_threads(options.threads)
-        predictor = Predictor(options.artifact, **options.predictor)
-        return create_app(predictor, ServeConfig(**options.serve))
+        config = ServeConfig(**options.serve)
+        watcher = watch(options.artifact, options.predictor, config.poll_s, config.warm_up_rounds)
+        return create_app(watcher, config)
     except Exception as exc:  # noqa: BLE001 - reported once, then the service stops
         logger.error("worker %d could not start: %s", os.getpid(), exc)
         sys.exit(STARTUP_FAILURE)
