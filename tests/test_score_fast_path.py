@@ -63,7 +63,7 @@ def _scorer(calls: list, refuse: bool = False):
             raise RequestError("candidates[0].item_id", "outside the vocabulary")
         future = asyncio.get_running_loop().create_future()
         future.set_result(np.array([0.25, 1 / 3]))
-        return future
+        return "v7", future  # the version that prepared it, and its scores
 
     return score
 
@@ -75,6 +75,7 @@ def test_a_valid_json_request_is_answered_without_fastapi() -> None:
     assert calls[0].history.item_ids == [1, 2] and calls[0].candidates[0].item_id == 3
     assert body == b'{"scores":[0.25,0.3333333333333333]}'  # as Starlette's JSONResponse
     assert dict(start["headers"])[b"content-length"] == str(len(body)).encode()
+    assert dict(start["headers"])[b"x-genctr-model-version"] == b"v7"
 
 
 def test_everything_else_reaches_fastapi_with_its_body_intact() -> None:
