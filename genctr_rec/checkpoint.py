@@ -40,6 +40,7 @@ from genctr_rec.storage import (
     make_dirs,
     relative_name,
     remove_tree,
+    safe_relative,
     sha256,
     write_json,
 )
@@ -53,48 +54,108 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     """Collective: every rank calls it. ``path`` appears only once complete, with a manifest of
     its files' sizes and SHA-256 sums that :func:`load_model` verifies. ``extra`` is saved
     beside the model (a run's selected model keeps its optimizer state under ``optim``, so
-    that tomorrow's run can warm-start from it: ``training/warm_start.py``)."""
+    that tomorrow's run can warm-start from it: ``training/warm_start.py``).
+
+    The copy it replaces stays whole until the new one is: locally it is renamed aside
+    (``NAME.old``) and deleted only after the new one took its name; on object storage the new
+    one is written complete under ``NAME.next`` first. A kill at any point leaves a complete
+    copy that :func:`recover_saved` puts back under ``NAME``."""
     path = location(path)
     state = {MODEL_KEY: model.state_dict(), **(extra or {})}
     if is_remote(path):
-        _save_in_place(state, path)
+        _save_beside(state, path)
         return
     tmp = path.with_name(path.name + ".tmp")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank()
     if rank == 0:
+        recover_saved(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     dcp.save(state, checkpoint_id=str(tmp), no_dist=_one_process())
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
+    write_manifest_collective(tmp)
     if rank == 0:
-        write_manifest(tmp)
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+        _replace_keeping(tmp, path)
+    _barrier()
 
 
-def _save_in_place(state: dict[str, Any], path: Location) -> None:
-    """Object storage: the old copy (manifest first) is deleted, every rank writes, and the
-    manifest written last makes the checkpoint whole again."""
+def _replace_keeping(new: Path, path: Path) -> None:
+    """Give complete ``new`` the name ``path``; an existing ``path`` is renamed aside first and
+    deleted last, so some complete copy exists at every instant."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_beside(state: dict[str, Any], path: Location) -> None:
+    """Object storage (no rename): the new copy is written whole under ``NAME.next`` (manifest
+    last), then copied over ``NAME`` (manifest removed first, written again last), then
+    ``NAME.next`` is deleted: a kill leaves ``NAME`` or ``NAME.next`` complete."""
+    staged = path.with_name(path.name + ".next")
     if _rank() == 0:
-        (path / MANIFEST).unlink(missing_ok=True)
-        remove_tree(path)
+        recover_saved(path)
+        remove_tree(staged)
     _barrier()
-    dcp.save(state, checkpoint_id=str(path), no_dist=_one_process())
+    dcp.save(state, checkpoint_id=str(staged), no_dist=_one_process())
     _barrier()
+    write_manifest_collective(staged)
     if _rank() == 0:
-        write_manifest(path)
+        _copy_complete(staged, path)
+        remove_tree(staged)
     _barrier()
+
+
+def _copy_complete(source: Location, target: Location) -> None:
+    """Object storage: ``target`` becomes a copy of complete ``source`` (manifest last)."""
+    (target / MANIFEST).unlink(missing_ok=True)
+    remove_tree(target)
+    files = sorted(files_under(source), key=lambda p: p.name == MANIFEST)
+    for file in files:
+        name = relative_name(file, source)
+        file.fs.copy(file.path, (target / name).path)
+
+
+def recover_saved(path: str | Path) -> bool:
+    """Put back a complete copy a kill left beside ``path`` (a local ``NAME.tmp`` or
+    ``NAME.old``, an object-storage ``NAME.next``) when ``path`` itself is missing or has no
+    manifest; the newest complete copy wins. Returns whether it recovered one. Safe to race:
+    a rename either happens once or finds nothing to do."""
+    path = location(path)
+    if (path / MANIFEST).is_file():
+        return False
+    if is_remote(path):
+        staged = path.with_name(path.name + ".next")
+        if _verifies(staged):
+            logger.warning("%s: recovering the complete copy %s a kill left", path, staged)
+            _copy_complete(staged, path)
+            return True
+        return False
+    for candidate in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        if not _verifies(candidate):
+            continue
+        logger.warning("%s: recovering the complete copy %s a kill left", path, candidate)
+        try:
+            if path.exists():  # a copy without its manifest: never complete
+                shutil.rmtree(path, ignore_errors=True)
+            os.replace(candidate, path)
+        except FileNotFoundError:  # another rank recovered it first
+            pass
+        return True
+    return False
+
+
+def _verifies(path: Location) -> bool:
+    try:
+        verify_manifest(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def load_model(
@@ -112,12 +173,10 @@ def load_model(
     catalogue: :class:`GrowingLoadPlanner`).
     """
     path = location(path)
+    recover_saved(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
-    if (path / MANIFEST).is_file() or is_remote(path):  # object storage: the manifest or nothing
-        verify_manifest(path)
-    else:
-        logger.warning("%s has no %s (written before genctr-rec 0.3): not verified", path, MANIFEST)
+    verify_manifest(path)  # no manifest: incomplete (or older than 0.3), never read unverified
     check_table_layout(path)
     state = model.state_dict()
     if prefixes is not None:
@@ -137,6 +196,7 @@ def load_state(state: dict[str, Any], path: str | Path) -> None:
     """Collective: load ``state`` (e.g. ``{"model": ..., "optim": ...}``) in place from a
     verified checkpoint written by :func:`save_model` (any world size or plan)."""
     path = location(path)
+    recover_saved(path)
     verify_manifest(path)
     dcp.load(state, checkpoint_id=str(path), no_dist=_one_process())
 
@@ -197,6 +257,7 @@ def load_grown(
     """Collective: load a checkpoint into ``app_state`` in place, tables allowed to have grown.
     Returns the grown tensors (name -> (saved shape, new shape))."""
     path = location(path)
+    recover_saved(path)
     try:
         verify_manifest(path)
     except CheckpointError as exc:
@@ -309,23 +370,60 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def collective_device(backend: str) -> torch.device:
+    """Where a tensor for a collective of ``backend`` must live: nccl reduces CUDA tensors
+    only (this rank's GPU), gloo and the rest CPU tensors."""
+    if backend == "nccl":
+        return torch.device("cuda")  # the current device, set per rank at start-up
+    return torch.device("cpu")
+
+
 def _all_ok(ok: bool) -> bool:
     """True on every rank iff ``ok`` on every rank (a failed rank makes all ranks fail)."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([0 if ok else 1])
+    flag = torch.tensor([0 if ok else 1], device=collective_device(dist.get_backend()))
     dist.all_reduce(flag)
     return int(flag.item()) == 0
+
+
+def _entries(directory: Location, files: list[Location]) -> dict[str, dict[str, Any]]:
+    return {
+        relative_name(p, directory): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files
+    }
 
 
 def write_manifest(directory: Location) -> None:
     """Sizes and SHA-256 sums of every file under ``directory``: written last, it is what makes
     the directory a complete checkpoint."""
     files = [p for p in files_under(directory) if p.name != MANIFEST]
-    entries = {
-        relative_name(p, directory): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in files
-    }
-    write_json(directory / MANIFEST, {"files": entries})  # temporary name + rename on disk
+    write_json(directory / MANIFEST, {"files": _entries(directory, files)})  # tmp + rename
+
+
+_RANK_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng-rank(\d+)\.pt)$")
+
+
+def write_manifest_collective(directory: Location) -> None:
+    """Collective :func:`write_manifest`: every rank hashes the files it wrote (its DCP shards,
+    its RNG state), rank 0 the shared ones, and rank 0 writes the manifest. A large checkpoint
+    is hashed in the time of one rank's share, not of the whole while the others wait."""
+    if _one_process():
+        write_manifest(directory)
+        return
+    rank, world = _rank(), dist.get_world_size()
+    mine = []
+    for p in files_under(directory):
+        if p.name == MANIFEST:
+            continue
+        match = _RANK_FILE.match(p.name)
+        owner = int(next(g for g in match.groups() if g is not None)) if match else 0
+        if owner % world == rank:
+            mine.append(p)
+    gathered: list[Any] = [None] * world if rank == 0 else []
+    dist.gather_object(_entries(directory, mine), gathered if rank == 0 else None, dst=0)
+    if rank == 0:
+        entries = {name: entry for part in gathered for name, entry in part.items()}
+        write_json(directory / MANIFEST, {"files": dict(sorted(entries.items()))})
 
 
 def verify_manifest(directory: Location, checksums: bool = True) -> None:
@@ -338,7 +436,10 @@ def verify_manifest(directory: Location, checksums: bool = True) -> None:
     except (json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
     for name, entry in entries.items():
-        path = directory / name
+        try:
+            path = directory / safe_relative(name)
+        except ValueError as exc:
+            raise CheckpointError(f"{manifest}: {exc}") from exc
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing")
         if path.stat().st_size != entry["bytes"]:
@@ -376,10 +477,13 @@ class CheckpointManager:
     A checkpoint holds the model (sharded tables and dense part), the fused and dense optimizer
     states (all through DCP, so any world size or plan can load them), and per run the
     progress (epoch, step, reader position, running loss) and per rank the RNG states. It is
-    written under ``.step-N.tmp``, given a manifest of sizes and SHA-256 sums, and renamed
-    only when every rank finished: a run killed mid-save leaves the previous one intact. On
-    object storage it is written under its final name and complete once its manifest (written
-    last) is there; one without it is skipped on resume.
+    written under ``step-N.tmp``, given a manifest of sizes and SHA-256 sums (each rank hashes
+    its own files), and renamed only when every rank finished: a run killed mid-save leaves the
+    previous one intact. A step saved again (a resume that stops where it started) sets the
+    old copy aside before the new one takes its name, and a resume puts back whichever
+    complete copy a kill left. On object storage it is written whole under ``step-N.next`` and
+    then copied under its name, complete once its manifest (copied last) is there; one without
+    it is skipped on resume.
     """
 
     def __init__(self, run_dir: str | Path, keep: int = 2, every_steps: int = 0) -> None:
@@ -394,6 +498,17 @@ class CheckpointManager:
             (p for p in self.root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name
         )
 
+    def _recover(self) -> None:
+        """A step whose save or re-save a kill interrupted (``step-N.tmp`` or ``.next``
+        complete, ``step-N.old`` the copy it replaced, ``step-N`` gone or without manifest):
+        the newest complete copy takes the name."""
+        if not self.root.is_dir():
+            return
+        for leftover in self.root.iterdir():
+            match = re.match(r"^(step-\d{9})\.(tmp|old|next)$", leftover.name)
+            if match:
+                recover_saved(self.root / match.group(1))
+
     def latest(self) -> Location | None:
         found = self.checkpoints()
         return found[-1] if found else None
@@ -405,9 +520,10 @@ class CheckpointManager:
         damaged (training from scratch over a run's checkpoints must be the user's choice)."""
         chosen, skipped = None, []
         if _rank() == 0:
+            self._recover()
             for path in reversed(self.checkpoints()):
                 if is_remote(path) and not (path / MANIFEST).is_file():
-                    # a save that never finished (object storage writes in place): like a
+                    # a copy that never finished (object storage cannot rename): like a
                     # local .tmp directory, not a checkpoint yet
                     logger.warning("ignoring %s: its save did not finish (no manifest)", path)
                     continue
@@ -436,8 +552,9 @@ class CheckpointManager:
         """Collective. Returns the committed directory; raises CheckpointError on any rank's
         failure, leaving earlier checkpoints untouched."""
         final = self.root / f"step-{step:09d}"
-        # object storage cannot rename: write in place, complete once the manifest is there
-        tmp = final if is_remote(final) else self.root / f".step-{step:09d}.tmp"
+        # written whole beside its final name first: renamed into place on disk; copied over
+        # on object storage, which cannot rename (complete once its manifest is there)
+        tmp = final.with_name(final.name + (".next" if is_remote(final) else ".tmp"))
         rank = _rank()
         error: BaseException | None = None
         try:
@@ -452,16 +569,18 @@ class CheckpointManager:
             dcp.save(app_state, checkpoint_id=str(tmp), no_dist=_one_process())
             with (tmp / f"rng-rank{rank}.pt").open("wb") as handle:
                 torch.save(rng, handle)
+            if rank == 0:
+                (tmp / PROGRESS).write_text(json.dumps(progress, indent=1, sort_keys=True))
         except (Exception, CheckpointException) as exc:  # every failure must reach every rank
             error = exc
-        if _all_ok(error is None) and rank == 0:
+        if _all_ok(error is None):
             try:
-                (tmp / PROGRESS).write_text(json.dumps(progress, indent=1, sort_keys=True))
-                write_manifest(tmp)
-                if tmp != final:
-                    if final.exists():
-                        shutil.rmtree(final)
-                    os.replace(tmp, final)
+                write_manifest_collective(tmp)  # each rank hashes what it wrote
+                if rank == 0 and is_remote(final):
+                    _copy_complete(tmp, final)
+                    remove_tree(tmp)
+                elif rank == 0:
+                    _replace_keeping(tmp, final)  # a step saved again: the old copy set aside
             except OSError as exc:
                 error = exc
         if not _all_ok(error is None):
@@ -525,5 +644,14 @@ class CheckpointManager:
         rng = None
         if same_world and rng_file.is_file():
             with rng_file.open("rb") as handle:
-                rng = torch.load(handle, weights_only=False)
+                try:  # tensors and numbers only: unpickling runs no code
+                    rng = torch.load(handle, weights_only=True)
+                except Exception as exc:  # noqa: BLE001 - pickle's errors are many
+                    logger.warning(
+                        "%s holds more than tensors and numbers (written before genctr-rec "
+                        "0.11, or altered), so it is not unpickled: the random streams start "
+                        "afresh and this resume is not bit for bit (%s)",
+                        rng_file,
+                        first_line(exc),
+                    )
         return progress, rng

@@ -167,6 +167,13 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
             default=None,
             help=f"{synth_help.get(name, name)} (default: 0, or {DAILY_WORLD[name]} with --days)",
         )
+    synth.add_argument(
+        "--raw-ids",
+        dest="raw_ids",
+        action="store_true",
+        default=None,
+        help=synth_help.get("raw_ids", "raw_ids") + " (default: dense ids)",
+    )
     _add_days_arguments(synth, "a world that changes day by day (datasets/synth.md)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     synth.set_defaults(func=_data_synth)
@@ -432,6 +439,7 @@ def _export(args: argparse.Namespace) -> int:
                 "test_auc_change": parity["auc_change"],
                 "table_bytes": parity["table_bytes"],
                 "table_shrink": round(parity["table_shrink"], 3),
+                "artifact_sha256": meta["artifact_sha256"],  # genctr serve --artifact-sha256
             }
         )
     )

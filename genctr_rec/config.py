@@ -213,6 +213,25 @@ class RunConfig:
     features: dict[str, Any] | None = None  # FeatureSchema.to_json(), resolved at start
     warm_start: str | None = None  # the run this one continues (training/warm_start.py)
     lineage: list[str] = field(default_factory=list)  # every warm start of the chain, oldest first
+    raw_ids: list[str] = field(default_factory=list)  # id spaces mapped by RUN/id_maps
+    dense_data: str | None = None  # RUN/dense-data, the dense view of a raw-id dataset
+
+    @property
+    def reads(self) -> str:
+        """The dataset the readers read: the dense view of a raw-id dataset, else ``data``."""
+        return self.dense_data or self.data
+
+    def dataset_for(self, data: str | Path | None) -> str | Path:
+        """The dataset a command reads for this run: ``data``, else the run's own (its dense
+        view for raw ids). A raw-id run reads its own dataset only: another day's ids are not
+        in its maps (warm-start a run on it, or export and score through the predictor)."""
+        if self.raw_ids and data is not None and absolute_location(data) != self.data:
+            raise ConfigError(
+                f"{self.data} declares raw ids: this run reads its own dataset only, not "
+                f"{data} (warm-start a run on it, or export this one and score it through the "
+                "predictor, where unknown ids read default rows)"
+            )
+        return self.reads if data is None or self.raw_ids else data
 
     def __post_init__(self) -> None:
         self.train.resolve(self.stage)

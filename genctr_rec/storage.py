@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -100,6 +102,7 @@ def write_bytes(path: Location, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        shared_permissions(Path(tmp))  # mkstemp's 0600 would hide it from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -165,12 +168,60 @@ def upload_tree(source: Path, target: Location, last: str | None = None) -> None
             shutil.copyfile(file, destination)
 
 
-def download_tree(source: Location, target: Path) -> None:
-    """Copy every file under ``source`` into local ``target`` (created)."""
-    for file in files_under(source):
-        destination = target / relative_name(file, source)
+def safe_relative(name: str) -> str:
+    """``name`` if it is a relative POSIX path that stays below its directory; raises
+    ValueError otherwise (an absolute name, ``..``, empty or ``.`` parts, a backslash): a
+    name from a bucket or a manifest becomes a local path only through here."""
+    parts = name.split("/")
+    if (
+        not name
+        or "\\" in name
+        or "\x00" in name
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise ValueError(f"{name!r} is not a plain relative file name")
+    return name
+
+
+def download_files(source: Location, names: list[str], target: Path) -> None:
+    """Copy the files ``names`` (relative to ``source``) into local ``target`` (created), and
+    nothing else; a name that would land outside ``target`` is refused before any copy."""
+    root = target.resolve()
+    destinations = []
+    for name in names:
+        destination = (target / safe_relative(name)).resolve()
+        if not destination.is_relative_to(root):
+            raise ValueError(f"{name!r} resolves outside {target}")
+        destinations.append(destination)
+    for name, destination in zip(names, destinations, strict=True):
         destination.parent.mkdir(parents=True, exist_ok=True)
-        source.fs.get_file(file.path, str(destination))
+        source.fs.get_file((source / name).path, str(destination))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) for the block: processes on this host
+    sharing a directory take turns; the kernel releases it if the holder dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def shared_permissions(path: Path) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the permissions a
+    normally created one would have under this process's umask: ``mkdtemp`` and ``mkstemp``
+    create 0700 / 0600, which another user (a serving account) could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def cache_dir() -> Path:
@@ -224,8 +275,21 @@ def check_reachable(where: str) -> None:
     if not is_url(where):
         return
     path = location(where)
-    bucket = path.path.split("/", 1)[0]
     try:
-        path.fs.ls(bucket, detail=False)
+        # the prefix itself, never the bucket's root: a credential may list only below it
+        path.fs.ls(path.path, detail=False)
+    except FileNotFoundError as exc:  # a prefix not written yet, or no such bucket
+        if "bucket" in str(exc).lower() or not _bucket_exists(path):
+            reason = describe_error(exc, where) or f"{where}: the bucket does not exist"
+            raise StorageError(reason) from exc
     except Exception as exc:  # noqa: BLE001 - every client error becomes one line
         raise StorageError(describe_error(exc, where) or f"{where}: {first_line(exc)}") from exc
+
+
+def _bucket_exists(path: UPath) -> bool:
+    """Whether the bucket of ``path`` exists (HEAD on the bucket: no listing)."""
+    bucket = path.path.split("/", 1)[0]
+    try:
+        return bool(path.fs.exists(bucket))
+    except Exception:  # noqa: BLE001 - denied: it exists, and the prefix decides
+        return True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -66,3 +69,16 @@ def kill_a_rank_once(job, ready: Callable[[], bool], rank: int, log: Path) -> No
     finally:
         if job.poll() is None:
             job.kill()
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> str:
+    """``genctr ARGS`` under torchrun with ``nproc`` ranks (one thread each); returns stdout,
+    failing the test with the end of stderr when the job fails."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()), "-m", "genctr_rec.cli", *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

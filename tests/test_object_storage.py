@@ -107,8 +107,8 @@ def test_bad_data_in_a_bucket_names_the_object(s3, small_dataset: Path) -> None:
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(s3, monkeypatch) -> None:
-    """Object storage has no rename: a save killed before its manifest is not a checkpoint;
-    resume takes the previous one, which loads."""
+    """Object storage has no rename: a save killed before its manifest leaves only its staged
+    copy (``step-N.next``), which is not a checkpoint; resume takes the previous one."""
     import genctr_rec.checkpoint as checkpoint
 
     run = f"s3://{BUCKET}/interrupted"
@@ -127,7 +127,9 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(s3, monkeypatch) -> 
         manager.save(2, {"model": model.state_dict()}, {"step": 2, "world_size": 1}, {"r": 2})
     monkeypatch.undo()
     step2 = location(run) / "checkpoints" / "step-000000002"
-    assert (step2 / ".metadata").is_file() and not (step2 / MANIFEST).is_file()
+    staged = location(run) / "checkpoints" / "step-000000002.next"
+    assert (staged / ".metadata").is_file() and not (staged / MANIFEST).is_file()
+    assert not (step2 / MANIFEST).is_file()
 
     chosen = manager.newest_valid()
     assert chosen is not None and chosen.name == "step-000000001"

@@ -23,7 +23,7 @@ from genctr_rec.data.reader import ImpressionBatch, ImpressionReader
 from genctr_rec.data.synth import SynthConfig, generate
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import init_distributed
-from tests.distributed import free_port, run_ranks
+from tests.distributed import run_ranks, torchrun
 from tests.helpers import MAX_HISTORY, NUM_CATEGORIES, NUM_ITEMS
 
 GLOBAL_BATCH = 96
@@ -216,32 +216,13 @@ def test_transfer_loads_what_it_should(
     assert all(torch.equal(before[k], after[k]) for k in backbone), "backbone stays fresh"
 
 
-def _torchrun(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "genctr_rec.cli",
-        *args,
-    ]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
-
-
 @pytest.mark.slow
 def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     """pretrain -> finetune (GenCTR) -> evaluate on two ranks: pre-training loss falls, test AUC
     is well above chance, and evaluate reproduces the fine-tuning run's metrics."""
     data = tmp_path / "data"
     generate(SynthConfig(num_users=2500, num_items=1500, num_categories=30), data)
-    _torchrun(
+    torchrun(
         ["pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), "--epochs", "3"], tmp_path
     )
     pre = json.loads((tmp_path / "pre" / "metrics.json").read_text())
@@ -250,7 +231,7 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     assert pre["sharding"] == {"item": "data_parallel", "category": "data_parallel"}
     assert pre["epoch_loss"][2] < pre["epoch_loss"][0] - 0.05
     assert pre["hr@10_random"] > 0.2  # chance is 10/101
-    _torchrun(
+    torchrun(
         [
             "finetune",
             "--data",
@@ -299,7 +280,7 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     assert one.returncode == 0, one.stderr[-3000:]
     handoff = json.loads((tmp_path / "ft1" / "metrics.json").read_text())
     assert handoff["world_size"] == 1 and handoff["loaded_tensors"] == 2
-    out = _torchrun(["evaluate", "--data", str(data), "--run-dir", str(tmp_path / "ft")], tmp_path)
+    out = torchrun(["evaluate", "--data", str(data), "--run-dir", str(tmp_path / "ft")], tmp_path)
     last = json.loads(out.strip().splitlines()[-1])
     assert set(last) == {"auc", "gauc", "logloss", "ne", "calibration", "rows"}
     for name in ("auc", "gauc", "ne", "calibration"):

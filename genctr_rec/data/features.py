@@ -83,8 +83,9 @@ class FeatureSpec:
         return out
 
     @classmethod
-    def from_json(cls, raw: Any, index: int = 0) -> FeatureSpec:
-        """Parse one ``features[index]`` entry, naming the bad key in the error."""
+    def from_json(cls, raw: Any, index: int = 0, raw_ids: bool = False) -> FeatureSpec:
+        """Parse one ``features[index]`` entry, naming the bad key in the error. A feature of
+        raw ids (meta.json's ``raw_ids``) needs no ``vocab_size``: its id map sizes it."""
         at = f"features[{index}]"
         if not isinstance(raw, dict):
             raise FeatureSpecError(f"must be a JSON object, got {raw!r}", at)
@@ -107,6 +108,8 @@ class FeatureSpec:
         if kind == "dense":
             if vocab is not None:
                 raise FeatureSpecError("dense features take no vocab_size", f"{at}.vocab_size")
+        elif raw_ids and vocab is None:
+            pass
         elif not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
             raise FeatureSpecError(
                 f"{kind} features need a positive integer vocab_size, got {vocab!r}",
@@ -115,13 +118,20 @@ class FeatureSpec:
         return cls(name=name, kind=kind, where=where, vocab_size=vocab)
 
 
-def parse_features(raw: Any) -> list[FeatureSpec]:
-    """meta.json's ``features`` list (absent: none)."""
+def parse_features(raw: Any, raw_ids: set[str] | None = None) -> list[FeatureSpec]:
+    """meta.json's ``features`` list (absent: none); ``raw_ids``: the names meta.json
+    declares raw."""
     if raw is None:
         return []
     if not isinstance(raw, list):
         raise FeatureSpecError(f"must be a list of feature objects, got {raw!r}", "features")
-    specs = [FeatureSpec.from_json(entry, i) for i, entry in enumerate(raw)]
+    raw_ids = raw_ids or set()
+    specs = [
+        FeatureSpec.from_json(
+            entry, i, raw_ids=isinstance(entry, dict) and entry.get("name") in raw_ids
+        )
+        for i, entry in enumerate(raw)
+    ]
     seen: set[str] = set()
     for i, spec in enumerate(specs):
         if spec.name in seen:

@@ -35,12 +35,15 @@ from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.jagged import suffix_ranges
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
+    META_FILE,
     SEQUENCE_SCHEMA,
+    DataFormatError,
     DatasetMeta,
     split_files,
 )
 from genctr_rec.data.splits import TimeRange, time_masks
 from genctr_rec.data.stream import Columns, Jagged, ParquetStream
+from genctr_rec.storage import location
 
 # KeyedJaggedTensor keys, in order. Item-id features share the item table, category-id
 # features the category table (see genctr_rec.embeddings).
@@ -176,6 +179,18 @@ def _jagged_kjt(
     )
 
 
+def refuse_raw_ids(data_dir: str | Path, meta: DatasetMeta) -> None:
+    """A dataset of raw ids is read through a run's dense view (``data/id_maps.py``), never
+    directly: its ids are not rows."""
+    if meta.raw_ids:
+        raise DataFormatError(
+            location(data_dir) / META_FILE,
+            f"declares raw_ids {list(meta.raw_ids)}: its ids are not table rows; train on it "
+            "with genctr pretrain / finetune, which map them (RUN/id_maps, RUN/dense-data)",
+            "raw_ids",
+        )
+
+
 class _Reader:
     """Shared plumbing: metadata, the stream, epochs and resumable state."""
 
@@ -195,6 +210,7 @@ class _Reader:
         selection: list[np.ndarray] | None = None,
     ) -> None:
         self.meta = DatasetMeta.read(data_dir)
+        refuse_raw_ids(data_dir, self.meta)
         self.max_history = max_history or self.meta.max_history
         self.stream = ParquetStream(
             split_files(data_dir, split),

@@ -66,6 +66,7 @@ class DataFormatError(ValueError):
         self, path: str | Path, message: str, column: str | None = None, row: int | None = None
     ) -> None:
         self.path = str(path)
+        self.message = message
         self.column = column
         self.row = row
         where = self.path
@@ -88,6 +89,9 @@ class DatasetMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     num_users: int | None = None
     features: list[FeatureSpec] = field(default_factory=list)
+    # id spaces whose columns hold a log's raw int64 ids (data/id_maps.py): "item_id",
+    # "user_id", names of id / ids features
+    raw_ids: tuple[str, ...] = ()
 
     REQUIRED = ("num_items", "num_categories", "max_history", "source")
 
@@ -95,10 +99,13 @@ class DatasetMeta:
         out = asdict(self)
         extra = out.pop("extra")
         out.pop("features")
+        out.pop("raw_ids")
         if self.num_users is None:
             out.pop("num_users")
         if self.features:
             out["features"] = [f.to_json() for f in self.features]
+        if self.raw_ids:
+            out["raw_ids"] = list(self.raw_ids)
         out.update(extra)
         return out
 
@@ -125,6 +132,9 @@ class DatasetMeta:
             raise DataFormatError(path, f"not valid JSON ({exc})") from exc
         if not isinstance(raw, dict):
             raise DataFormatError(path, "must hold a JSON object")
+        raw_ids = _raw_ids(path, raw.get("raw_ids", []), raw.get("features"))
+        if "item_id" in raw_ids:  # the id map counts the items
+            raw = {"num_items": 1, **raw}
         for key in cls.REQUIRED:
             if key not in raw:
                 raise DataFormatError(path, "required key is missing", column=key)
@@ -140,12 +150,12 @@ class DatasetMeta:
                 path, f"must be a positive integer, got {num_users!r}", "num_users"
             )
         try:
-            features = parse_features(raw.get("features"))
+            features = parse_features(raw.get("features"), raw_ids=set(raw_ids))
         except FeatureSpecError as exc:
             raise DataFormatError(
                 path, f"{exc} (see docs/data-format.md)", column=exc.field
             ) from None
-        known = (*cls.REQUIRED, "num_users", "features")
+        known = (*cls.REQUIRED, "num_users", "features", "raw_ids")
         extra = {k: v for k, v in raw.items() if k not in known}
         return cls(
             num_items=raw["num_items"],
@@ -155,7 +165,30 @@ class DatasetMeta:
             extra=extra,
             num_users=num_users,
             features=features,
+            raw_ids=raw_ids,
         )
+
+
+def _raw_ids(path: Path, raw: Any, features: Any) -> tuple[str, ...]:
+    """meta.json's ``raw_ids``: ``item_id``, ``user_id`` or the name of a declared ``id`` /
+    ``ids`` feature, each once."""
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        raise DataFormatError(path, f"must be a list of id names, got {raw!r}", "raw_ids")
+    declared = {
+        f.get("name"): f.get("kind")
+        for f in (features if isinstance(features, list) else [])
+        if isinstance(f, dict)
+    }
+    for space in raw:
+        if space not in ("item_id", "user_id") and declared.get(space) not in ("id", "ids"):
+            raise DataFormatError(
+                path,
+                f"{space!r} is neither item_id, user_id nor a declared id / ids feature",
+                "raw_ids",
+            )
+    if len(set(raw)) != len(raw):
+        raise DataFormatError(path, "an id space is named twice", "raw_ids")
+    return tuple(raw)
 
 
 def split_files(directory: str | Path, split: str) -> list[Path]:

@@ -34,7 +34,13 @@ import numpy as np
 import pyarrow as pa
 
 from genctr_rec.data.features import FeatureSpec
-from genctr_rec.data.jagged import gather_ranges, lengths_to_offsets, list_array, suffix_ranges
+from genctr_rec.data.jagged import (
+    gather_ranges,
+    lengths_to_offsets,
+    list_array,
+    list_parts,
+    suffix_ranges,
+)
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
     ITEMS_FILE,
@@ -82,6 +88,9 @@ class SynthConfig:
         user_growth: share of users born after day 0; user ids are in order of birth.
         interest_drift: daily chance that each favourite category of a user is replaced by
             a fresh one (with a fresh style).
+        raw_ids: write item and user ids as a log would, 63-bit values (a fixed bijection
+            of the dense ids) declared in meta.json's ``raw_ids``: a run maps them to rows
+            (``data/id_maps.py``); the same id is the same item or user on every day.
         seed: everything is a function of this seed.
         users_per_chunk: users simulated at once (bounds memory).
     """
@@ -105,6 +114,7 @@ class SynthConfig:
     item_retirement: float = 0.0
     user_growth: float = 0.0
     interest_drift: float = 0.0
+    raw_ids: bool = False
     seed: int = 2025
     users_per_chunk: int = 8_192
     row_group_size: int = 65_536
@@ -464,6 +474,35 @@ def _simulate_chunk(
     return impressions, clicks
 
 
+# raw = (dense * _RAW_MULTIPLIER + offset) mod 2**63: a bijection (odd multiplier), so a dense
+# id and its raw id name the same item or user everywhere and on every day
+_RAW_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_RAW_OFFSETS = {"item": np.uint64(0x2545F4914F6CDD1D), "user": np.uint64(0x1F83D9ABFB41BD6B)}
+_RAW_COLUMNS = {"item_id": "item", "hist_item_ids": "item", "item_ids": "item", "user_id": "user"}
+
+
+def raw_id(dense: np.ndarray, space: str) -> np.ndarray:
+    """The raw (log) id of dense ``item`` or ``user`` ids under ``SynthConfig.raw_ids``."""
+    with np.errstate(over="ignore"):
+        mixed = np.asarray(dense).astype(np.uint64) * _RAW_MULTIPLIER + _RAW_OFFSETS[space]
+    return (mixed & np.uint64(2**63 - 1)).astype(np.int64)
+
+
+def _as_raw(table: pa.Table) -> pa.Table:
+    """``table`` with its item and user id columns (scalar or list) as raw ids."""
+    for column, space in _RAW_COLUMNS.items():
+        if column not in table.column_names:
+            continue
+        array = table.column(column).combine_chunks()
+        if pa.types.is_list(array.type):
+            offsets, values = list_parts(array)
+            new = list_array(offsets, raw_id(values, space))
+        else:
+            new = pa.array(raw_id(array.to_numpy(), space), pa.int64())
+        table = table.set_column(table.column_names.index(column), column, new)
+    return table
+
+
 def _impression_table(
     imp: dict[str, np.ndarray], clicks: dict[str, np.ndarray], mask: np.ndarray, max_history: int
 ) -> pa.Table:
@@ -645,8 +684,11 @@ def _simulate(cfg: SynthConfig, splits: list[_Split]) -> list[DatasetMeta]:
         if side is not None:
             columns["item_tier"] = side.item_tier[:n].astype(np.int64)
             items_schema = items_schema.append(pa.field("item_tier", pa.int64()))
+        items = pa.table(columns, schema=items_schema)
         pq.write_table(
-            pa.table(columns, schema=items_schema), split.directory / ITEMS_FILE, compression="zstd"
+            _as_raw(items) if cfg.raw_ids else items,
+            split.directory / ITEMS_FILE,
+            compression="zstd",
         )
         writers.append(
             {
@@ -670,10 +712,11 @@ def _simulate(cfg: SynthConfig, splits: list[_Split]) -> list[DatasetMeta]:
                 is_test = (ts >= split.test_from) & (ts < split.test_until)
                 for part, mask in (("train", is_train), ("test", is_test)):
                     if mask.any():
-                        writer[part].write(_impression_table(imp, clicks, mask, cfg.max_history))
+                        table = _impression_table(imp, clicks, mask, cfg.max_history)
+                        writer[part].write(_as_raw(table) if cfg.raw_ids else table)
                         count[part] += int(mask.sum())
                 seq = _sequence_table(clicks, split.test_from)
-                writer["sequences"].write(seq)
+                writer["sequences"].write(_as_raw(seq) if cfg.raw_ids else seq)
                 count["sequences"] += seq.num_rows
                 count["clicks"] += int((clicks["time"] < split.test_until).sum())
             progress.update(n, impressions=f"{sum(c['train'] for c in counts):,}")
@@ -689,8 +732,9 @@ def _simulate(cfg: SynthConfig, splits: list[_Split]) -> list[DatasetMeta]:
             num_categories=cfg.num_categories,
             max_history=cfg.max_history,
             source="synth",
-            num_users=split.num_users,
+            num_users=None if cfg.raw_ids else split.num_users,
             features=list(SIDE_FEATURES) if side is not None else [],
+            raw_ids=("item_id", "user_id") if cfg.raw_ids else (),
             extra={
                 "synth_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                 "split_time": split.test_from,

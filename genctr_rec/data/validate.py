@@ -173,6 +173,34 @@ def validate_dataset(data_dir: str | Path) -> dict[str, Any]:
     if not data_dir.is_dir():
         raise DataFormatError(data_dir, "dataset directory does not exist")
     meta = DatasetMeta.read(data_dir)
+    if meta.raw_ids:
+        return _validate_raw(data_dir, meta)
+    return _validate_dense(data_dir, meta)
+
+
+def _validate_raw(data_dir: Path, meta: DatasetMeta) -> dict[str, Any]:
+    """A dataset of raw ids: mapped as a run would map it (``data/id_maps.py``), then its
+    dense view checked; an error names the source file (the view's have the same names)."""
+    import tempfile
+
+    from genctr_rec.data.id_maps import build_maps, write_dense_view
+
+    maps = build_maps(data_dir, meta)
+    with tempfile.TemporaryDirectory(prefix="genctr-validate-") as tmp:
+        view = Path(tmp) / "dense"
+        write_dense_view(data_dir, meta, maps, view)
+        try:
+            report = _validate_dense(view, DatasetMeta.read(view))
+        except DataFormatError as exc:
+            inside = Path(exc.path)
+            path = data_dir / inside.relative_to(view) if inside.is_relative_to(view) else inside
+            raise DataFormatError(path, exc.message, exc.column, exc.row) from None
+    report["meta"] = meta.to_json()
+    report["raw_ids"] = maps.sizes()
+    return report
+
+
+def _validate_dense(data_dir: Path, meta: DatasetMeta) -> dict[str, Any]:
     item_category = read_item_catalogue(data_dir, meta).categories
     report: dict[str, Any] = {
         "meta": meta.to_json(),

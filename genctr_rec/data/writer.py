@@ -18,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from genctr_rec.storage import shared_permissions
+
 # Low-cardinality columns only: dictionary pages for million-item id columns cost decode time.
 DICTIONARY_COLUMNS = [
     "category_id",
@@ -58,6 +60,7 @@ def atomic_directory(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        shared_permissions(tmp)  # mkdtemp's 0700 would hide it from other users
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

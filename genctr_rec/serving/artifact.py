@@ -6,6 +6,7 @@ An artifact is a directory::
       model.pt             TorchScript ServingModel (fp32 or int8 tables), loads without our code
       item_categories.npy  int64 [num_items]: the category of every item id
       item_features.npz    the declared item features of every item id (when there are any)
+      id_maps.npz          raw id of every row, per raw id space (a dataset of raw ids only)
       artifact.json        version, stack, run config, vocab sizes, quantisation, parity figures
       manifest.json        size and SHA-256 of every file, checked when the artifact is loaded
 
@@ -42,6 +43,7 @@ from genctr_rec.compat import installed_stack
 from genctr_rec.config import ConfigError, RunConfig, absolute_location
 from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
 from genctr_rec.data.features import FeatureSchema
+from genctr_rec.data.id_maps import ID_MAPS_DIR, IdMap, IdMaps
 from genctr_rec.data.reader import (
     HIST_CATEGORIES,
     HIST_ITEMS,
@@ -63,11 +65,14 @@ from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.model import build_serving_model
 from genctr_rec.storage import (
     cache_dir,
-    download_tree,
+    download_files,
+    file_lock,
     is_remote,
     is_url,
     location,
     remove_tree,
+    safe_relative,
+    shared_permissions,
     upload_tree,
 )
 
@@ -81,6 +86,7 @@ READABLE_VERSIONS = (2, 3)
 MODEL_FILE = "model.pt"
 ITEM_CATEGORIES_FILE = "item_categories.npy"
 ITEM_FEATURES_FILE = "item_features.npz"
+ID_MAPS_FILE = "id_maps.npz"  # raw id -> row of each raw id space (data/id_maps.py)
 META_FILE = "artifact.json"
 FP32_TOLERANCE = 1e-5
 INT8_MAX_AUC_DROP = 0.002
@@ -199,7 +205,7 @@ def export_run(
     started = time.time()
     check_replaceable(out, overwrite, META_FILE)  # before 10 s of work, not after
     cfg, trained = load_trained(run)
-    data = location(data or cfg.data)
+    data = location(cfg.dataset_for(data))
     if not data.is_dir():
         raise ConfigError(
             f"the run's dataset {data} is not here; pass --data DIR (its items.parquet gives "
@@ -257,7 +263,10 @@ def export_run(
         "export_seconds": round(time.time() - started, 2),
     }
     catalogue = read_item_catalogue(data, meta, list(schema.of("item")) if schema else [])
-    write_artifact(out, served, catalogue, metadata, overwrite)
+    maps = IdMaps.read(location(run) / ID_MAPS_DIR) if cfg.raw_ids else None
+    metadata["raw_ids"] = cfg.raw_ids
+    write_artifact(out, served, catalogue, metadata, overwrite, maps)
+    metadata["artifact_sha256"] = artifact_digest(out)
     return metadata
 
 
@@ -287,6 +296,7 @@ def write_artifact(
     catalogue: ItemCatalogue,
     metadata: dict[str, Any],
     overwrite: bool = False,
+    id_maps: IdMaps | None = None,
 ) -> None:
     """Write the artifact's files under a temporary name with their manifest, then rename. On
     object storage: written locally, then uploaded with the manifest last (a reader requires
@@ -297,13 +307,13 @@ def write_artifact(
     if is_remote(target):
         check_replaceable(target, overwrite, META_FILE)
         with tempfile.TemporaryDirectory(prefix="genctr-artifact-") as local:
-            _write_files(Path(local), served, catalogue, metadata)
+            _write_files(Path(local), served, catalogue, metadata, id_maps)
             (target / MANIFEST).unlink(missing_ok=True)
             remove_tree(target)
             upload_tree(Path(local), target, last=MANIFEST)
     else:
         with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
-            _write_files(tmp, served, catalogue, metadata)
+            _write_files(tmp, served, catalogue, metadata, id_maps)
     logger.info("wrote %s", out)
 
 
@@ -312,18 +322,24 @@ def _write_files(
     served: torch.jit.ScriptModule,
     catalogue: ItemCatalogue,
     metadata: dict[str, Any],
+    id_maps: IdMaps | None = None,
 ) -> None:
     torch.jit.save(served, str(directory / MODEL_FILE))
     np.save(directory / ITEM_CATEGORIES_FILE, np.asarray(catalogue.categories, dtype=np.int64))
     np.savez(directory / ITEM_FEATURES_FILE, **_catalogue_arrays(catalogue))
+    if id_maps is not None:
+        np.savez(directory / ID_MAPS_FILE, **{s: m.raw for s, m in id_maps.maps.items()})
     (directory / META_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
     write_manifest(directory)
 
 
 def fetch_artifact(url: str) -> Path:
     """A verified local copy of the artifact at ``url`` (object storage), downloaded once into
-    the cache (``GENCTR_CACHE``/artifacts) and reused while the store's manifest is the same:
-    a serving fleet pulls it once per host, and a replaced artifact is fetched again."""
+    the cache (``GENCTR_CACHE``/artifacts) per (endpoint, URL, manifest): a serving fleet pulls
+    a version once per host, a replaced artifact lands in a new folder, and a folder a running
+    server reads is never deleted or rewritten. Only the files the manifest names are fetched,
+    each under a name checked to stay inside the folder; servers sharing the cache take a
+    per-folder lock, so two of them never write one folder."""
     source = location(url)
     manifest = source / MANIFEST
     if not manifest.is_file():
@@ -332,23 +348,45 @@ def fetch_artifact(url: str) -> Path:
             "not finish)"
         )
     expected = manifest.read_bytes()
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    cached = cache_dir() / "artifacts" / key
-    if (cached / MANIFEST).is_file() and (cached / MANIFEST).read_bytes() == expected:
-        logger.info("%s: using the cached copy %s", url, cached)
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cached.parent))
-    try:
-        download_tree(source, staging)
-        if (staging / MANIFEST).read_bytes() != expected:
-            raise ArtifactError(f"{url} changed while it was downloaded; try again")
-        shutil.rmtree(cached, ignore_errors=True)
-        os.replace(staging, cached)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    names = _manifest_names(url, expected)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    key = hashlib.sha256(b"\0".join([endpoint.encode(), url.encode(), expected])).hexdigest()[:24]
+    root = cache_dir() / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    cached = root / key
+    with file_lock(root / f".{key}.lock"):
+        if (cached / MANIFEST).is_file() and (cached / MANIFEST).read_bytes() == expected:
+            logger.info("%s: using the cached copy %s", url, cached)
+            return cached
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        try:
+            download_files(source, names, staging)
+            (staging / MANIFEST).write_bytes(expected)
+            shared_permissions(staging)
+            if cached.exists():  # a copy that lost its manifest (a disk error): set aside
+                os.replace(cached, root / f".{key}.broken-{os.getpid()}")
+            os.replace(staging, cached)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s: downloaded to %s", url, cached)
     return cached
+
+
+def _manifest_names(url: str, manifest: bytes) -> list[str]:
+    """The file names a manifest lists, each a plain relative name (no ``..``, no absolute
+    path): a hostile bucket cannot make the download write elsewhere."""
+    try:
+        names = list(json.loads(manifest)["files"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{url}: unreadable {MANIFEST} ({exc})") from exc
+    for name in names:
+        try:
+            safe_relative(name)
+        except ValueError as exc:
+            raise ArtifactError(
+                f"{url}: {MANIFEST} names a file outside the artifact: {exc}"
+            ) from exc
+    return names
 
 
 @dataclass
@@ -360,6 +398,7 @@ class Artifact:
     item_categories: np.ndarray
     metadata: dict[str, Any]
     catalogue: ItemCatalogue | None = None
+    id_maps: IdMaps | None = None  # an artifact of raw ids: raw id -> row per space
 
     @property
     def features(self) -> FeatureSchema | None:
@@ -368,12 +407,26 @@ class Artifact:
         return FeatureSchema.from_json(raw) if raw else None
 
 
-def load_artifact(path: str | Path) -> Artifact:
+def artifact_digest(path: str | Path) -> str:
+    """The SHA-256 of an artifact's manifest, which holds every file's SHA-256: one digest
+    that names the artifact's exact contents (``genctr serve --artifact-sha256``)."""
+    return hashlib.sha256((location(path) / MANIFEST).read_bytes()).hexdigest()
+
+
+def load_artifact(path: str | Path, expected_sha256: str | None = None) -> Artifact:
     """Load ``path`` (a directory, or a URL fetched into the local cache) after checking every
-    file against its manifest."""
+    file against its manifest, and with ``expected_sha256`` the manifest against that digest
+    (an artifact pinned by digest: a replaced or altered one is refused)."""
     path = fetch_artifact(str(path)) if is_url(path) else Path(path)
     if not (path / META_FILE).is_file():
         raise ArtifactError(f"{path} is not a genctr serving artifact (no {META_FILE})")
+    if expected_sha256 is not None and (path / MANIFEST).is_file():
+        digest = artifact_digest(path)
+        if digest != expected_sha256.strip().lower():
+            raise ArtifactError(
+                f"{path}: its manifest's SHA-256 is {digest}, not the pinned {expected_sha256}: "
+                "refusing an artifact other than the one pinned"
+            )
     try:
         verify_manifest(path)
     except CheckpointError as exc:
@@ -391,4 +444,8 @@ def load_artifact(path: str | Path) -> Artifact:
     categories = np.load(path / ITEM_CATEGORIES_FILE)
     with np.load(path / ITEM_FEATURES_FILE) as arrays:
         catalogue = _catalogue_from(categories, dict(arrays))
-    return Artifact(path, model, categories, metadata, catalogue)
+    id_maps = None
+    if (path / ID_MAPS_FILE).is_file():
+        with np.load(path / ID_MAPS_FILE) as arrays:
+            id_maps = IdMaps({space: IdMap(arrays[space]) for space in arrays.files})
+    return Artifact(path, model, categories, metadata, catalogue, id_maps)

@@ -29,6 +29,7 @@ default row, as in training); every impression feature the model declares is req
 item features come from the artifact's catalogue for each candidate.
 """
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -44,6 +45,7 @@ import torch
 
 from genctr_rec.data.catalogue import ItemCatalogue
 from genctr_rec.data.features import USER_ID, FeatureSchema
+from genctr_rec.data.id_maps import ITEM as ITEM_SPACE
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.reader import side_inputs
 from genctr_rec.data.stream import Jagged
@@ -178,6 +180,12 @@ class Predictor:
         oov: out-of-vocabulary policy, see the module docstring.
         max_candidates: more candidates in one request are refused.
         max_request_history: longer histories are refused (up to it they are truncated).
+        max_feature_ids: an ``ids`` feature with more ids is refused.
+        max_request_ids: a request whose ``ids`` features, copied once per candidate (each
+            candidate is scored with its request's features), would hold more ids is refused:
+            a 1 MiB body could otherwise ask for gigabytes.
+        artifact_sha256: refuse an artifact whose manifest has another SHA-256 (pinning the
+            exact artifact a service may load).
 
     Example::
 
@@ -193,10 +201,17 @@ class Predictor:
         max_candidates: int = 1000,
         max_request_history: int = 10_000,
         trust_request_categories: bool = False,
+        max_feature_ids: int = 1000,
+        max_request_ids: int = 1_000_000,
+        artifact_sha256: str | None = None,
     ) -> None:
         if oov not in OOV_POLICIES:
             raise ValueError(f"oov must be one of {OOV_POLICIES}, got {oov!r}")
-        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        self.artifact = (
+            artifact
+            if isinstance(artifact, Artifact)
+            else load_artifact(artifact, artifact_sha256)
+        )
         meta = self.artifact.metadata
         self.model = self.artifact.model
         self.item_categories = self.artifact.item_categories
@@ -207,6 +222,8 @@ class Predictor:
         self.oov = oov
         self.max_candidates = max_candidates
         self.max_request_history = max_request_history
+        self.max_feature_ids = max_feature_ids
+        self.max_request_ids = max_request_ids
         self.trust_request_categories = trust_request_categories
         self.cache = ContextCache(cache_size) if cache_size > 0 and self.model_integration else None
         self.schema = self.artifact.features
@@ -238,6 +255,8 @@ class Predictor:
     # -- validation -------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
         """Validate and normalise one request; raises :class:`RequestError`."""
+        if self.artifact.id_maps is not None:
+            request = self._rows_of(request)
         items = _ids(request.history_items, "history.item_ids")
         if len(items) > self.max_request_history:
             raise RequestError(
@@ -301,7 +320,62 @@ class Predictor:
         if self.cache is not None:
             key = hashlib.blake2b(items.tobytes() + b"|" + cats.tobytes(), digest_size=16).digest()
         user_row, impression = self._side(request)
+        self._check_copies(impression, len(cand_items))
         return PreparedRequest(items, cats, query, cand_items, cand_cats, key, user_row, impression)
+
+    def _check_copies(self, impression: dict[str, object], candidates: int) -> None:
+        """Refuse a request whose list features, copied once per candidate, exceed
+        ``max_request_ids``: the memory one request may ask for is bounded."""
+        ids = sum(len(v) for v in impression.values() if isinstance(v, np.ndarray) and v.ndim)
+        if ids * candidates > self.max_request_ids:
+            raise RequestError(
+                "features",
+                f"{ids} feature ids x {candidates} candidates = {ids * candidates} ids to score; "
+                f"at most {self.max_request_ids} a request",
+            )
+
+    def _rows_of(self, request: Request) -> Request:
+        """A request of raw ids (an artifact trained on them, ``data/id_maps.py``) in table
+        rows. An id the maps lack is an unknown id: refused naming its raw value under
+        ``reject``; otherwise it becomes the row past the vocabulary that the unknown-id policy
+        reads (an item, a feature value: the default row; a user: the shared default row)."""
+        maps = self.artifact.id_maps
+
+        def rows(values: Sequence[int] | None, space: str, name: str, past: int) -> np.ndarray:
+            raw = _ids(values, name)
+            found = maps[space].rows(raw)
+            missing = found < 0
+            if missing.any() and self.oov == "reject":
+                bad = int(np.flatnonzero(missing)[0])
+                raise RequestError(f"{name}[{bad}]", f"{raw[bad]} is not an id this model knows")
+            return np.where(missing, past, found)
+
+        changes: dict[str, object] = {}
+        if ITEM_SPACE in maps:
+            changes["history_items"] = rows(
+                request.history_items, ITEM_SPACE, "history.item_ids", self.num_items
+            )
+            changes["candidate_items"] = rows(
+                request.candidate_items, ITEM_SPACE, "candidates.item_id", self.num_items
+            )
+        if USER_ID in maps and request.user_id is not None and self.schema is not None:
+            user = rows([request.user_id], USER_ID, "user_id", self.schema.num_users)
+            changes["user_id"] = int(user[0])
+        raw_features = [f for f in self.schema.of("impression") if f.name in maps] if (
+            self.schema is not None
+        ) else []
+        if raw_features and request.features:
+            features = dict(request.features)
+            for spec in raw_features:
+                if spec.name not in features:
+                    continue  # _side names what is missing
+                value = features[spec.name]
+                where = f"features.{spec.name}"
+                found = rows([value] if spec.kind == "id" else value, spec.name, where,
+                             int(spec.vocab_size))  # fmt: skip
+                features[spec.name] = int(found[0]) if spec.kind == "id" else found.tolist()
+            changes["features"] = features
+        return dataclasses.replace(request, **changes)
 
     def _side(self, request: Request) -> tuple[int, dict[str, object]]:
         """The user's table row (unseen or missing: the default row) and the checked
@@ -335,6 +409,10 @@ class Predictor:
                     raise RequestError(where, f"must be finite, got {value!r}")
                 values[name] = float(value)
                 continue
+            if spec.kind == "ids" and isinstance(value, list) and len(value) > self.max_feature_ids:
+                raise RequestError(
+                    where, f"{len(value)} ids; at most {self.max_feature_ids} are accepted"
+                )
             array = _ids([value] if spec.kind == "id" else value, where)
             bad = _first_outside(array, spec.vocab_size)
             if bad is not None and self.oov == "default":
@@ -398,20 +476,32 @@ class Predictor:
             f"history.{field_name}[{bad}]", f"{value} is outside the vocabulary [0, {vocab})"
         )
 
+    def ids_of(self, space: str, rows: np.ndarray) -> list[int]:
+        """The ids a request names table ``rows`` by: the rows themselves, or their raw ids
+        for an artifact of raw ids."""
+        maps = self.artifact.id_maps
+        return (maps[space].raw[rows] if maps and space in maps else rows).tolist()
+
+    def first_features(self) -> dict[str, object]:
+        """Every declared impression feature at its first value (warm-up and probe requests)."""
+        first = np.zeros(1, dtype=np.int64)
+        features: dict[str, object] = {}
+        for spec in self.schema.of("impression") if self.schema is not None else []:
+            value = self.ids_of(spec.name, first)
+            features[spec.name] = {"dense": 0.0, "id": value[0]}.get(spec.kind, value)
+        return features
+
     def warm_up(self, rounds: int = 3, candidates: int = 100) -> float:
         """Score a synthetic request of a typical size ``rounds`` times (TorchScript's profiling
         runs, allocator arenas), leaving the cache as it was. Returns the seconds it took."""
         started = time.perf_counter()
-        features: dict[str, object] = {}
-        for spec in self.schema.of("impression") if self.schema is not None else []:
-            features[spec.name] = 0.0 if spec.kind == "dense" else 0 if spec.kind == "id" else [0]
         history = np.arange(min(self.max_history, 50)) % self.num_items
         request = Request(
-            history.tolist(),
+            self.ids_of(ITEM_SPACE, history),
             None,
             int(self.item_categories[0]),
-            (np.arange(min(candidates, self.num_items)) % self.num_items).tolist(),
-            features=features,
+            self.ids_of(ITEM_SPACE, np.arange(min(candidates, self.num_items)) % self.num_items),
+            features=self.first_features(),
         )
         cache, self.cache = self.cache, None
         try:

@@ -129,19 +129,24 @@ class ServedModel:
 def probe_requests(predictor: Predictor, count: int = 8) -> list:
     """Deterministic requests over the catalogue (history, candidates, the declared
     impression features at their first value): what a new version must score sanely."""
+    from genctr_rec.data.id_maps import ITEM
     from genctr_rec.serving.predictor import Request
 
     rng = np.random.default_rng(0)
-    features: dict[str, object] = {}
-    for spec in predictor.schema.of("impression") if predictor.schema is not None else []:
-        features[spec.name] = 0.0 if spec.kind == "dense" else 0 if spec.kind == "id" else [0]
+    features = predictor.first_features()
     requests = []
     for _ in range(count):
         history = rng.integers(0, predictor.num_items, size=min(20, predictor.max_history))
         candidates = rng.integers(0, predictor.num_items, size=16)
         query = int(predictor.item_categories[candidates[0]])
         requests.append(
-            Request(history.tolist(), None, query, candidates.tolist(), features=features)
+            Request(
+                predictor.ids_of(ITEM, history),
+                None,
+                query,
+                predictor.ids_of(ITEM, candidates),
+                features=features,
+            )
         )
     return requests
 

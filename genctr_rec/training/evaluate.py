@@ -105,7 +105,7 @@ def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | Non
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
-    data = data or cfg.data
+    data = cfg.dataset_for(data)
     check_catalogue(cfg, data)
     ctx = init_distributed()
     built = build_model(cfg, ctx)

@@ -36,6 +36,7 @@ from genctr_rec.training.compiled import compile_dense_step
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
+from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
 from genctr_rec.training.warm_start import check_features, inherit, warm_start_model
@@ -78,6 +79,7 @@ def finetune(
     ``explicit`` are the settings the user gave, checked against it."""
     out = location(out)
     meta = DatasetMeta.read(cfg.data)
+    maps, meta = plan_raw_ids(cfg, meta, out)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
     previous = None
@@ -100,6 +102,8 @@ def finetune(
     ctx = init_distributed()
     check_overrides(cfg.train.sharding)
     with open_run(cfg, out, ctx):
+        if maps is not None:
+            write_view(cfg, DatasetMeta.read(cfg.data), maps, out, ctx)
         return _train_and_test(cfg, out, ctx, split, stop_after_steps)
 
 
@@ -122,7 +126,7 @@ def _train_and_test(
     if cfg.train.compile:
         compile_dense_step(dmp.module, cfg.max_history)
     reader = ImpressionReader(
-        cfg.data,
+        cfg.reads,
         split.train_split,
         cfg.train.batch_size,
         ctx.rank,
@@ -141,7 +145,7 @@ def _train_and_test(
     if split.valid_split is not None:
         every = cfg.train.eval_every or max(1, len(reader) // EVALS_PER_EPOCH)
         valid_reader = eval_reader(
-            cfg.data,
+            cfg.reads,
             split.valid_split,
             cfg.train.batch_size,
             ctx,
@@ -151,7 +155,7 @@ def _train_and_test(
         )  # built once: its row selection reads train/'s timestamps
         validation = Validation(
             evaluate=lambda: evaluate_ctr(
-                dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history, reader=valid_reader
+                dmp, cfg.reads, ctx, cfg.train.batch_size, cfg.max_history, reader=valid_reader
             ),
             metric="auc",
             every_steps=every,
@@ -175,7 +179,9 @@ def _train_and_test(
         return None
     if history["best"] is not None:
         built.load_selected(out / BEST_DIR)
-    test = evaluate_ctr(dmp, cfg.data, ctx, cfg.train.batch_size, cfg.max_history, "test", features)
+    test = evaluate_ctr(
+        dmp, cfg.reads, ctx, cfg.train.batch_size, cfg.max_history, "test", features
+    )
     built.save_selected(out / "checkpoint")
     metrics = {
         **run_metrics("finetune", history, built, ctx),

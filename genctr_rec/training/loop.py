@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,13 +105,17 @@ def tensorboard_writer(run_dir: Path, ctx: DistContext):
 
     class UploadingSummaryWriter(SummaryWriter):
         """TensorBoard cannot append to an object: events go to a local staging directory,
-        copied to ``RUN/tensorboard`` on close."""
+        copied to ``RUN/tensorboard`` on close, then deleted."""
 
         def close(self) -> None:
             super().close()
-            upload_tree(staging, run_dir / "tensorboard")
+            if staging.is_dir():
+                upload_tree(staging, run_dir / "tensorboard")
+                shutil.rmtree(staging, ignore_errors=True)
 
-    staging = cache_dir() / "tensorboard" / str(os.getpid()) / run_dir.path.strip("/")
+    root = cache_dir() / "tensorboard"
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=root))
     return UploadingSummaryWriter(log_dir=str(staging))
 
 
@@ -143,18 +149,42 @@ def write_hparams(run_dir: Path, cfg: Any, results: dict[str, Any], ctx: DistCon
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Every random stream's state as tensors and plain numbers only, so that a checkpoint's
+    ``rng-rank*.pt`` loads with ``torch.load(weights_only=True)``, which runs no code."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "state": torch.tensor(python_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
 
 
 def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
     for name, g in generators.items():
         g.set_state(state["generators"][name])
 
@@ -396,8 +426,9 @@ def train_run(
     depth = cfg.train.prefetch
     if depth is None:
         depth = 2 if ctx.device.type == "cuda" else 0
+    started = time.perf_counter()
     with StopOnSigterm(ctx.device) as sigterm:
-        return train_epochs(
+        history = train_epochs(
             prefetched(reader, depth),
             step,
             built,
@@ -412,6 +443,9 @@ def train_run(
             cfg.train.steps,
             sigterm,
         )
+    if history is not None:  # this process's training, validations and checkpoints included
+        history["train_seconds"] = round(time.perf_counter() - started, 2)
+    return history
 
 
 def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContext) -> dict:
@@ -420,6 +454,7 @@ def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContex
         "stage": stage,
         "epoch_loss": history["epoch_loss"],
         "examples_per_s": history["examples_per_s"],
+        "train_seconds": history.get("train_seconds"),
         "valid": history.get("valid", []),
         "selected": history.get("best"),
         "stopped": history.get("stopped"),

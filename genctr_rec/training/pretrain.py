@@ -32,6 +32,7 @@ from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
 from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
+from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
 from genctr_rec.training.warm_start import inherit, warm_start_model
@@ -77,16 +78,16 @@ def evaluate_next_item(dmp, cfg: RunConfig, ctx: DistContext, k: int = 10) -> di
     model = dmp.module
     model.eval()
     reader = SequenceReader(
-        cfg.data,
+        cfg.reads,
         cfg.train.batch_size,
         ctx.rank,
         ctx.world_size,
         shuffle=False,
         max_history=cfg.max_history + 1,
     )
-    random_sampler = NegativeSampler.from_dataset(cfg.data, "random", cfg.train.seed + 7, ctx.rank)
+    random_sampler = NegativeSampler.from_dataset(cfg.reads, "random", cfg.train.seed + 7, ctx.rank)
     category_sampler = NegativeSampler.from_dataset(
-        cfg.data, "category", cfg.train.seed + 7, ctx.rank
+        cfg.reads, "category", cfg.train.seed + 7, ctx.rank
     )
     ranks: dict[str, list[np.ndarray]] = {"random": [], "category": []}
     for batch in reader:
@@ -126,12 +127,15 @@ def pretrain(
     out = location(out)
     ctx = init_distributed()
     meta = DatasetMeta.read(cfg.data)
+    maps, meta = plan_raw_ids(cfg, meta, out)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     cfg.max_history = cfg.train.max_history or meta.max_history
     if cfg.warm_start:
         inherit(cfg, cfg.warm_start, explicit or {})
     check_overrides(cfg.train.sharding)
     with open_run(cfg, out, ctx):
+        if maps is not None:
+            write_view(cfg, DatasetMeta.read(cfg.data), maps, out, ctx)
         return _train_and_evaluate(cfg, out, ctx, stop_after_steps)
 
 
@@ -142,11 +146,11 @@ def _train_and_evaluate(
     dmp = built.dmp
     if cfg.warm_start:
         warm_start_model(built, cfg.warm_start)
-    sampler = NegativeSampler.from_dataset(cfg.data, cfg.train.negatives, cfg.train.seed, ctx.rank)
+    sampler = NegativeSampler.from_dataset(cfg.reads, cfg.train.negatives, cfg.train.seed, ctx.rank)
     # one more than the history so that, after holding out the last click, the predicted
     # positions cover 0..max_history, the positions fine-tuning queries
     reader = SequenceReader(
-        cfg.data,
+        cfg.reads,
         cfg.train.batch_size,
         ctx.rank,
         ctx.world_size,

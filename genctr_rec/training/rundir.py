@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -31,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from genctr_rec.config import ConfigError, absolute_location
-from genctr_rec.storage import Location, describe_error, is_remote, location, make_dirs
+from genctr_rec.storage import (
+    Location,
+    describe_error,
+    file_lock,
+    is_remote,
+    location,
+    make_dirs,
+)
 from genctr_rec.training.distributed import DistContext, from_main
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,9 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 SAVED_STATE = ("checkpoints", "checkpoint", "best")  # what a resume or a reader would use
 JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+# values that name no job: torchrun's static rendezvous sets TORCHELASTIC_RUN_ID=none for
+# every job, so two unrelated jobs would pass as restarts of one
+NOT_A_JOB_ID = frozenset({"", "none", "null", "default"})
 
 
 class RunDirError(ConfigError):
@@ -75,7 +86,14 @@ class LockOwner:
 
     @classmethod
     def me(cls) -> LockOwner:
-        job = next((os.environ[v] for v in JOB_ID_VARIABLES if os.environ.get(v)), None)
+        job = next(
+            (
+                os.environ[v]
+                for v in JOB_ID_VARIABLES
+                if os.environ.get(v, "").strip().lower() not in NOT_A_JOB_ID
+            ),
+            None,
+        )
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), job, since)
 
@@ -98,22 +116,37 @@ class RunLock:
             return None  # vanished, or half-written by a writer killed mid-write
 
     def _write(self, exclusive: bool) -> None:
+        """Publish our owner record whole: written to a temporary file first, then linked
+        (``exclusive``: fails if a lock exists) or renamed over the lock, so that no reader
+        ever sees a lock file without its content."""
         text = json.dumps(asdict(self.owner), indent=1)
         if is_remote(self.path):  # no exclusive create on object storage: check, then write
             if exclusive and self.path.exists():
                 raise FileExistsError(str(self.path))
             self.path.write_text(text)
             return
-        if exclusive:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
-            return
-        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+            if exclusive:
+                os.link(tmp, self.path)  # atomic: the lock appears complete, or not at all
+            else:
+                os.replace(tmp, self.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def acquire(self) -> None:
+        if is_remote(self.path):
+            self._acquire()
+            return
+        # one process at a time decides about an existing lock (two that both found it stale
+        # would both take it over); the kernel drops the flock if its holder dies
+        with file_lock(self.path.with_name(f"{LOCK_FILE}.guard")):
+            self._acquire()
+
+    def _acquire(self) -> None:
         try:
             self._write(exclusive=True)
             return
@@ -122,7 +155,7 @@ class RunLock:
         holder = self._read()
         me = self.owner
         if holder is None:
-            reason = "unreadable lock file (its writer died while writing it)"
+            reason = "unreadable lock file (written by genctr-rec before 0.11, killed mid-write)"
         elif holder.job is not None and holder.job == me.job:
             reason = f"a restart of the same job ({holder.describe()})"
         elif holder.host == me.host and not _alive(holder.pid, holder.process_start):
@@ -158,7 +191,7 @@ def check_out_dir(run_dir: Location) -> None:
         raise RunDirError(f"--out {run_dir} is a file, not a directory")
     if (run_dir / CONFIG_FILE).is_file():
         return
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(LOCK_FILE))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise RunDirError(
