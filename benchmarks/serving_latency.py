@@ -343,7 +343,9 @@ def where_the_time_goes(artifact: Path, bodies: list[bytes], requests: list) -> 
     and response models, routing, exception middlewares: the baseline), then the parts."""
     import asyncio
 
-    from genctr_rec.serving.server import ScoreBody, ServeConfig, create_app
+    from genctr_rec.serving.api import ScoreBody
+    from genctr_rec.serving.config import ServeConfig
+    from genctr_rec.serving.server import create_app
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

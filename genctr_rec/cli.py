@@ -447,7 +447,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from genctr_rec.serving.server import ServeConfig, serve
+    from genctr_rec.serving.config import ServeConfig
+    from genctr_rec.serving.server import serve
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")

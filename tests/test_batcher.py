@@ -1,4 +1,4 @@
-"""The service's micro-batcher (serving/server.py): where batches run, what forms a batch, and
+"""The service's micro-batcher (serving/batcher.py): where batches run, what forms a batch, and
 that no batch runs beside the warm-up."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from genctr_rec.serving.server import MicroBatcher
+from genctr_rec.serving.batcher import MicroBatcher
 
 
 def _recording_scorer(calls: list[dict], seconds: float = 0.0):

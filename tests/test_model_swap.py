@@ -22,8 +22,10 @@ import torch
 from genctr_rec.checkpoint import write_manifest
 from genctr_rec.cli import main
 from genctr_rec.serving.artifact import MODEL_FILE
+from genctr_rec.serving.asgi import VERSION_HEADER
+from genctr_rec.serving.config import ServeConfig
 from genctr_rec.serving.predictor import Predictor
-from genctr_rec.serving.server import VERSION_HEADER, ServeConfig, create_app
+from genctr_rec.serving.server import create_app
 from genctr_rec.serving.swap import watch
 from genctr_rec.serving.versions import PIN_FILE, ModelSource, version_key
 from tests.serving import as_request, score_body, start_server, stop_server

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
+from genctr_rec.serving.asgi import ScoreFastPath
 from genctr_rec.serving.predictor import RequestError
-from genctr_rec.serving.server import ScoreFastPath
 
 VALID = {"history": {"item_ids": [1, 2]}, "query_category_id": 0, "candidates": [{"item_id": 3}]}
 

@@ -64,7 +64,8 @@ def app_from_environment() -> Any:
     try:
         import torch
 
-        from genctr_rec.serving.server import ServeConfig, create_app
+        from genctr_rec.serving.config import ServeConfig
+        from genctr_rec.serving.server import create_app
         from genctr_rec.serving.swap import watch
 
         if options.threads:
