@@ -450,31 +450,38 @@ def _serve(args: argparse.Namespace) -> int:
     from genctr_rec.serving.config import ServeConfig
     from genctr_rec.serving.server import serve
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    serve(
-        args.artifact,
-        args.host,
-        args.port,
-        ServeConfig(
-            args.max_batch,
-            args.max_wait_ms,
-            args.max_body_bytes,
-            args.shutdown_timeout,
-            workers=args.workers,
-            score_on=args.score_on,
-            poll_s=args.poll_s,
-        ),
-        args.cache_size,
-        args.oov,
-        args.max_candidates,
-        args.max_request_history,
-        args.trust_request_categories,
-        args.access_log,
-        args.threads,
-        args.verbose,
-    )
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+    try:
+        config.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    serve(args.artifact, config, args.verbose)
     return 0
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeConfig field, help from its docstring, as training's flags are."""
+    from genctr_rec.serving.config import ServeConfig
+
+    helps = _field_help(ServeConfig)
+    defaults = ServeConfig()
+    for f in fields(ServeConfig):
+        flags = [f"--{f.name.replace('_', '-')}", *ServeConfig.ALIASES.get(f.name, [])]
+        default = getattr(defaults, f.name)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        text = helps.get(f.name, "")
+        if kind == "bool":
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                help=f"{text} (default: {'on' if default else 'off'})",
+            )  # fmt: skip
+            continue
+        cast = int if kind.startswith("int") else float if kind.startswith("float") else str
+        shown = "none" if default is None else default if default != "" else "empty"
+        parser.add_argument(
+            *flags, dest=f.name, type=cast, default=default,
+            choices=ServeConfig.CHOICES.get(f.name), help=f"{text} (default: {shown})",
+        )  # fmt: skip
 
 
 def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
@@ -502,85 +509,7 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         "MODELS/<version>/ (genctr export --out MODELS/<version>): the pinned version (genctr "
         "models pin), else the newest, swapped in without a pause as new ones arrive",
     )
-    srv.add_argument(
-        "--poll-s",
-        type=float,
-        default=30.0,
-        help="with a directory of versions: seconds between checks for a new or pinned one "
-        "(0: never; default: 30)",
-    )
-    srv.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
-    )
-    srv.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080)")
-    srv.add_argument("--max-batch", type=int, default=64, help="requests per micro-batch")
-    srv.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=0.0,
-        help="wait this long for more requests before a batch (0: take what is queued)",
-    )
-    srv.add_argument(
-        "--score-on",
-        default="thread",
-        choices=["thread", "loop"],
-        help="where each batch runs: on a scoring thread beside the event loop (thread, the "
-        "default: the loop parses further requests meanwhile, larger batches under load) or on "
-        "the loop's own thread (loop: no hand-off, less CPU and latency for requests that come "
-        "one at a time)",
-    )
-    srv.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (1 MiB)"
-    )
-    srv.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, seconds to finish the requests already received before exiting",
-    )
-    srv.add_argument(
-        "--max-candidates", type=int, default=1000, help="candidates per request (1000)"
-    )
-    srv.add_argument(
-        "--max-request-history",
-        type=int,
-        default=10_000,
-        help="history entries a request may send; the model keeps its newest max_history",
-    )
-    srv.add_argument(
-        "--trust-request-categories",
-        action="store_true",
-        help="score a candidate with the category_id the request gives even where the "
-        "catalogue says otherwise (default: such a request gets 422)",
-    )
-    srv.add_argument(
-        "--access-log", action="store_true", help="log every request (method, path, status)"
-    )
-    srv.add_argument("--cache-size", type=int, default=100_000, help="g(s, c) cache entries")
-    srv.add_argument(
-        "--unknown-ids",
-        "--oov",
-        dest="oov",
-        default="default",
-        choices=["default", "reject", "skip_history"],
-        help="an id past the model's vocabulary (a new ad, category, user or feature value): "
-        "scored with its table's default row (default; counted in /metrics), refused with 422 "
-        "(reject), or, in a history only, dropped (skip_history: unknown candidates refused)",
-    )
-    srv.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads of each worker (0: torch's default, all cores). One keeps "
-        "the tail short for requests of a few hundred candidates; scale with --workers",
-    )
-    srv.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes answering on the port, each with its own copy of the model, cache and "
-        "micro-batcher; /metrics sums them (default: 1). Up to one per core the replica has",
-    )
+    _add_serve_options(srv)
     srv.set_defaults(func=_serve)
 
 

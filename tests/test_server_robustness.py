@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +32,16 @@ DEEP = "__nested_lists_of_depth_"
 @pytest.fixture(scope="module")
 def server(artifacts: dict) -> Iterator[tuple[str, Path, int]]:
     path = artifacts["genctr-int8"]["path"]
-    proc, url = start_server(path)
+    proc, url = start_server(path, "--read-timeout-s", "3", "--max-feature-ids", "100")
     yield url, path, proc.pid
     stop_server(proc)
 
 
 def _random_value(rng: np.random.Generator) -> object:
     """A JSON value of a kind the schema does not expect somewhere (or does, by chance)."""
-    kind = int(rng.integers(0, 12))
+    kind = int(rng.integers(0, 13))
+    if kind == 12:  # past --max-feature-ids where it lands in an ids feature
+        return [int(v) for v in rng.integers(0, 16, int(rng.integers(101, 3000)))]
     if kind == 0:
         return int(rng.choice([10**30, -(10**30), 2**63, 2**64 + 1, -1]))
     if kind == 1:
@@ -201,9 +204,11 @@ def test_slow_and_truncated_bodies(server) -> None:
 
 @pytest.mark.slow
 def test_soak_of_valid_and_malformed_requests(server) -> None:
-    """8 clients x 250 requests, one in four malformed: no valid request fails or changes its
-    score, the same 20 requests score identically before and after, and the server's memory
-    stays flat (measured after a warm-up of the same traffic)."""
+    """8 clients x 250 requests, one in four malformed, beside 4 slow-loris clients that keep
+    opening connections that never finish a request: no valid request fails or changes its
+    score, the server closes the slow connections at its read deadline, the same 20 requests
+    score identically before and after, and the server's memory stays flat (measured after a
+    warm-up of the same traffic)."""
     url, path, pid = server
     rng = np.random.default_rng(21)
     sizes = zip(rng.integers(0, 80, 40), rng.integers(1, 40, 40), strict=True)
@@ -237,13 +242,42 @@ def test_soak_of_valid_and_malformed_requests(server) -> None:
         conn.close()
         return failures, malformed
 
+    def slow_loris(stop: threading.Event) -> int:
+        """Keeps opening connections that send a header line now and then and never finish a
+        request; returns how many the server closed (read deadline, 3 s here)."""
+        closed = 0
+        while not stop.is_set():
+            sock = socket.create_connection((urlparse(url).hostname, urlparse(url).port))
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+            sock.settimeout(0.5)
+            while not stop.is_set():
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                    if sock.recv(1) == b"":
+                        closed += 1
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed += 1
+                    break
+            sock.close()
+        return closed
+
     before = probe_scores()
     with ThreadPoolExecutor(8) as workers:  # warm-up: caches and allocator arenas fill
         list(workers.map(client, range(100, 108)))
     rss_before = psutil.Process(pid).memory_info().rss
-    with ThreadPoolExecutor(8) as workers:
+    soak_started = time.monotonic()
+    stop = threading.Event()
+    with ThreadPoolExecutor(12) as workers:
+        lorises = [workers.submit(slow_loris, stop) for _ in range(4)]
         results = list(workers.map(client, range(8)))
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - soak_started)))
+        stop.set()
+        closed = sum(f.result() for f in lorises)
     rss_after = psutil.Process(pid).memory_info().rss
+    assert closed >= 4, "the server closed no slow-loris connection in time"
     assert sum(f for f, _ in results) == 0
     assert sum(m for _, m in results) > 300
     assert probe_scores() == before

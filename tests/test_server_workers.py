@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from genctr_rec.serving.predictor import Predictor
@@ -19,14 +20,21 @@ from tests.serving import as_request, score_body, start_server
 from tests.test_server import _metric
 
 
-def _worker_pids(url: str, want: int, seconds: float = 60) -> set[int]:
-    """Pids that answer ``/metadata`` over fresh connections, until ``want`` are seen."""
-    seen: set[int] = set()
+def _worker_ids(url: str, want: int, seconds: float = 60) -> set[str]:
+    """Workers (``/metadata``'s opaque id) answering over fresh connections, until ``want``
+    are seen."""
+    seen: set[str] = set()
     deadline = time.monotonic() + seconds
     while len(seen) < want and time.monotonic() < deadline:
         with httpx.Client() as client:  # a new connection: the kernel picks a worker
-            seen.add(client.get(f"{url}/metadata", timeout=10).json()["process"]["pid"])
+            seen.add(client.get(f"{url}/metadata", timeout=10).json()["process"]["worker"])
     return seen
+
+
+def _worker_pids(proc: subprocess.Popen) -> set[int]:
+    """The live worker processes under the service's supervisor."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return {c.pid for c in children if "spawn" in " ".join(c.cmdline()) and c.is_running()}
 
 
 @pytest.mark.slow
@@ -36,8 +44,9 @@ def test_two_workers_serve_count_survive_a_crash_and_drain(artifacts: dict) -> N
     try:
         meta = httpx.get(f"{url}/metadata").json()
         assert meta["process"]["workers"] == 2
-        pids = _worker_pids(url, 2)
-        assert len(pids) == 2 and proc.pid not in pids, "two worker processes answer"
+        ids = _worker_ids(url, 2)
+        pids = _worker_pids(proc)
+        assert len(ids) == 2 and len(pids) == 2, "two worker processes answer"
 
         # every worker scores as the in-process predictor does
         predictor, rng = Predictor(path), np.random.default_rng(1)
@@ -65,10 +74,11 @@ def test_two_workers_serve_count_survive_a_crash_and_drain(artifacts: dict) -> N
             assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
         deadline = time.monotonic() + 90
         replaced: set[int] = set()
-        while not replaced - pids and time.monotonic() < deadline:
-            replaced = _worker_pids(url, 2, seconds=5)
+        while not (replaced - pids and len(replaced) == 2) and time.monotonic() < deadline:
+            replaced = _worker_pids(proc)
             time.sleep(0.2)
         assert victim not in replaced and replaced - pids, "a new worker took the dead one's place"
+        assert _worker_ids(url, 2, seconds=30) - ids, "and answers"
         text = httpx.get(f"{url}/metrics").text
         assert _metric(text, "genctr_requests_total", route="/score", status="200") == 12, (
             "the dead worker's requests still count"

@@ -1,6 +1,8 @@
-"""The ASGI layers around FastAPI: each a small class with one job (a body limit, the score fast
-path, the model-version header), in the order ``server.create_app`` stacks them."""
+"""The ASGI layers around FastAPI: each a small class with one job (a Host check, a bearer token,
+a body limit, the score fast path, the model-version header), stacked by
+``server.create_app``."""
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -10,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from genctr_rec.serving.api import ScoreBody
+from genctr_rec.serving.batcher import Overloaded
 from genctr_rec.serving.predictor import RequestError
 from genctr_rec.serving.versions import ServedModel
 
@@ -85,7 +88,7 @@ class ScoreFastPath:
         try:
             request = ScoreBody.model_validate_json(body)
             version, scoring = self.score(request)
-        except (ValidationError, RequestError):
+        except (ValidationError, RequestError, Overloaded):
             await self.app(scope, replaying(body, receive), send)  # FastAPI's own answer
             return
         content = _json_bytes({"scores": (await scoring).tolist()})
@@ -172,3 +175,66 @@ class VersionHeader:
             await send(message)
 
         await self.app(scope, receive, send_with_version)
+
+
+def json_answer(status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None):
+    """An ASGI app answering ``{"detail", "field": null}`` with ``status``: the one error
+    shape, for refusals made below FastAPI."""
+    content = _json_bytes({"detail": detail, "field": None})
+
+    async def answer(scope: dict, receive: Callable, send: Callable) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-length", str(len(content)).encode()),
+                    (b"content-type", b"application/json"),
+                    *(headers or []),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+    return answer
+
+
+class BearerAuth:
+    """ASGI: every route but the probes needs ``Authorization: Bearer TOKEN`` (compared in
+    constant time); 401 otherwise, before the body is read."""
+
+    OPEN = frozenset({"/livez", "/readyz", "/healthz"})
+
+    def __init__(self, app: Callable, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.refuse = json_answer(
+            401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")]
+        )
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope.get("headers", [])).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await self.refuse(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class HostCheck:
+    """ASGI: only requests whose ``Host`` header (without its port) is one of ``hosts``; 400
+    otherwise (DNS rebinding, traffic meant for another service)."""
+
+    def __init__(self, app: Callable, hosts: list[str]) -> None:
+        self.app = app
+        self.hosts = frozenset(hosts)
+        self.refuse = json_answer(400, "this service does not answer for that Host")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.strip("[]").lower() not in self.hosts:
+                await self.refuse(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -13,6 +13,11 @@ from genctr_rec.serving.predictor import PreparedRequest
 logger = logging.getLogger(__name__)
 
 
+class Overloaded(Exception):
+    """More requests wait for the model than the service admits (``max_queue``): answered
+    503 with Retry-After, so that overload sheds requests instead of growing memory."""
+
+
 class MicroBatcher:
     """Collects concurrent prepared requests into batches for ``score_batch``.
 
@@ -34,6 +39,7 @@ class MicroBatcher:
         max_wait_ms: float,
         observe_batch: Callable[[int], None] | None = None,
         score_on: str = "thread",
+        max_queue: int = 4096,
     ) -> None:
         if score_on not in SCORE_ON:
             raise ValueError(f"score_on must be one of {SCORE_ON}, got {score_on!r}")
@@ -46,6 +52,8 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genctr-score")
         self.batches = 0
         self.requests = 0
+        self.max_queue = max_queue
+        self.waiting = 0  # submitted, not yet answered by the model
         self._task: asyncio.Task | None = None
 
     def start(self, after: Awaitable | None = None) -> None:
@@ -65,10 +73,18 @@ class MicroBatcher:
         self, prepared: PreparedRequest, score_batch: Callable | None = None
     ) -> Awaitable[np.ndarray]:
         """Queue ``prepared``; ``score_batch``: the model that took it (the service's models
-        change while requests wait: each is scored by the one that prepared it)."""
+        change while requests wait: each is scored by the one that prepared it). Raises
+        :class:`Overloaded` when ``max_queue`` requests wait already."""
+        if self.waiting >= self.max_queue:
+            raise Overloaded(f"{self.waiting} requests are waiting for the model")
         future = asyncio.get_running_loop().create_future()
+        self.waiting += 1
+        future.add_done_callback(self._answered)
         self.queue.put_nowait((prepared, future, score_batch or self.score_batch))
         return future
+
+    def _answered(self, _: asyncio.Future) -> None:
+        self.waiting -= 1
 
     async def _score(self, score_batch: Callable, prepared: list) -> list[np.ndarray]:
         if self.on_loop:

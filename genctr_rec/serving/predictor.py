@@ -49,7 +49,7 @@ from genctr_rec.data.id_maps import ITEM as ITEM_SPACE
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.reader import side_inputs
 from genctr_rec.data.stream import Jagged
-from genctr_rec.serving.artifact import Artifact, RequestTensors, load_artifact
+from genctr_rec.serving.artifact import Artifact, RequestTensors, artifact_digest, load_artifact
 
 logger = logging.getLogger(__name__)
 OOV_POLICIES = ("default", "reject", "skip_history")
@@ -213,6 +213,7 @@ class Predictor:
             else load_artifact(artifact, artifact_sha256)
         )
         meta = self.artifact.metadata
+        self.artifact_sha256 = artifact_digest(self.artifact.path)  # names its exact contents
         self.model = self.artifact.model
         self.item_categories = self.artifact.item_categories
         self.num_items = int(meta["num_items"])

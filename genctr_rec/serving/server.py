@@ -19,7 +19,7 @@ SIGTERM stops accepting and drains what was received.
 
 import asyncio
 import logging
-import os
+import secrets
 import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
@@ -36,11 +36,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from genctr_rec.serving.api import ErrorResponse, ScoreBody, ScoreResponse
 from genctr_rec.serving.asgi import (
     VERSION_HEADER,
+    BearerAuth,
     BodyLimit,
+    HostCheck,
     ScoreFastPath,
     VersionHeader,
 )
-from genctr_rec.serving.batcher import MicroBatcher
+from genctr_rec.serving.batcher import MicroBatcher, Overloaded
 from genctr_rec.serving.config import ServeConfig
 from genctr_rec.serving.http import run_draining
 from genctr_rec.serving.predictor import Predictor, RequestError
@@ -50,12 +52,15 @@ from genctr_rec.serving.telemetry import MeasuredApp, ServiceMetrics
 from genctr_rec.serving.versions import ServedModel
 
 logger = logging.getLogger(__name__)
+# which worker answered, for clients and tests; random, so it tells an outsider nothing
+WORKER_ID = secrets.token_hex(4)
 
 
 def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = None) -> Any:
     """The ASGI application (FastAPI wrapped in the body-size limit). ``model``: one
     predictor, or a :class:`ModelWatcher` that swaps in new versions as they arrive."""
     config = config or ServeConfig()
+    token = config.token()
     watcher = model if isinstance(model, ModelWatcher) else ModelWatcher.fixed(model)
     first = watcher.current.predictor
     telemetry = ServiceMetrics(
@@ -85,6 +90,7 @@ def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = Non
         config.max_wait_ms,
         telemetry.batch_size.observe,
         config.score_on,
+        config.max_queue,
     )
     started = time.time()
     state: dict[str, Any] = {"ready": False, "warm_up_s": None}
@@ -127,6 +133,14 @@ def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = Non
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.message, "field": exc.field}, status_code=422)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"overloaded: {exc}; retry", "field": None},
+            status_code=503,
+            headers={"retry-after": "1"},
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -174,7 +188,7 @@ def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = Non
         return {
             "version": watcher.current.version,
             "models": watcher.describe(),
-            "artifact": str(predictor.artifact.path),
+            "artifact_sha256": predictor.artifact_sha256,
             **{k: meta[k] for k in ("num_items", "num_categories", "max_history", "dim")},
             **{k: meta[k] for k in ("backbone", "model_integration", "quantize", "created")},
             "features": meta.get("features"),
@@ -185,9 +199,15 @@ def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = Non
             "limits": {
                 "max_candidates": predictor.max_candidates,
                 "max_request_history": predictor.max_request_history,
+                "max_feature_ids": predictor.max_feature_ids,
+                "max_request_ids": predictor.max_request_ids,
                 "max_body_bytes": config.max_body_bytes,
+                "max_queue": config.max_queue,
+                "max_connections": config.max_connections,
+                "read_timeout_s": config.read_timeout_s,
             },
-            "process": {"pid": os.getpid(), "workers": config.workers},
+            "process": {"workers": config.workers, "worker": WORKER_ID},
+            "authentication": "bearer token" if token else "none",
             "batching": {  # this worker's
                 "max_batch": config.max_batch,
                 "max_wait_ms": config.max_wait_ms,
@@ -233,56 +253,47 @@ def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = Non
         )
         return served.version, batcher.submit(prepared, predictor.score_prepared)
 
-    fast = ScoreFastPath(app, submit)
     app.state.watcher = watcher  # for tests and embedding applications
-    versioned = VersionHeader(BodyLimit(fast, config.max_body_bytes), lambda: watcher.current)
-    return MeasuredApp(versioned, telemetry)
+    # outermost first: metrics, version header, Host check, token, body limit, fast path
+    inner: Any = BodyLimit(ScoreFastPath(app, submit), config.max_body_bytes)
+    if token:
+        inner = BearerAuth(inner, token)
+    if config.hosts():
+        inner = HostCheck(inner, config.hosts())
+    return MeasuredApp(VersionHeader(inner, lambda: watcher.current), telemetry)
 
 
-def serve(
-    artifact: str,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    config: ServeConfig | None = None,
-    cache_size: int = 100_000,
-    oov: str = "default",
-    max_candidates: int = 1000,
-    max_request_history: int = 10_000,
-    trust_request_categories: bool = False,
-    access_log: bool = False,
-    threads: int = 1,
-    verbose: bool = False,
-) -> None:
-    """Serves ``artifact`` until SIGTERM / SIGINT: in this process, or with
-    ``config.workers`` > 1 in that many worker processes on the same port
-    (:mod:`genctr_rec.serving.workers`), each with ``threads`` torch threads."""
+def serve(artifact: str, config: ServeConfig | None = None, verbose: bool = False) -> None:
+    """Serves ``artifact`` (one, or a directory of versions) until SIGTERM / SIGINT: in this
+    process, or with ``config.workers`` > 1 in that many worker processes on the same port
+    (:mod:`genctr_rec.serving.workers`), each with ``config.threads`` torch threads."""
+    from genctr_rec.serving.versions import ModelSource
     from genctr_rec.serving.workers import WorkerOptions, quiet_uvicorn, serve_workers
 
-    config = config or ServeConfig()
-    if threads:
-        torch.set_num_threads(threads)
-    options = {
-        "cache_size": cache_size,
-        "oov": oov,
-        "max_candidates": max_candidates,
-        "max_request_history": max_request_history,
-        "trust_request_categories": trust_request_categories,
-    }
+    config = (config or ServeConfig()).check()
+    config.token()  # an unreadable or empty token file fails here, once
+    if config.artifact_sha256 and ModelSource(artifact).versioned:
+        raise ValueError(
+            "--artifact-sha256 pins one artifact; for a directory of versions pin a version "
+            "with genctr models pin"
+        )
+    if config.threads:
+        torch.set_num_threads(config.threads)
     # a bad artifact (or a directory with no loadable version) fails here, before any worker
-    watcher = watch(artifact, options, config.poll_s, config.warm_up_rounds)
-    quiet_uvicorn(access_log)
+    watcher = watch(artifact, config.predictor_options(), config.poll_s, config.warm_up_rounds)
+    quiet_uvicorn(config.access_log)
     logger.info(
-        "serving %s (version %s) on http://%s:%d", artifact, watcher.current.version, host, port
+        "serving %s (version %s) on http://%s:%d%s",
+        artifact,
+        watcher.current.version,
+        config.host,
+        config.port,
+        "" if config.token() else " without authentication (see docs/security.md)",
     )
     if config.workers <= 1:
-        run_draining(create_app(watcher, config), host, port, config.shutdown_timeout_s)
+        run_draining(create_app(watcher, config), config)
         return
     # one artifact: downloaded and verified once, here; versions: each worker watches
     local = artifact if watcher.source.versioned else str(watcher.current.predictor.artifact.path)
     del watcher
-    serve_workers(
-        WorkerOptions(local, asdict(config), options, threads, verbose, access_log),
-        host,
-        port,
-        config.workers,
-    )
+    serve_workers(WorkerOptions(local, asdict(config), verbose), config)

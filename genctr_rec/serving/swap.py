@@ -166,13 +166,21 @@ class ModelWatcher:
                 logger.exception("checking for a new model version failed")
 
     def describe(self) -> dict:
+        """What ``GET /metadata`` shows of the versions: names and counts, no local paths
+        (a refusal's reason names the version's folder as ``MODELS``)."""
         return {
-            "source": self.source.root,
             "versioned": self.source.versioned,
             "version": self.current.version,
             "pinned": self.pinned,
             "poll_s": self.poll_s,
             "swaps": self.swaps,
-            "refused": dict(self.refused),
+            "refused": {v: self._public(reason) for v, reason in self.refused.items()},
             "last_check": self.last_check,
         }
+
+    def _public(self, reason: str) -> str:
+        from genctr_rec.storage import cache_dir
+
+        for private, shown in ((self.source.root, "MODELS"), (str(cache_dir()), "CACHE")):
+            reason = reason.replace(str(private).rstrip("/"), shown)
+        return reason

@@ -45,10 +45,7 @@ class WorkerOptions:
 
     artifact: str  # one artifact the parent downloaded and verified, or a directory of versions
     serve: dict[str, Any] = field(default_factory=dict)  # ServeConfig's fields
-    predictor: dict[str, Any] = field(default_factory=dict)  # Predictor's keyword arguments
-    threads: int = 1  # torch intra-op threads per worker (0: torch's default)
     verbose: bool = False
-    access_log: bool = False
 
 
 def app_from_environment() -> Any:
@@ -58,20 +55,25 @@ def app_from_environment() -> Any:
 
     options = WorkerOptions(**json.loads(os.environ[WORKER_OPTIONS]))
     from genctr_rec.logs import setup_logging
+    from genctr_rec.serving.config import ServeConfig
 
+    config = ServeConfig(**options.serve)
     setup_logging(options.verbose)
-    quiet_uvicorn(options.access_log)
+    quiet_uvicorn(config.access_log)
     try:
         import torch
 
-        from genctr_rec.serving.config import ServeConfig
+        from genctr_rec.serving.http import BoundedHttpToolsProtocol
         from genctr_rec.serving.server import create_app
         from genctr_rec.serving.swap import watch
 
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        config = ServeConfig(**options.serve)
-        watcher = watch(options.artifact, options.predictor, config.poll_s, config.warm_up_rounds)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        # this process's connections (uvicorn's config reached it by reference to the class)
+        BoundedHttpToolsProtocol.read_timeout_s = config.read_timeout_s
+        watcher = watch(
+            options.artifact, config.predictor_options(), config.poll_s, config.warm_up_rounds
+        )
         return create_app(watcher, config)
     except Exception as exc:  # noqa: BLE001 - reported once, then the service stops
         logger.error("worker %d could not start: %s", os.getpid(), exc)
@@ -97,11 +99,10 @@ def _tcp(listening: socket.socket) -> socket.socket:
     )
 
 
-def serve_workers(options: WorkerOptions, host: str, port: int, workers: int) -> None:
-    """Runs ``workers`` worker processes on ``host:port`` until SIGTERM / SIGINT, then lets
-    each drain (``serve["shutdown_timeout_s"]``). Raises :class:`WorkerFailedToStart` when a
-    worker could not build its app."""
-    import uvicorn
+def serve_workers(options: WorkerOptions, config: Any) -> None:
+    """Runs ``config.workers`` worker processes on ``config.host:config.port`` until SIGTERM /
+    SIGINT, then lets each drain (``config.shutdown_timeout_s``). Raises
+    :class:`WorkerFailedToStart` when a worker could not build its app."""
     from prometheus_client import multiprocess
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
@@ -120,7 +121,7 @@ def serve_workers(options: WorkerOptions, host: str, port: int, workers: int) ->
             logger.warning(
                 "SIGTERM: each of %d workers drains its in-flight requests (at most %.0f s)",
                 len(self.processes),
-                options.serve.get("shutdown_timeout_s", 30.0),
+                config.shutdown_timeout_s,
             )
             super().handle_term()
 
@@ -129,17 +130,13 @@ def serve_workers(options: WorkerOptions, host: str, port: int, workers: int) ->
         os.environ[METRICS_DIR] = metrics_dir  # read by each spawned worker's prometheus_client
         os.environ[WORKER_OPTIONS] = json.dumps(asdict(options))
         try:
-            config = uvicorn.Config(
-                FACTORY,
-                factory=True,
-                host=host,
-                port=port,
-                workers=workers,
-                log_config=None,
-                timeout_graceful_shutdown=options.serve.get("shutdown_timeout_s", 30.0),
+            from genctr_rec.serving.http import uvicorn_config
+
+            server_config = uvicorn_config(FACTORY, config, factory=True, workers=config.workers)
+            supervisor = Supervisor(server_config, sockets=[_tcp(server_config.bind_socket())])
+            logger.info(
+                "serving on http://%s:%d with %d workers", config.host, config.port, config.workers
             )
-            supervisor = Supervisor(config, sockets=[_tcp(config.bind_socket())])
-            logger.info("serving on http://%s:%d with %d workers", host, port, workers)
             supervisor.run()
         finally:
             for key, value in saved.items():
