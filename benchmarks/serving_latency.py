@@ -41,7 +41,7 @@ from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.serving.artifact import Artifact, write_artifact
-from genctr_rec.serving.model import build_serving_model
+from genctr_rec.serving.torchscript import build_serving_model
 from genctr_rec.serving.predictor import Predictor, Request
 from genctr_rec.training.distributed import free_port
 

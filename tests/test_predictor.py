@@ -209,7 +209,7 @@ def test_unknown_ids_score_with_the_default_rows(artifacts: dict, runs: dict) ->
     """A new ad in a page is scored (the default item row, the category the request gives),
     the page's other candidates score as without it, and every unknown id is counted."""
     from genctr_rec.serving.artifact import load_trained
-    from genctr_rec.serving.model import table_weights
+    from genctr_rec.serving.torchscript import table_weights
 
     path = artifacts["genctr-none"]["path"]
     predictor = Predictor(path, cache_size=0)

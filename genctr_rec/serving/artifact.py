@@ -62,7 +62,7 @@ from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.jagged import to_padded
 from genctr_rec.progress import Progress
 from genctr_rec.serving import ArtifactError
-from genctr_rec.serving.model import build_serving_model
+from genctr_rec.serving.torchscript import build_serving_model
 from genctr_rec.storage import (
     cache_dir,
     download_files,
