@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from benchmarks.common import write_results
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.metrics import ctr_metrics
-from genctr_rec.serving.artifact import export_run
+from genctr_rec.serving.export import export_run
 from genctr_rec.serving.predictor import Predictor, Request
 
 TRAIN = ["--backbone", "dnn", "--batch-size", "256"]
@@ -130,7 +130,7 @@ def replay(
         flags = [*TRAIN, *PROTOCOLS[protocol], "--seed", str(seed)]
         first = root / f"{protocol}-warm-s{seed}-d00"
         seconds = genctr("finetune", "--data", str(world / "day-00"), "--out", str(first), *flags)
-        export_run(first, root / f"{protocol}-frozen-s{seed}")
+        export_run(first, root / f"{protocol}-frozen-s{seed}", compile_aoti="none")
         frozen = Predictor(root / f"{protocol}-frozen-s{seed}")
         previous = first
         for k in range(1, days):

@@ -163,71 +163,46 @@ def _machine_title(payload: dict) -> str:
 
 
 def _serving_latency(payload: dict, plt) -> Any:
-    """In process: p50 bars with p99 whiskers per mode; over HTTP: p50 / p99 and requests/s per
-    client count and batching, the in-process rate beside it."""
+    """In process: p50 bars with p99 whiskers per mode and candidates, one bar per (format,
+    tables); over HTTP: requests/s per (format, tables) at each client count."""
     rows = payload["in_process"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.4]})
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    for ax, history in zip(axes[:2], (50, 200), strict=True):
-        sel = [r for r in rows if r["history"] == history and r["candidates"] == 100]
-        x = np.arange(len(modes))
-        for k, tables in enumerate(("fp32", "int8")):
-            found = [
-                next(r for r in sel if r["mode"] == m and r["tables"] == tables) for m in modes
-            ]
-            p50 = np.array([r["p50_ms"] for r in found])
-            p99 = np.array([r["p99_ms"] for r in found])
-            ax.bar(x + 0.4 * k, p50, 0.4, label=f"{tables} p50")
-            ax.errorbar(
-                x + 0.4 * k, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt="none",
-                ecolor="black", capsize=3, label="p99" if k == 0 else None,
-            )  # fmt: skip
-        ax.set_xticks(x + 0.2, [m.replace(" (", "\n(") for m in modes], fontsize=8)
-        ax.set_title(f"in process: 100 candidates, history {history}", fontsize=10)
-        ax.set_ylabel("latency per request (ms)")
-        ax.legend(fontsize=8)
-    http = payload.get("http", [])
-    ax = axes[2]
-    if http:
-
-        def label(r: dict) -> str:
-            """The row's settings that differ from the service's defaults, one line."""
-            parts = [f"{r['clients']} cl"]
-            if r.get("threads", 1) > 1:
-                parts.append(f"{r['threads']} thr")
-            if r.get("workers", 1) > 1:
-                parts.append(f"{r['workers']} wk")
-            if r.get("route") == "FastAPI":
-                parts.append("FastAPI")
-            if r.get("score_on") == "loop":
-                parts.append("loop")
-            if r["max_batch"] == 1:
-                parts.append("no batch")
-            elif r["max_wait_ms"]:
-                parts.append(f"wait {r['max_wait_ms']:g}")
-            return ", ".join(parts)
-
-        labels = [label(r) for r in http]
-        x = np.arange(len(http))
-        ax.bar(x - 0.2, [r["p50_ms"] for r in http], 0.4, label="p50")
-        ax.bar(x + 0.2, [r["p99_ms"] for r in http], 0.4, label="p99")
-        for i, r in enumerate(http):
-            ax.annotate(
-                f"{r['requests_per_s']:.0f}", (i, r["p99_ms"]), ha="center",
-                va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points",
-            )  # fmt: skip
-        ax.set_xticks(x, labels, fontsize=7, rotation=60, ha="right")
-        ax.text(
-            0.01, 0.98, "numbers: requests/s; cl clients, thr torch threads, wk workers,\n"
-            "loop: --score-on loop", transform=ax.transAxes, va="top", fontsize=7,
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1.5, 1]})
+    ax = axes[0]
+    cells = list(dict.fromkeys((r["mode"], r["candidates"]) for r in rows))
+    series = list(dict.fromkeys((r["format"], r["tables"]) for r in rows))
+    width = 0.8 / len(series)
+    x = np.arange(len(cells))
+    for k, (fmt, tables) in enumerate(series):
+        found = [
+            next((r for r in rows if (r["mode"], r["candidates"]) == c
+                  and (r["format"], r["tables"]) == (fmt, tables)), None)
+            for c in cells
+        ]  # fmt: skip
+        p50 = np.array([r["p50_ms"] if r else np.nan for r in found])
+        p99 = np.array([r["p99_ms"] if r else np.nan for r in found])
+        ax.bar(x + width * k, p50, width, label=f"{fmt} {tables}")
+        ax.errorbar(
+            x + width * k, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt="none",
+            ecolor="black", capsize=2,
         )  # fmt: skip
-        ax.set_ylabel("latency per request (ms)")
-        ax.set_title("over HTTP: 100 candidates, history 200", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    ax.set_xticks(x + 0.4 - width / 2, [f"{m}\n{c} cand." for m, c in cells], fontsize=8)
+    ax.set_ylabel("latency per request (ms): p50, whisker p99")
+    ax.set_title("in process, history 200", fontsize=10)
+    ax.legend(fontsize=8)
+    http = payload.get("http", [])
+    ax = axes[1]
+    labels = [
+        f"{r['format']} {r['tables']}\n{r['clients']} cl"
+        + (f", {r['workers']} wk" if r["workers"] > 1 else "")
+        for r in http
+    ]
+    ax.bar(np.arange(len(http)), [r["requests_per_s"] for r in http], color="tab:green")
+    ax.set_xticks(np.arange(len(http)), labels, fontsize=7)
+    ax.set_ylabel("requests/s (median of 3)")
+    ax.set_title("over HTTP, 100 candidates", fontsize=10)
+    fig.suptitle(_machine_title(payload), fontsize=9)
+    fig.tight_layout()
     return fig
-
-
 def _decoder_cost(payload: dict, plt) -> Any:
     rows = payload["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

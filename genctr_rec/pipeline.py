@@ -137,7 +137,8 @@ def sample_request(data: Path) -> Any:
 
 def export_for_serving(run: Path, workdir: Path) -> dict[str, Any]:
     """Export the GenCTR run fp32 and int8 (reused when present) and score one request each."""
-    from genctr_rec.serving.artifact import export_run, load_artifact
+    from genctr_rec.serving.artifact import load_artifact
+    from genctr_rec.serving.export import export_run
     from genctr_rec.serving.predictor import Predictor
 
     out = {}

@@ -391,7 +391,7 @@ def test_final_checkpoint_is_verified_before_evaluate_and_export(
     """RUN/checkpoint (what evaluate, export and --init-from read) has a manifest: flipped
     bytes or a truncated shard are refused with the file named, never a silent other AUC."""
     from genctr_rec.checkpoint import MANIFEST, CheckpointError
-    from genctr_rec.serving.artifact import load_trained
+    from genctr_rec.serving.export import load_trained
     from genctr_rec.training.evaluate import evaluate_run
 
     run = tmp_path / "run"

@@ -1,10 +1,15 @@
-"""Export: the artifact scores like the trained model (fp32 within 1e-5, int8 within 0.002 AUC,
-tables >= 3.5x smaller from dim 64), is checked on load, and is written atomically."""
+"""Export: the artifact (torch.export programs, compiled by AOTInductor) scores like the trained
+model and like the legacy TorchScript artifact (fp32 within 1e-5, int8 and int4 within 0.002 AUC
+or refused, tables >= 3.5x smaller from dim 64), raises no deprecation warning, is checked on
+load, serves on another CPU, reads 0.10's artifacts, and is written atomically."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from genctr_rec.checkpoint import write_manifest
+from genctr_rec.cli import main
 from genctr_rec.config import ConfigError
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.serving import ArtifactError
-from genctr_rec.serving.artifact import export_run, load_artifact, load_trained
+from genctr_rec.serving.artifact import load_artifact
+from genctr_rec.serving.export import export_run, load_trained
 from genctr_rec.serving.predictor import Predictor, Request
 
 
@@ -83,8 +91,10 @@ def test_artifact_is_self_describing(artifacts: dict) -> None:
     assert meta["stack"]["torchrec"] == "1.8.0"
     loaded = load_artifact(art)
     assert loaded.item_categories.shape == (2000,)
+    assert meta["format_version"] == 4 and meta["model"]["format"] == "torch.export"
+    assert meta["model"]["entry_points"] == ["contexts", "score"]
     assert set(json.loads((art / "manifest.json").read_text())["files"]) == {
-        "model.pt",
+        "model.pt2",
         "item_categories.npy",
         "item_features.npz",
         "artifact.json",
@@ -96,11 +106,11 @@ def test_artifact_is_self_describing(artifacts: dict) -> None:
 def test_damaged_artifact_is_refused(artifacts: dict, tmp_path: Path) -> None:
     art = tmp_path / "art"
     shutil.copytree(artifacts["genctr-none"]["path"], art)
-    model = art / "model.pt"
+    model = art / "model.pt2"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="model.pt fails its SHA-256 check"):
+    with pytest.raises(ArtifactError, match="model.pt2 fails its SHA-256 check"):
         load_artifact(art)
     (art / "item_categories.npy").unlink()
     with pytest.raises(ArtifactError, match="item_categories.npy is missing"):
@@ -127,10 +137,146 @@ def test_export_from_a_run_trained_elsewhere(runs: dict[str, Path], tmp_path: Pa
     data = cfg["data"]
     cfg["data"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(cfg))
-    meta = export_run(moved, tmp_path / "art", data=data)
+    meta = export_run(moved, tmp_path / "art", data=data, compile_aoti="none")
     assert meta["parity"]["max_abs_diff"] <= 1e-5
     features = {"user_segment": 1, "user_activity": 12.0, "user_interests": [3]}
     scores = Predictor(tmp_path / "art").score(
         Request([1, 2], [0, 0], 0, [3, 4, 5], features=features)
     )
     assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
+
+
+FORMAT_APIS = re.compile(r"torch\.jit|TorchScript|torch\.ao\.quantization|torch\.export")
+
+
+def _deprecations(raised: list[warnings.WarningMessage]) -> list[str]:
+    """Deprecation notices among ``raised`` that concern us: raised at a call of ours (the
+    warning's location is our code), or about an API of a format we write or read."""
+    return [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in raised
+        if issubclass(w.category, DeprecationWarning | FutureWarning)
+        and ("genctr_rec" in w.filename or FORMAT_APIS.search(str(w.message)))
+    ]
+
+
+def test_the_default_artifact_is_compiled_and_deprecates_nothing(artifacts: dict) -> None:
+    """The default export (AOTInductor) and serving it raise no deprecation warning at a call
+    of ours nor about the APIs of the format: what this project writes has no announced end
+    (the legacy TorchScript export does raise them: checked too, so the check can fail)."""
+    art = artifacts["genctr-none"]
+    assert art["meta"]["model"]["compiled"] == "aoti"
+    assert _deprecations(art["warnings"]) == []
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        predictor = Predictor(art["path"])
+        scores = predictor.score(Request([1, 2, 3], None, 4, [5, 6], features=FEATURES))
+    assert predictor.model.kind == "aoti" and scores.shape == (2,)
+    assert _deprecations(raised) == []
+    legacy = artifacts["genctr-none"]["path"].parent / "deprecated-torchscript"
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        export_run(art["meta"]["run"], legacy, fmt="torchscript")
+    assert any("torch.jit" in notice for notice in _deprecations(raised))
+
+
+FEATURES = {"user_segment": 1, "user_activity": 12.0, "user_interests": [3]}
+
+
+def _requests() -> list[Request]:
+    """Known and unknown ids (a new ad, a user past the table, a feature value past its
+    vocabulary, a category past the table), one candidate and many, empty histories."""
+    rng = np.random.default_rng(7)
+    out = []
+    for history, candidates in ((0, 1), (1, 3), (30, 17), (60, 2)):
+        items = rng.integers(0, 2000, history).tolist()
+        out.append(Request(items, None, int(rng.integers(0, 20)),
+                           rng.integers(0, 2000, candidates).tolist(),
+                           user_id=int(rng.integers(0, 600)), features=FEATURES))  # fmt: skip
+    unknown = {**FEATURES, "user_segment": 99, "user_interests": [3, 400]}
+    out.append(Request([1, 2, 2500], None, 25, [4, 2001, 9999], user_id=10**6, features=unknown))
+    return out
+
+
+def test_exported_compiled_and_torchscript_artifacts_answer_alike(
+    artifacts: dict, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same run exported three ways (AOTInductor, exported programs uncompiled, the legacy
+    TorchScript) scores the same requests alike, unknown ids and side features included."""
+    compiled = Predictor(artifacts["genctr-none"]["path"])
+    export_run(runs["genctr"], tmp_path / "exported", compile_aoti="none")
+    export_run(runs["genctr"], tmp_path / "torchscript", fmt="torchscript")
+    exported, legacy = Predictor(tmp_path / "exported"), Predictor(tmp_path / "torchscript")
+    assert (exported.model.kind, legacy.model.kind) == ("exported", "torchscript")
+    for request in _requests():
+        want = legacy.score(request)
+        np.testing.assert_allclose(compiled.score(request), want, atol=1e-5)
+        np.testing.assert_allclose(exported.score(request), want, atol=1e-5)
+    assert compiled.unknown_ids == legacy.unknown_ids and sum(legacy.unknown_ids.values()) >= 5
+
+
+def test_int4_tables_pass_the_auc_gate_or_are_refused(runs: dict[str, Path], tmp_path: Path):
+    try:
+        meta = export_run(runs["genctr"], tmp_path / "int4", "int4", compile_aoti="none")
+    except ArtifactError as exc:
+        assert "int4 tables lose" in str(exc) and not (tmp_path / "int4").exists()
+        return
+    parity = meta["parity"]
+    assert parity["auc_change"] > -0.002
+    assert parity["table_shrink"] == pytest.approx(4 * 16 / (16 / 2 + 4))  # 5.3x at dim 16
+
+
+def _rewrite(art: Path, change) -> None:
+    """Change ``art``'s artifact.json and write its manifest again (as an older or another
+    machine's export would have it)."""
+    meta = json.loads((art / "artifact.json").read_text())
+    change(meta)
+    (art / "artifact.json").write_text(json.dumps(meta))
+    (art / "manifest.json").unlink()
+    write_manifest(art)
+
+
+def test_a_010_artifact_still_loads_with_one_warning(runs, tmp_path, caplog) -> None:
+    """genctr-rec 0.10 wrote TorchScript (format 3, no "model" entry): it loads, says how to
+    rewrite it, and scores as before."""
+    art = tmp_path / "old"
+    export_run(runs["genctr"], art, fmt="torchscript")
+
+    def as_010(meta: dict) -> None:
+        meta["format_version"] = 3
+        del meta["model"]
+
+    _rewrite(art, as_010)
+    with caplog.at_level(logging.WARNING):
+        predictor = Predictor(art)
+    notes = [r.getMessage() for r in caplog.records if "TorchScript artifact" in r.getMessage()]
+    assert len(notes) == 1 and "genctr export" in notes[0]
+    assert predictor.model.kind == "torchscript"
+    assert predictor.score(_requests()[1]).shape == (3,)
+
+
+def test_another_cpu_serves_the_exported_programs_or_recompiles(
+    artifacts: dict, tmp_path: Path, caplog
+) -> None:
+    """Compiled code for another vector ISA is not run: the exported programs serve (same
+    scores, a warning), ``compiled="aoti"`` refuses, and ``genctr export --recompile`` compiles
+    an artifact's programs for this machine."""
+    art = tmp_path / "elsewhere"
+    shutil.copytree(artifacts["genctr-none"]["path"], art)
+    _rewrite(art, lambda meta: meta["model"].update(vector_isa="avx512-elsewhere"))
+    with caplog.at_level(logging.WARNING):
+        predictor = Predictor(art)
+    assert predictor.model.kind == "exported" and "compiled for avx512-elsewhere" in caplog.text
+    request = _requests()[2]
+    np.testing.assert_allclose(
+        predictor.score(request), Predictor(artifacts["genctr-none"]["path"]).score(request),
+        atol=1e-5,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="recompile it here"):
+        load_artifact(art, compiled="aoti")
+    source = artifacts["ta64-none"]["path"]  # uncompiled, one entry point
+    assert main(["export", "--recompile", str(source), "--out", str(tmp_path / "again")]) == 0
+    again = Predictor(tmp_path / "again")
+    assert again.model.kind == "aoti"
+    request = Request([5, 6], [1, 2], 3, [7, 8, 9])
+    np.testing.assert_allclose(again.score(request), Predictor(source).score(request), atol=1e-5)

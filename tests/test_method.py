@@ -17,7 +17,7 @@ from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.synth import SynthConfig, generate
-from genctr_rec.serving.artifact import load_trained
+from genctr_rec.serving.export import load_trained
 from genctr_rec.training.finetune import finetune
 from genctr_rec.training.pretrain import pretrain
 

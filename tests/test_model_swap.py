@@ -21,9 +21,9 @@ import torch
 
 from genctr_rec.checkpoint import write_manifest
 from genctr_rec.cli import main
-from genctr_rec.serving.artifact import MODEL_FILE
 from genctr_rec.serving.asgi import VERSION_HEADER
 from genctr_rec.serving.config import ServeConfig
+from genctr_rec.serving.exported import PACKAGE_FILE
 from genctr_rec.serving.predictor import Predictor
 from genctr_rec.serving.server import create_app
 from genctr_rec.serving.swap import watch
@@ -41,7 +41,7 @@ def publish(artifact: Path, models: Path, version: str) -> Path:
 
 def damage_bytes(version_dir: Path) -> None:
     """A file changed after its manifest was written (a bad copy, a bit flip)."""
-    model = version_dir / MODEL_FILE
+    model = version_dir / PACKAGE_FILE
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
@@ -49,12 +49,21 @@ def damage_bytes(version_dir: Path) -> None:
 
 def poison_weights(version_dir: Path) -> None:
     """A consistent artifact (manifest matches) whose model answers NaN: only the probe
-    requests catch it."""
-    module = torch.jit.load(str(version_dir / MODEL_FILE))
+    requests catch it. Its exported programs' weights are set to NaN and packaged again
+    (uncompiled); the metadata and manifest are written to match."""
+    from torch.export.pt2_archive._package import load_pt2, package_pt2
+
+    programs = load_pt2(version_dir / PACKAGE_FILE).exported_programs
     with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.fill_(float("nan"))
-    torch.jit.save(module, str(version_dir / MODEL_FILE))
+        for program in programs.values():
+            for value in program.state_dict.values():
+                if value.is_floating_point():
+                    value.fill_(float("nan"))
+    (version_dir / PACKAGE_FILE).unlink()
+    package_pt2(version_dir / PACKAGE_FILE, exported_programs=programs)
+    meta = json.loads((version_dir / "artifact.json").read_text())
+    meta["model"].update(compiled="none", vector_isa=None)
+    (version_dir / "artifact.json").write_text(json.dumps(meta))
     (version_dir / "manifest.json").unlink()
     write_manifest(version_dir)
 

@@ -208,17 +208,19 @@ def test_malformed_requests(genctr: Predictor) -> None:
 def test_unknown_ids_score_with_the_default_rows(artifacts: dict, runs: dict) -> None:
     """A new ad in a page is scored (the default item row, the category the request gives),
     the page's other candidates score as without it, and every unknown id is counted."""
-    from genctr_rec.serving.artifact import load_trained
-    from genctr_rec.serving.torchscript import table_weights
+    from genctr_rec.serving.export import load_trained
+    from genctr_rec.serving.model import build_serving_model, table_weights
 
     path = artifacts["genctr-none"]["path"]
     predictor = Predictor(path, cache_size=0)
     assert predictor.oov == "default"
-    # the default rows are the mean trained rows, after every trained row unchanged
+    # the default rows (what export compiles) are the mean trained rows, after every trained
+    # row unchanged
     _, trained = load_trained(runs["genctr"])
-    served = {k: v for k, v in predictor.model.state_dict().items() if k.endswith(".weight")}
+    served, _ = build_serving_model(trained)
+    tables = {"item": served.lookup.items.rows, "category": served.lookup.categories.rows}
     for name, rows in table_weights(trained).items():
-        table = next(v for k, v in served.items() if k.endswith(f"embeddings.{name}.weight"))
+        table = tables[name]
         assert table.shape[0] == rows.shape[0] + 1
         torch.testing.assert_close(table[:-1], rows, rtol=0, atol=0)
         torch.testing.assert_close(table[-1], rows.mean(0))

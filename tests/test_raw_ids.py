@@ -19,7 +19,7 @@ from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DataFormatError, DatasetMeta
 from genctr_rec.data.synth import SynthConfig, daily_world, generate, generate_days, raw_id
 from genctr_rec.data.validate import validate_dataset
-from genctr_rec.serving.artifact import export_run, load_trained
+from genctr_rec.serving.export import export_run, load_trained
 from genctr_rec.serving.predictor import Predictor, Request, RequestError
 from genctr_rec.training.finetune import finetune
 from tests.distributed import torchrun
@@ -169,7 +169,7 @@ def test_served_raw_ids_score_as_the_trained_model(twins, raw_run, tmp_path) -> 
     assert cfg.raw_ids == ["item_id", "user_id"]
     assert IdMaps.read(raw_run / ID_MAPS_DIR).sizes() == {"item_id": 2000, "user_id": 600}
     artifact = tmp_path / "artifact"
-    export_run(raw_run, artifact)
+    export_run(raw_run, artifact, compile_aoti="none")
     predictor = Predictor(artifact)
     _, trained = load_trained(raw_run)
     schema = predictor.schema

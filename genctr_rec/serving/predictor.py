@@ -49,7 +49,8 @@ from genctr_rec.data.id_maps import ITEM as ITEM_SPACE
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.reader import side_inputs
 from genctr_rec.data.stream import Jagged
-from genctr_rec.serving.artifact import Artifact, RequestTensors, artifact_digest, load_artifact
+from genctr_rec.serving.artifact import Artifact, artifact_digest, load_artifact
+from genctr_rec.serving.model import RequestTensors
 
 logger = logging.getLogger(__name__)
 OOV_POLICIES = ("default", "reject", "skip_history")

@@ -1,9 +1,12 @@
-"""The inference model: a trained :class:`CTRModel` rebuilt unsharded and compiled to TorchScript.
+"""The legacy TorchScript artifact (formats 2 and 3, ``genctr export --format torchscript``).
 
-Why TorchScript and not ``torch.export``: the int8 tables are fbgemm objects without a fake
-(meta) implementation, so ``torch.export`` handles the fp32 model only, and it specialises a
-batch of one away; ``torch.jit.script(torchrec.fx.symbolic_trace(m))`` compiles both the fp32
-and the int8 model, keeps dynamic shapes and reloads bit-exactly without Python model code.
+Deprecated with TorchScript itself in torch 2.13: new artifacts hold torch.export programs
+(``serving/model.py``, ``serving/exported.py``). Kept so that artifacts written by genctr-rec
+0.10 still load (with a warning that names ``genctr export`` as the way to rewrite them) and so
+that the serving benchmark and the parity test can compare the two formats. The model is the
+same :class:`~genctr_rec.serving.model.ServingModel` with TorchRec's tables in it, int8 tables
+quantised by ``quantize_inference_model`` (``torch.ao.quantization`` underneath), compiled
+with ``torch.jit.script(torchrec.fx.symbolic_trace(m))``.
 
 The compiled :class:`ServingModel` scores a batch of requests (padded histories, any number of
 candidates per request) and has three entry points:
@@ -25,6 +28,9 @@ quantised the same way; per-candidate side features arrive as a key-major jagged
 """
 
 import copy
+import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 import torchrec.fx
@@ -47,9 +53,10 @@ from genctr_rec.embeddings import (
     feature_collection,
 )
 from genctr_rec.models.ctr import CTRModel
-from genctr_rec.models.decoder import GenerativeDecoder
-from genctr_rec.models.inputs import impression_input
+from genctr_rec.serving.exported import CompiledModel
+from genctr_rec.serving.model import ContextNet, ScoreHead, ServingModel, table_weights
 
+logger = logging.getLogger(__name__)
 QUANTIZE_CHOICES = ("none", "int8")
 # fbgemm stores an int8 row as dim bytes + fp16 scale and bias (4 bytes), padded to this
 # alignment. TorchRec's default of 16 turns a 20-byte row (dim 16) into 32 bytes; 4 wastes none.
@@ -112,208 +119,6 @@ class FeatureLookup(nn.Module):
         return torch.cat([pooled[key] for key in self.keys], dim=1)
 
 
-class ContextNet(nn.Module):
-    """g(s, c) for padded histories [U, L, D] and candidate-category rows [U, D]; [U, 0]
-    without model integration (the head then ignores it)."""
-
-    def __init__(self, decoder: GenerativeDecoder | None) -> None:
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(
-        self,
-        items: torch.Tensor,
-        cats: torch.Tensor,
-        lengths: torch.Tensor,
-        category_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        if self.decoder is None:
-            return category_rows[:, :0]
-        return self.decoder.forward_target(items, cats, lengths, category_rows)
-
-
-class ScoreHead(nn.Module):
-    """The backbone on per-candidate inputs; history pooling is done once per request."""
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        uses_context: bool,
-        num_side: int,
-        dense_norm: nn.Module | None,
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.uses_context = uses_context
-        self.num_side = num_side
-        self.dense_norm = dense_norm
-
-    def forward(
-        self,
-        target_items: torch.Tensor,
-        target_cats: torch.Tensor,
-        query_cats: torch.Tensor,
-        hist_items: torch.Tensor,
-        hist_cats: torch.Tensor,
-        lengths: torch.Tensor,
-        rows: torch.Tensor,
-        g: torch.Tensor,
-        side: torch.Tensor,
-        dense: torch.Tensor,
-    ) -> torch.Tensor:
-        """target_* [N, D]; query_cats [R, D]; hist_* [R, L, D] zero-padded; lengths [R];
-        rows [N] (each candidate's request); g [N, D or 0]; side [N, F * D]; dense
-        [N, num_dense] -> logits [N]."""
-        count = lengths.clamp(min=1).to(hist_items.dtype).unsqueeze(1)
-        x0 = impression_input(
-            target_items,
-            target_cats,
-            query_cats[rows],
-            (hist_items.sum(1) / count)[rows],
-            (hist_cats.sum(1) / count)[rows],
-            side if self.num_side else None,
-            self.dense_norm(dense) if self.dense_norm is not None else None,
-        )
-        context = g if self.uses_context else None
-        if self.backbone.uses_history:
-            return self.backbone(
-                x0,
-                context,
-                target_items,
-                target=target_items + target_cats,
-                history=(hist_items + hist_cats)[rows],
-                lengths=lengths[rows],
-            )
-        return self.backbone(x0, context, target_items)
-
-
-class ServingModel(nn.Module):
-    """Requests in, click probabilities out (see the module docstring for the entry points).
-
-    Histories are padded tensors [R, L] with ``hist_lengths`` [R] (newest last, at most the
-    model's ``max_history``); candidates are flat [N] with ``cand_rows`` naming their request.
-    """
-
-    def __init__(
-        self,
-        lookup: nn.Module,
-        features: nn.Module,
-        context: nn.Module,
-        head: nn.Module,
-        num_categories: int,
-    ) -> None:
-        super().__init__()
-        self.lookup = lookup
-        self.features = features
-        self.context = context
-        self.head = head
-        self.num_categories = num_categories
-
-    def _history(
-        self,
-        hist_items: torch.Tensor,
-        hist_cats: torch.Tensor,
-        hist_lengths: torch.Tensor,
-        more_items: torch.Tensor,
-        more_cats: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One lookup for the histories and extra ids; history rows zeroed past each length."""
-        r, length = hist_items.shape[0], hist_items.shape[1]
-        items, cats = self.lookup(
-            torch.cat([hist_items.reshape(-1), more_items]),
-            torch.cat([hist_cats.reshape(-1), more_cats]),
-        )
-        positions = torch.arange(length, device=hist_items.device).unsqueeze(0)
-        valid = (positions < hist_lengths.unsqueeze(1)).unsqueeze(2).to(items.dtype)
-        h_items = items[: r * length].reshape(r, length, -1) * valid
-        h_cats = cats[: r * length].reshape(r, length, -1) * valid
-        return h_items, h_cats, items[r * length :], cats[r * length :]
-
-    @torch.jit.export
-    def contexts(
-        self,
-        hist_items: torch.Tensor,
-        hist_cats: torch.Tensor,
-        hist_lengths: torch.Tensor,
-        rows: torch.Tensor,
-        categories: torch.Tensor,
-    ) -> torch.Tensor:
-        """g(s, c) [U, D] for the requests ``rows`` [U] and categories ``categories`` [U]."""
-        h_items, h_cats, _, c_rows = self._history(
-            hist_items, hist_cats, hist_lengths, hist_items.new_zeros(0), categories
-        )
-        return self.context(h_items[rows], h_cats[rows], hist_lengths[rows], c_rows)
-
-    @torch.jit.export
-    def score(
-        self,
-        hist_items: torch.Tensor,
-        hist_cats: torch.Tensor,
-        hist_lengths: torch.Tensor,
-        query_cats: torch.Tensor,
-        cand_items: torch.Tensor,
-        cand_cats: torch.Tensor,
-        cand_rows: torch.Tensor,
-        side_values: torch.Tensor,
-        side_lengths: torch.Tensor,
-        dense: torch.Tensor,
-        g: torch.Tensor,
-    ) -> torch.Tensor:
-        """Probabilities [N] given g(s, c) per candidate ``g`` [N, D] (ignored without MI)."""
-        n = cand_items.shape[0]
-        h_items, h_cats, t_items, cats = self._history(
-            hist_items, hist_cats, hist_lengths, cand_items, torch.cat([cand_cats, query_cats])
-        )
-        side = self.features(side_values, side_lengths, cand_items)
-        logits = self.head(
-            t_items, cats[:n], cats[n:], h_items, h_cats, hist_lengths, cand_rows, g, side, dense
-        )
-        return torch.sigmoid(logits)
-
-    def forward(
-        self,
-        hist_items: torch.Tensor,
-        hist_cats: torch.Tensor,
-        hist_lengths: torch.Tensor,
-        query_cats: torch.Tensor,
-        cand_items: torch.Tensor,
-        cand_cats: torch.Tensor,
-        cand_rows: torch.Tensor,
-        side_values: torch.Tensor,
-        side_lengths: torch.Tensor,
-        dense: torch.Tensor,
-    ) -> torch.Tensor:
-        """Probabilities [N]; g(s, c) once per distinct (request, candidate category)."""
-        n = cand_items.shape[0]
-        pairs, inverse = torch.unique(
-            cand_rows * self.num_categories + cand_cats, return_inverse=True
-        )
-        h_items, h_cats, t_items, cats = self._history(
-            hist_items,
-            hist_cats,
-            hist_lengths,
-            cand_items,
-            torch.cat([cand_cats, query_cats, pairs % self.num_categories]),
-        )
-        r = query_cats.shape[0]
-        rows = torch.div(pairs, self.num_categories, rounding_mode="floor")
-        g = self.context(h_items[rows], h_cats[rows], hist_lengths[rows], cats[n + r :])[inverse]
-        side = self.features(side_values, side_lengths, cand_items)
-        logits = self.head(
-            t_items,
-            cats[:n],
-            cats[n : n + r],
-            h_items,
-            h_cats,
-            hist_lengths,
-            cand_rows,
-            g,
-            side,
-            dense,
-        )
-        return torch.sigmoid(logits)
-
-
 def _with_default_row(target: torch.Tensor, trained: torch.Tensor) -> None:
     """``target`` [n + 1, D] = the trained rows [n, D], then their mean: the default row. A
     table that already ends in a trained default row (the user table) is copied as it is."""
@@ -322,16 +127,6 @@ def _with_default_row(target: torch.Tensor, trained: torch.Tensor) -> None:
         return
     target[:-1].copy_(trained)
     target[-1].copy_(trained.mean(0))
-
-
-def table_weights(model: CTRModel) -> dict[str, torch.Tensor]:
-    """The full item and category tables of an unsharded model, whichever lookup layout."""
-    found = {}
-    for key, value in model.embeddings.tables.state_dict().items():
-        for name in TABLES:
-            if key.endswith(f"{name}.weight") and not key.startswith(FEATURES_MODULE):
-                found[name] = value
-    return found
 
 
 def table_bytes(module: nn.Module) -> int:
@@ -386,4 +181,33 @@ def build_serving_model(
     for part in parts:
         part.eval()
     serving = ServingModel(*(_script(p) for p in parts), num_categories + 1)
+    for entry in ("contexts", "score"):  # scripted beside forward (a marker on the method)
+        torch.jit.export(getattr(ServingModel, entry))
     return torch.jit.script(serving.eval()), sizes
+
+
+def compiled_model(module: torch.jit.ScriptModule) -> CompiledModel:
+    """A scripted model behind the interface the predictor calls."""
+    return CompiledModel(
+        {"forward": module, "score": module.score, "contexts": module.contexts},
+        model_integration=True,  # g is computed inside forward either way
+        num_categories=int(module.num_categories),
+        kind="torchscript",
+        pad=False,  # TorchScript keeps every dimension dynamic, 0 and 1 included
+    )
+
+
+def save(module: torch.jit.ScriptModule, path: Path) -> Path:
+    torch.jit.save(module, str(path))
+    return path
+
+
+def load_legacy(path: Path, metadata: dict[str, Any]) -> CompiledModel:
+    """A TorchScript artifact, with one warning that names how to rewrite it."""
+    logger.warning(
+        "%s is a TorchScript artifact (format %s): TorchScript is deprecated in torch 2.13; "
+        "rewrite it with genctr export --run RUN --out NEW (torch.export, AOTInductor)",
+        path.parent,
+        metadata.get("format_version"),
+    )
+    return compiled_model(torch.jit.load(str(path), map_location="cpu").eval())
