@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import write_results
-from genctr_rec.training.distributed import free_port, join_local_group
+from genctr_rec.distributed import free_port, join_local_group
 
 LAYOUTS = [("sequence", False), ("sequence", True), ("pooled", False), ("pooled", True)]
 
@@ -40,8 +40,8 @@ def _ids(kind: str, n: int, rows: int, seed: int) -> torch.Tensor:
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     join_local_group(rank, world, port)
+    from genctr_rec.distributed import init_distributed
     from genctr_rec.embeddings import ITEM_TABLE, SharedEmbeddings
-    from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.sharding import apply_fused_optimizer, default_sharding, shard_model
 
     ctx = init_distributed()

@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.common import write_results
 from genctr_rec.data.catalogue import ItemCatalogue
+from genctr_rec.distributed import free_port
 from genctr_rec.embeddings import SharedEmbeddings
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.decoder import GenerativeDecoder
@@ -42,7 +43,6 @@ from genctr_rec.serving.artifact import LEGACY_MODEL_FILE, Artifact, load_artifa
 from genctr_rec.serving.exported import PACKAGE_FILE, export_programs, write_package
 from genctr_rec.serving.model import build_serving_model
 from genctr_rec.serving.predictor import Predictor, Request
-from genctr_rec.training.distributed import free_port
 
 NUM_CATEGORIES = 1000
 MAX_HISTORY = 200

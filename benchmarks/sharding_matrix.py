@@ -50,7 +50,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 )
 
 from benchmarks.common import peak_rss_bytes, reset_peak_rss, write_results
-from genctr_rec.training.distributed import free_port, join_local_group
+from genctr_rec.distributed import free_port, join_local_group
 
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 MODULES = {"sequence": ("sequence", False), "pooled": ("pooled", True)}
@@ -191,7 +191,7 @@ def _one(ctx, module: str, sharding: str, rows: int, dim: int, steps: int, budge
 def _worker(rank: int, world: int, port: int, module: str, sharding: str, args, out: str):
     torch.set_num_threads(1)
     join_local_group(rank, world, port)
-    from genctr_rec.training.distributed import init_distributed
+    from genctr_rec.distributed import init_distributed
 
     ctx = init_distributed()
     budget = int(psutil.virtual_memory().available * 0.7)

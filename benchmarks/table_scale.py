@@ -22,15 +22,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.common import peak_rss_bytes, reset_peak_rss, write_results
-from genctr_rec.training.distributed import free_port, join_local_group
+from genctr_rec.distributed import free_port, join_local_group
 
 
 def _worker(rank: int, port: int, items: int, sharding: str, out: str) -> None:
     torch.set_num_threads(1)
     reset_peak_rss()
     join_local_group(rank, 2, port)
+    from genctr_rec.distributed import init_distributed
     from genctr_rec.embeddings import SharedEmbeddings
-    from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.sharding import (
         apply_fused_optimizer,
         plan_sharding,

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.common import peak_rss_bytes, reset_peak_rss, write_results
 from genctr_rec.data.synth import SynthConfig, generate
-from genctr_rec.training.distributed import free_port, join_local_group
+from genctr_rec.distributed import free_port, join_local_group
 
 CONFIGS = [  # (name, stage, backbone, transfer)
     ("pretrain (CD, CS)", "pretrain", None, "none"),
@@ -69,10 +69,10 @@ def _worker(
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.data.reader import SEQ_ITEMS, ImpressionReader, SequenceReader
     from genctr_rec.data.schema import DatasetMeta
+    from genctr_rec.distributed import init_distributed
     from genctr_rec.factory import model_over
     from genctr_rec.models.negatives import NegativeSampler
     from genctr_rec.training.build import build_model
-    from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.pretrain import split_last
 
     _, stage, backbone, transfer = config

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from genctr_rec.config import ConfigError
+from genctr_rec.distributed import from_main
 from genctr_rec.storage import (
     Location,
     files_under,
@@ -44,7 +45,6 @@ from genctr_rec.storage import (
     sha256,
     write_json,
 )
-from genctr_rec.training.distributed import from_main
 
 logger = logging.getLogger(__name__)
 MODEL_KEY = "model"

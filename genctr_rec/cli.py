@@ -670,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # gloo's threads must stop before the interpreter does, and only once every rank is
         # done with its last collective ("terminate called without an active exception"
         # otherwise, now and then, at exit of the rank that finished first)
-        from genctr_rec.training.distributed import shutdown_distributed
+        from genctr_rec.distributed import shutdown_distributed
 
         shutdown_distributed(wait_for_others=finished)
 

@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.metrics.calibration import compute_calibration
 from torchrec.metrics.ne import compute_cross_entropy, compute_ne
 
-from genctr_rec.training.distributed import from_main
+from genctr_rec.distributed import from_main
 
 logger = logging.getLogger(__name__)
 

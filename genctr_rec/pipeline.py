@@ -55,7 +55,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from genctr_rec.training.distributed import init_distributed
+    from genctr_rec.distributed import init_distributed
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from genctr_rec.training.distributed import free_port, join_local_group
+from genctr_rec.distributed import free_port, join_local_group
 
 
 def _entry(

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from genctr_rec.training.distributed import free_port
+from genctr_rec.distributed import free_port
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

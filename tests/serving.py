@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+from genctr_rec.distributed import free_port
 from genctr_rec.serving.predictor import Request
-from genctr_rec.training.distributed import free_port
 from tests.helpers import TOY_FEATURES
 
 NUM_ITEMS, NUM_CATEGORIES = 2000, 20

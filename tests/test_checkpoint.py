@@ -17,7 +17,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from genctr_rec.checkpoint import CheckpointManager, verify_manifest
-from genctr_rec.training.distributed import free_port
+from genctr_rec.distributed import free_port
 from tests.distributed import kill_a_rank_once
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -255,8 +255,8 @@ def _compare_to_reference(ours, ref, path: str, mismatches: list[str]) -> int:
 
 def _load_resharded(rank: int, world: int, run: str, sharding: str, reference: str):
     from genctr_rec.config import RunConfig
+    from genctr_rec.distributed import init_distributed
     from genctr_rec.training.build import build_model
-    from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.sharding import sharding_summary
 
     cfg = RunConfig.load(run)
@@ -431,7 +431,7 @@ def test_a_one_process_job_checkpoints_without_collectives(tmp_path: Path, monke
     import torch.distributed as dist
 
     from genctr_rec.checkpoint import load_model, save_model
-    from genctr_rec.training.distributed import init_distributed
+    from genctr_rec.distributed import init_distributed
 
     init_distributed()
     assert dist.is_initialized() and dist.get_world_size() == 1

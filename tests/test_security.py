@@ -405,7 +405,7 @@ def test_every_rank_hashes_the_files_it_wrote(tmp_path) -> None:
 
 
 def test_tensorboard_staging_is_removed_after_upload(s3, tmp_path, monkeypatch) -> None:
-    from genctr_rec.training.distributed import DistContext
+    from genctr_rec.distributed import DistContext
     from genctr_rec.training.loop import tensorboard_writer
 
     monkeypatch.setenv("GENCTR_CACHE", str(tmp_path / "cache"))

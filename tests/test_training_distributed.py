@@ -21,8 +21,8 @@ from genctr_rec.config import TRANSFER_PREFIXES, ModelConfig, RunConfig, TrainCo
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionBatch, ImpressionReader
 from genctr_rec.data.synth import SynthConfig, generate
+from genctr_rec.distributed import init_distributed
 from genctr_rec.training.build import build_model
-from genctr_rec.training.distributed import init_distributed
 from tests.distributed import run_ranks, torchrun
 from tests.helpers import MAX_HISTORY, NUM_CATEGORIES, NUM_ITEMS
 

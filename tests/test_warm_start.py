@@ -55,8 +55,8 @@ def _plain(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
 
 def _states(rank: int, world: int, data: str, previous: str, out: str, sharding: dict) -> None:
     """On every rank: build tomorrow's model fresh and warm-started, save both (DCP)."""
+    from genctr_rec.distributed import init_distributed
     from genctr_rec.training.build import build_model
-    from genctr_rec.training.distributed import init_distributed
     from genctr_rec.training.warm_start import check_features, inherit, warm_start_model
 
     ctx = init_distributed()

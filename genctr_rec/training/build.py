@@ -14,8 +14,8 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from genctr_rec.checkpoint import load_state, save_model
 from genctr_rec.config import RunConfig
+from genctr_rec.distributed import DistContext
 from genctr_rec.factory import build_stage_model
-from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.sharding import (
     FUSED_OPTIMIZERS,
     apply_fused_optimizer,

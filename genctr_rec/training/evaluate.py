@@ -13,12 +13,12 @@ from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import TimeRange
+from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.factory import feature_schema
 from genctr_rec.metrics import ctr_metrics, on_main
 from genctr_rec.progress import Progress
 from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
-from genctr_rec.training.distributed import DistContext, init_distributed
 
 
 @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (pytorch #86830)

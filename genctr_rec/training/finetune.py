@@ -28,12 +28,12 @@ from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.writer import atomic_write_json
+from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.factory import feature_schema
 from genctr_rec.logs import as_json
 from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
 from genctr_rec.training.compiled import compile_dense_step
-from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view

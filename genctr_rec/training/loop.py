@@ -21,10 +21,10 @@ import torch
 
 from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.data.prefetch import prefetched
+from genctr_rec.distributed import DistContext
 from genctr_rec.progress import Progress
 from genctr_rec.storage import cache_dir, is_remote, upload_tree
 from genctr_rec.training.allocator import keep_freed_memory
-from genctr_rec.training.distributed import DistContext
 from genctr_rec.training.loss_log import LossLog
 from genctr_rec.training.preemption import Preempted, StopOnSigterm
 from genctr_rec.training.sharding import sharding_summary

@@ -25,12 +25,12 @@ from genctr_rec.config import RunConfig
 from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.writer import atomic_write_json
+from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.logs import as_json
 from genctr_rec.metrics import on_main
 from genctr_rec.models.negatives import NegativeSampler
 from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
-from genctr_rec.training.distributed import DistContext, init_distributed
 from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run

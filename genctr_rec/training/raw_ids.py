@@ -21,8 +21,8 @@ from genctr_rec.data.id_maps import (
     write_dense_view,
 )
 from genctr_rec.data.schema import META_FILE, DatasetMeta
+from genctr_rec.distributed import DistContext
 from genctr_rec.storage import Location, location
-from genctr_rec.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 

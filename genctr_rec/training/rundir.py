@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from genctr_rec.config import ConfigError, absolute_location
+from genctr_rec.distributed import DistContext, from_main
 from genctr_rec.storage import (
     Location,
     describe_error,
@@ -40,7 +41,6 @@ from genctr_rec.storage import (
     location,
     make_dirs,
 )
-from genctr_rec.training.distributed import DistContext, from_main
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"

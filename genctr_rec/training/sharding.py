@@ -26,8 +26,8 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from genctr_rec.config import ConfigError
 from genctr_rec.data.features import USER_ID
+from genctr_rec.distributed import DistContext
 from genctr_rec.embeddings import SharedEmbeddings
-from genctr_rec.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
