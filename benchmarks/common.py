@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.plots import PLOTTERS, RESULTS, plot
 from genctr_rec.data.writer import atomic_write_json, atomic_write_text
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def reset_peak_rss() -> None:
@@ -64,8 +63,6 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> Path:
         f"{info['cores']} cores\n- versions: {info['versions']}\n- date: {info['date']}\n\n"
     )
     atomic_write_text(RESULTS / f"{name}.md", header + table_md + "\n")
-    from benchmarks.plots import PLOTTERS, plot
-
     if name in PLOTTERS:
         plot(name)  # results/<name>.png
     return RESULTS / f"{name}.md"

@@ -3,11 +3,10 @@ history 50, 200 and 1000, jagged (rows grouped by length, no cross-row padding) 
 the whole batch to its longest row.
 
     python -m benchmarks.decoder_cost [--histories 50 200 1000] [--steps 15]
-    python -m benchmarks.decoder_cost --decoder-only --device cuda   # results/decoder_cost_cuda
 
-``--decoder-only`` times the decoder alone (pure PyTorch, no TorchRec: it runs on a GPU machine
-that has only torch) in each layout (padded, packed, and on CPU length groups), fp32 and under
-bf16 autocast: see :mod:`benchmarks.decoder_layouts`.
+The decoder alone (pure PyTorch, no TorchRec: it runs on a GPU machine that has only torch) in
+each layout (padded, packed, and on CPU length groups), fp32 and under bf16 autocast:
+``python -m benchmarks.decoder_layouts --device cuda`` (results/decoder_cost_cuda).
 
 Whole stage models (unsharded tables of 100k items, width 16; the paper's one-layer decoder),
 forward + backward per step, no optimizer step (the same in every variant). Row lengths follow
@@ -47,7 +46,8 @@ class _MaskedDecoder(GenerativeDecoder):
         return self._run(queries, memory, mask)
 
 
-def _lengths(rng: np.random.Generator, n: int, history: int) -> torch.Tensor:
+def row_lengths(rng: np.random.Generator, n: int, history: int) -> torch.Tensor:
+    """Long-tailed history lengths in [1, history] (what the decoder benchmarks draw)."""
     return torch.from_numpy(
         np.minimum(history, 1 + rng.exponential(history / 3, n).astype(np.int64))
     )
@@ -74,13 +74,13 @@ def _time(step, steps: int) -> float:
 def pretrain_cost(variant: str, history: int, steps: int) -> dict:
     from torchrec import KeyedJaggedTensor
 
-    from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS
+    from genctr_rec.data.keys import SEQ_CATEGORIES, SEQ_ITEMS
     from genctr_rec.embeddings import SharedEmbeddings
     from genctr_rec.models.ctr import PretrainModel
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    lengths = _lengths(rng, 32, history)
+    lengths = row_lengths(rng, 32, history)
     n = int(lengths.sum())
     model = PretrainModel(
         SharedEmbeddings(ITEMS, CATEGORIES, 16, device=torch.device("cpu")),
@@ -115,7 +115,7 @@ def pretrain_cost(variant: str, history: int, steps: int) -> dict:
 def finetune_cost(variant: str, history: int, steps: int) -> dict:
     from torchrec import KeyedJaggedTensor
 
-    from genctr_rec.data.reader import (
+    from genctr_rec.data.keys import (
         HIST_CATEGORIES,
         HIST_ITEMS,
         QUERY_CATEGORY,
@@ -128,7 +128,7 @@ def finetune_cost(variant: str, history: int, steps: int) -> dict:
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
     b = 1024
-    lengths = _lengths(rng, b, history) - 1  # fine-tuning histories may be empty
+    lengths = row_lengths(rng, b, history) - 1  # fine-tuning histories may be empty
     n = int(lengths.sum())
     model = CTRModel(
         SharedEmbeddings(ITEMS, CATEGORIES, 16, device=torch.device("cpu")),
@@ -176,18 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[50, 200, 1000])
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument(
-        "--decoder-only",
-        action="store_true",
-        help="time the decoder alone per layout and precision (benchmarks.decoder_layouts)",
-    )
-    parser.add_argument("--device", default="cpu", help="with --decoder-only: cpu or cuda")
     args = parser.parse_args()
-    if args.decoder_only:
-        from benchmarks.decoder_layouts import run
-
-        print(run(torch.device(args.device)).read_text())
-        return
     rows = []
     for history in args.histories:
         for variant in VARIANTS:

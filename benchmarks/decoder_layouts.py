@@ -1,6 +1,7 @@
-"""The decoder alone in each layout, fp32 and bf16: what ``python -m benchmarks.decoder_cost
---decoder-only --device cuda`` runs (pure PyTorch: no TorchRec, so it runs on a GPU machine
-that has only torch).
+"""The decoder alone in each layout, fp32 and bf16 (pure PyTorch: no TorchRec, so it runs on a
+GPU machine that has only torch).
+
+    python -m benchmarks.decoder_layouts --device cuda   # results/decoder_cost_cuda
 
 Pre-training: forward + backward + Adam step of a 2-layer ``GenerativeDecoder`` (issue 13's
 setting) over a jagged batch of item and category embeddings (leaf tensors, so their gradients
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_results
-from benchmarks.decoder_cost import _lengths  # the same long-tailed row lengths
+from benchmarks.decoder_cost import row_lengths  # the same long-tailed row lengths
 from genctr_rec.models.decoder import GenerativeDecoder
 
 # (stage, dim, history cap, rows a batch)
@@ -56,7 +57,7 @@ def _batches(stage: str, dim: int, cap: int, rows: int, device: torch.device, se
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(BATCHES):
-        lengths = _lengths(rng, rows, cap)
+        lengths = row_lengths(rng, rows, cap)
         if stage == "target":
             lengths = lengths - 1  # fine-tuning histories may be empty
         n = int(lengths.sum())
@@ -298,3 +299,16 @@ def _table(what: str, rows: list[dict], checks, syncs, skipped, steps: int) -> s
     if skipped:
         lines += ["", f"Skipped (time limit): {skipped}"]
     return "\n".join(lines)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    print(run(torch.device(args.device)).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -24,9 +24,9 @@ from torch import nn
 
 from benchmarks.common import peak_rss_bytes, reset_peak_rss, write_results
 from benchmarks.reader_throughput import make_dataset
+from benchmarks.s3_server import make_bucket, s3_server, upload
 from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.data.reader import ImpressionReader
-from tests.s3 import make_bucket, s3_server, upload
 
 BUCKET = "bench"
 

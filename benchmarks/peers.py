@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from genctr_rec.data.catalogue import read_item_catalogue
 from genctr_rec.data.schema import DatasetMeta, split_files
 from genctr_rec.data.splits import ValidationSplit
+from genctr_rec.data.statistics import resolve_features
 from genctr_rec.metrics import ctr_metrics
 
 PEERS = ("din", "dcnmix")
@@ -143,7 +144,7 @@ def train_peer(
 
     data = Path(data)
     meta = DatasetMeta.read(data)
-    schema = meta.feature_schema(data)
+    schema = resolve_features(meta, data)
     catalogue = read_item_catalogue(data, meta)
     train = _columns(data, "train", meta, schema, catalogue)
     test = _columns(data, "test", meta, schema, catalogue)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark's JSON, table, plot
 
 
 def _reader(payload: dict, plt) -> Any:

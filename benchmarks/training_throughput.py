@@ -67,7 +67,8 @@ def _worker(
     reset_peak_rss()
     join_local_group(rank, world, port)
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
-    from genctr_rec.data.reader import SEQ_ITEMS, ImpressionReader, SequenceReader
+    from genctr_rec.data.keys import SEQ_ITEMS
+    from genctr_rec.data.reader import ImpressionReader, SequenceReader
     from genctr_rec.data.schema import DatasetMeta
     from genctr_rec.distributed import init_distributed
     from genctr_rec.factory import model_over

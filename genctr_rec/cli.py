@@ -459,7 +459,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from genctr_rec.serving.config import ServeConfig
-    from genctr_rec.serving.server import serve
+    from genctr_rec.serving.run import serve
 
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
     try:

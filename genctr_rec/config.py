@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from genctr_rec.storage import location
+from genctr_rec.storage import location, write_json
 
 if TYPE_CHECKING:  # torch is not imported for `genctr -h`
     import torch
@@ -28,6 +28,9 @@ NEGATIVES = ("category", "random")
 LOOKUPS = ("pooled", "sequence")
 CONTEXT_FUSIONS = ("concat", "residual", "product")
 DECODER_LAYOUTS = ("auto", "padded", "groups", "packed")
+# bf16 autocast pays on CUDA from this history cap: the crossover against fp32 lies between the
+# caps 200 and 500 (benchmarks/results/decoder_cost_cuda.md)
+BF16_MIN_HISTORY = 320
 PRECISIONS = ("auto", "fp32", "bf16")
 # transfer -> which pre-trained state fine-tuning inherits (table 1 of the paper)
 TRANSFERS = ("none", "ps", "decoder", "ps_decoder", "ps_mi")
@@ -174,8 +177,6 @@ class TrainConfig:
     def resolved_precision(self, device: torch.device, max_history: int) -> str:
         if self.precision != "auto":
             return self.precision
-        from genctr_rec.models.decoder import BF16_MIN_HISTORY
-
         long_history = max_history >= BF16_MIN_HISTORY
         return "bf16" if device.type == "cuda" and long_history else "fp32"
 
@@ -247,9 +248,7 @@ class RunConfig:
         return asdict(self)
 
     def save(self, run_dir: Path) -> None:
-        from genctr_rec.data.writer import atomic_write_json
-
-        atomic_write_json(location(run_dir) / "config.json", self.to_json())
+        write_json(location(run_dir) / "config.json", self.to_json())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunConfig:

@@ -16,6 +16,7 @@ from genctr_rec.cli import main
 from genctr_rec.data import movielens, synth
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DataFormatError, DatasetMeta
+from genctr_rec.data.statistics import resolve_features
 from genctr_rec.data.validate import validate_dataset
 from tests.helpers import NUM_ITEMS
 
@@ -234,7 +235,7 @@ def test_dense_feature_statistics_check_their_column(
                 table = table.append_column("user_age", pa.array(ages))
             pq.write_table(table, path)
     with pytest.raises(DataFormatError) as info:
-        DatasetMeta.read(small_dataset).feature_schema(small_dataset)
+        resolve_features(DatasetMeta.read(small_dataset), small_dataset)
     _assert_names(info.value, TRAIN0, "user_age", 7 if case == "nan" else None)
     if case == "missing":
         assert "file has: user_id" in str(info.value)

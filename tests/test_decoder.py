@@ -119,7 +119,7 @@ def test_every_layout_gives_the_stage_models_the_same_loss(layers: int, monkeypa
     from torchrec import KeyedJaggedTensor
 
     import genctr_rec.models.ctr as ctr
-    from genctr_rec.data.reader import (
+    from genctr_rec.data.keys import (
         HIST_CATEGORIES,
         HIST_ITEMS,
         QUERY_CATEGORY,

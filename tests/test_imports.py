@@ -12,7 +12,7 @@ PACKAGES = ("genctr_rec", "benchmarks")
 
 # bottom to top: a module may import its own layer and the ones below
 LAYERS = {
-    "ground": 0,  # storage, process groups, logging, progress, the stack check, configuration
+    "ground": 0,  # storage, process groups, checkpoints, metrics, logging, progress, config
     "data": 1,  # the dataset format, readers, recipes
     "models": 2,  # tables, decoder, backbones, stage models
     "training": 3,  # loops, checkpoints, stages, evaluation
@@ -31,8 +31,6 @@ def layer_of(module: str) -> str:
         return sub
     if sub in ("embeddings", "factory"):
         return "models"
-    if sub in ("checkpoint", "metrics"):
-        return "training"
     if sub in ("cli", "pipeline"):
         return "cli"
     return "ground"

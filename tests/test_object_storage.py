@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.s3_server import make_bucket, s3_server, upload
 from genctr_rec.checkpoint import MANIFEST, CheckpointManager
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DataFormatError
@@ -26,7 +27,6 @@ from genctr_rec.distributed import free_port
 from genctr_rec.serving.predictor import Predictor
 from genctr_rec.storage import location
 from tests.distributed import kill_a_rank_once
-from tests.s3 import make_bucket, s3_server, upload
 from tests.serving import as_request, score_body, start_server, stop_server
 
 BUCKET = "genctr-test"

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genctr_rec.config import BF16_MIN_HISTORY
 from genctr_rec.models.decoder import (
-    BF16_MIN_HISTORY,
     PACKED_MIN_HISTORY,
     PACKED_MIN_HISTORY_BF16,
     GenerativeDecoder,

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from genctr_rec.data.features import USER_ID, FeatureSchema
-from genctr_rec.data.reader import (
-    HIST_CATEGORIES,
-    HIST_ITEMS,
-    IMPRESSION_KEYS,
-    SEQ_ITEMS,
-    ImpressionReader,
-    SequenceReader,
-)
+from genctr_rec.data.keys import HIST_CATEGORIES, HIST_ITEMS, IMPRESSION_KEYS, SEQ_ITEMS
+from genctr_rec.data.reader import ImpressionReader, SequenceReader
 from tests.distributed import run_ranks
 from tests.helpers import MAX_HISTORY
 

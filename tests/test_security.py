@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import genctr_rec.checkpoint as checkpoint
+from benchmarks.s3_server import make_bucket, s3_server, upload
 from genctr_rec.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -37,7 +38,6 @@ from genctr_rec.serving.artifact import artifact_digest, fetch_artifact, load_ar
 from genctr_rec.storage import location, safe_relative
 from genctr_rec.training.rundir import LOCK_FILE, LockOwner, RunDirError, RunLock
 from tests.distributed import run_ranks
-from tests.s3 import make_bucket, s3_server, upload
 
 BUCKET = "genctr-security"
 

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from genctr_rec.cli import main
 from genctr_rec.config import RunConfig, TrainConfig
 from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.statistics import resolve_features
 from tests.distributed import run_ranks
 from tests.helpers import grow_catalogue, write_dataset
 
@@ -64,7 +65,7 @@ def _states(rank: int, world: int, data: str, previous: str, out: str, sharding:
     meta = DatasetMeta.read(data)
     cfg.num_items, cfg.num_categories = meta.num_items, meta.num_categories
     prev = inherit(cfg, previous, {})
-    cfg.features = meta.feature_schema(data).to_json()
+    cfg.features = resolve_features(meta, data).to_json()
     check_features(prev, cfg)
     for name, warm in (("fresh", False), ("warm", True)):
         built = build_model(cfg, ctx)  # seeded: the same fresh rows both times

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 FEATURE_KINDS = ("id", "ids", "dense")
@@ -205,56 +204,3 @@ class FeatureSchema:
             return cls(num_users=0)
         stats = {k: (float(v[0]), float(v[1])) for k, v in raw.get("dense_stats", {}).items()}
         return cls(int(raw["num_users"]), tuple(parse_features(raw.get("features"))), stats)
-
-
-def user_vocabulary(data_dir: str | Path, declared: int | None) -> int:
-    """Users with their own row: meta.json's ``num_users`` when given, else the largest
-    ``user_id`` in train/ + 1 (read from one column; unseen users share the default row)."""
-    if declared is not None:
-        return declared
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from genctr_rec.data.catalogue import row_groups
-    from genctr_rec.data.schema import split_files
-
-    largest = -1
-    only_users = pa.schema([(USER_ID, pa.int64())])  # checked like every reader checks it
-    for path in split_files(data_dir, "train"):
-        for table, _ in row_groups(path, only_users):
-            value = pc.max(table.column(USER_ID)).as_py()
-            if value is not None:
-                largest = max(largest, int(value))
-    return largest + 1
-
-
-def dense_statistics(data_dir: str | Path, features: list[FeatureSpec]) -> dict[str, tuple]:
-    """Mean and standard deviation (1 where constant) of each dense feature: impression ones
-    over train/, item ones over items.parquet. Reads those columns only."""
-    import numpy as np
-    import pyarrow as pa
-
-    from genctr_rec.data.catalogue import row_groups
-    from genctr_rec.data.checks import feature_column
-    from genctr_rec.data.schema import ITEMS_FILE, split_files
-    from genctr_rec.storage import location
-
-    stats = {}
-    for spec in features:
-        if spec.kind != "dense":
-            continue
-        files = (
-            split_files(data_dir, "train")
-            if spec.where == "impression"
-            else [location(data_dir) / ITEMS_FILE]
-        )
-        # each value checked as the readers check it: a missing column or a NaN names its file
-        parts = [
-            feature_column(path, table, spec, row0)
-            for path in files
-            for table, row0 in row_groups(path, pa.schema([]), feature=spec)
-        ]
-        values = np.concatenate(parts).astype(np.float64)
-        std = float(values.std()) if len(values) else 1.0
-        stats[spec.name] = (float(values.mean()) if len(values) else 0.0, std if std > 0 else 1.0)
-    return stats

@@ -33,6 +33,16 @@ from genctr_rec.data.checks import (
 )
 from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.jagged import suffix_ranges
+from genctr_rec.data.keys import (
+    HIST_CATEGORIES,
+    HIST_ITEMS,
+    QUERY_CATEGORY,
+    SEQ_CATEGORIES,
+    SEQ_ITEMS,
+    SEQUENCE_KEYS,
+    TARGET_CATEGORY,
+    TARGET_ITEM,
+)
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
     META_FILE,
@@ -44,18 +54,6 @@ from genctr_rec.data.schema import (
 from genctr_rec.data.splits import TimeRange, time_masks
 from genctr_rec.data.stream import Columns, Jagged, ParquetStream
 from genctr_rec.storage import location
-
-# KeyedJaggedTensor keys, in order. Item-id features share the item table, category-id
-# features the category table (see genctr_rec.embeddings).
-TARGET_ITEM = "item_id"
-TARGET_CATEGORY = "category_id"
-QUERY_CATEGORY = "query_category_id"
-HIST_ITEMS = "hist_item_ids"
-HIST_CATEGORIES = "hist_category_ids"
-IMPRESSION_KEYS = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY, HIST_ITEMS, HIST_CATEGORIES]
-SEQ_ITEMS = "seq_item_ids"
-SEQ_CATEGORIES = "seq_category_ids"
-SEQUENCE_KEYS = [SEQ_ITEMS, SEQ_CATEGORIES]
 
 
 def _decode_pairs(

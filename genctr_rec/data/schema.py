@@ -14,14 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from genctr_rec.data.features import (
-    FeatureSchema,
-    FeatureSpec,
-    FeatureSpecError,
-    dense_statistics,
-    parse_features,
-    user_vocabulary,
-)
+from genctr_rec.data.features import FeatureSpec, FeatureSpecError, parse_features
 from genctr_rec.storage import location
 
 ITEMS_FILE = "items.parquet"
@@ -108,15 +101,6 @@ class DatasetMeta:
             out["raw_ids"] = list(self.raw_ids)
         out.update(extra)
         return out
-
-    def feature_schema(self, directory: str | Path) -> FeatureSchema:
-        """The user vocabulary (declared, or from train/), the declared features and the
-        statistics of the dense ones."""
-        return FeatureSchema(
-            user_vocabulary(directory, self.num_users),
-            tuple(self.features),
-            dense_statistics(directory, self.features),
-        )
 
     def write(self, directory: Path) -> None:
         (Path(directory) / META_FILE).write_text(json.dumps(self.to_json(), indent=2) + "\n")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from genctr_rec.data.reader import (
+from genctr_rec.data.keys import (
     HIST_CATEGORIES,
     HIST_ITEMS,
     QUERY_CATEGORY,

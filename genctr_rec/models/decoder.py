@@ -26,9 +26,8 @@ from genctr_rec.models.packed import PackedLayout, flex_attention_available, pac
 
 # Crossovers measured on an H200 (benchmarks/results/decoder_cost_cuda.md, three runs: the
 # decoder alone, 2 layers, dims 16 and 64, caps 50-4000); each threshold sits between the two
-# caps measured either side. bf16 autocast against fp32, padded: 0.72x-0.87x at cap 50,
-# 0.84x-1.02x at 200, 1.62x-1.88x at 500, 2.2x-4.7x above.
-BF16_MIN_HISTORY = 320
+# caps measured either side. bf16's (BF16_MIN_HISTORY) is in config.py, whose precision
+# setting reads it.
 # Packed against padded, fp32: the packed step is a near-constant 15-20 ms of launches, so it
 # loses at caps 50-200 (0.52x-0.74x), ties at 500 (0.93x-1.20x) and wins at 1000 (1.43x-1.71x)
 # and 4000 (2.45x-2.56x).

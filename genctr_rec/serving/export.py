@@ -27,15 +27,14 @@ from genctr_rec.config import ConfigError, RunConfig, absolute_location
 from genctr_rec.data.catalogue import read_item_catalogue
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.id_maps import ID_MAPS_DIR, IdMaps
-from genctr_rec.data.reader import (
+from genctr_rec.data.keys import (
     HIST_CATEGORIES,
     HIST_ITEMS,
     QUERY_CATEGORY,
     TARGET_CATEGORY,
     TARGET_ITEM,
-    ImpressionBatch,
-    ImpressionReader,
 )
+from genctr_rec.data.reader import ImpressionBatch, ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.writer import check_replaceable
 from genctr_rec.factory import build_stage_model, feature_schema

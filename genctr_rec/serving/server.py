@@ -23,11 +23,9 @@ import secrets
 import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -44,10 +42,9 @@ from genctr_rec.serving.asgi import (
 )
 from genctr_rec.serving.batcher import MicroBatcher, Overloaded
 from genctr_rec.serving.config import ServeConfig
-from genctr_rec.serving.http import run_draining
 from genctr_rec.serving.predictor import Predictor, RequestError
 from genctr_rec.serving.predictor import Request as ScoringRequest
-from genctr_rec.serving.swap import ModelWatcher, watch
+from genctr_rec.serving.swap import ModelWatcher
 from genctr_rec.serving.telemetry import MeasuredApp, ServiceMetrics
 from genctr_rec.serving.versions import ServedModel
 
@@ -261,39 +258,3 @@ def create_app(model: Predictor | ModelWatcher, config: ServeConfig | None = Non
     if config.hosts():
         inner = HostCheck(inner, config.hosts())
     return MeasuredApp(VersionHeader(inner, lambda: watcher.current), telemetry)
-
-
-def serve(artifact: str, config: ServeConfig | None = None, verbose: bool = False) -> None:
-    """Serves ``artifact`` (one, or a directory of versions) until SIGTERM / SIGINT: in this
-    process, or with ``config.workers`` > 1 in that many worker processes on the same port
-    (:mod:`genctr_rec.serving.workers`), each with ``config.threads`` torch threads."""
-    from genctr_rec.serving.versions import ModelSource
-    from genctr_rec.serving.workers import WorkerOptions, quiet_uvicorn, serve_workers
-
-    config = (config or ServeConfig()).check()
-    config.token()  # an unreadable or empty token file fails here, once
-    if config.artifact_sha256 and ModelSource(artifact).versioned:
-        raise ValueError(
-            "--artifact-sha256 pins one artifact; for a directory of versions pin a version "
-            "with genctr models pin"
-        )
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    # a bad artifact (or a directory with no loadable version) fails here, before any worker
-    watcher = watch(artifact, config.predictor_options(), config.poll_s, config.warm_up_rounds)
-    quiet_uvicorn(config.access_log)
-    logger.info(
-        "serving %s (version %s) on http://%s:%d%s",
-        artifact,
-        watcher.current.version,
-        config.host,
-        config.port,
-        "" if config.token() else " without authentication (see docs/security.md)",
-    )
-    if config.workers <= 1:
-        run_draining(create_app(watcher, config), config)
-        return
-    # one artifact: downloaded and verified once, here; versions: each worker watches
-    local = artifact if watcher.source.versioned else str(watcher.current.predictor.artifact.path)
-    del watcher
-    serve_workers(WorkerOptions(local, asdict(config), verbose), config)

@@ -27,6 +27,7 @@ from genctr_rec.config import TRANSFER_PREFIXES, TRANSFERS, ConfigError, RunConf
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import ValidationSplit
+from genctr_rec.data.statistics import resolve_features
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.factory import feature_schema
@@ -93,7 +94,7 @@ def finetune(
     elif cfg.backbone is None:
         raise ConfigError("--backbone is required (unless --warm-start gives it)")
     if cfg.model.side_features:
-        cfg.features = meta.feature_schema(cfg.data).to_json()
+        cfg.features = resolve_features(meta, cfg.data).to_json()
     if previous is not None:
         check_features(previous, cfg)
     else:

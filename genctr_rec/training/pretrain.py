@@ -22,7 +22,8 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from genctr_rec.config import RunConfig
-from genctr_rec.data.reader import SEQ_CATEGORIES, SEQ_ITEMS, SequenceReader
+from genctr_rec.data.keys import SEQ_CATEGORIES, SEQ_ITEMS
+from genctr_rec.data.reader import SequenceReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.distributed import DistContext, init_distributed

@@ -1,4 +1,5 @@
-"""A real S3 server for the tests: moto's standalone server on 127.0.0.1, in its own process."""
+"""A real S3 server for the tests and the object-storage benchmark: moto's standalone server on
+127.0.0.1, in its own process."""
 
 from __future__ import annotations
 
