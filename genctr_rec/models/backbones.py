@@ -4,8 +4,8 @@ Every backbone is a :class:`Backbone`: it takes the impression's dense input ``x
 by :func:`genctr_rec.models.inputs.impression_input`), declares through ``uses_history``
 whether it also reads the padded history, and ends in a ``ContextHead`` (``layers.py``)
 where GenCTR's g(s, c) (model integration) joins **before the final layer**, as the paper
-places it. ``forward`` returns logits [B]. Adding a backbone is one class and one entry of
-:data:`BACKBONES`.
+places it. ``forward`` returns logits [B]. Adding a backbone is one class and its
+registration (:func:`register_backbone`; ``docs/contributing.md``).
 """
 
 from __future__ import annotations
@@ -132,8 +132,19 @@ class DCNv2TA(DCNv2):
 
 
 BACKBONES: dict[str, type[Backbone]] = {"dnn": DNN, "dcnv2": DCNv2, "dcnv2_ta": DCNv2TA}
-# the CLI offers config.BACKBONE_NAMES without importing the models: one list, kept in step
+# the CLI offers config.BACKBONE_NAMES without importing the models: the built-in ones
 assert tuple(BACKBONES) == BACKBONE_NAMES, "add a new backbone to config.BACKBONE_NAMES too"
+
+
+def register_backbone(name: str, cls: type[Backbone]) -> None:
+    """Make ``cls`` available as ``backbone=name`` to training, evaluation, export and
+    serving (the serving model calls the same module). To offer it on the command line too,
+    add ``name`` to ``config.BACKBONE_NAMES`` and ``cls`` to :data:`BACKBONES`."""
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise TypeError(f"a backbone derives models.backbones.Backbone, {cls!r} does not")
+    if name in BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered ({BACKBONES[name].__name__})")
+    BACKBONES[name] = cls
 
 
 def build_backbone(
