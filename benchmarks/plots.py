@@ -193,12 +193,12 @@ def _serving_latency(payload: dict, plt) -> Any:
     http = payload.get("http", [])
     ax = axes[1]
     labels = [
-        f"{r['format']} {r['tables']}\n{r['clients']} cl"
+        f"{r['format']} {r['tables']}, {r['clients']} cl"
         + (f", {r['workers']} wk" if r["workers"] > 1 else "")
         for r in http
     ]
     ax.bar(np.arange(len(http)), [r["requests_per_s"] for r in http], color="tab:green")
-    ax.set_xticks(np.arange(len(http)), labels, fontsize=7)
+    ax.set_xticks(np.arange(len(http)), labels, fontsize=7, rotation=35, ha="right")
     ax.set_ylabel("requests/s (median of 3)")
     ax.set_title("over HTTP, 100 candidates", fontsize=10)
     fig.suptitle(_machine_title(payload), fontsize=9)

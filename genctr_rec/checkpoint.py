@@ -360,8 +360,8 @@ def _one_process() -> bool:
     """DCP's collectives are skipped in a one-process job. They would exchange every tensor's
     metadata through gloo, whose worker thread then copies a large buffer with OpenMP: a second
     OpenMP team, after which libgomp stops spin-waiting (more threads than cores) and every
-    later training step runs up to a third slower (measured: benchmarks/results/
-    finetune_speed.md). A multi-process job under torchrun runs one OpenMP thread a rank."""
+    later training step runs slower (benchmarks/README.md). A multi-process job under torchrun
+    runs one OpenMP thread a rank."""
     return not dist.is_initialized() or dist.get_world_size() == 1
 
 

@@ -520,7 +520,8 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         default="aoti",
         choices=["aoti", "none"],
         help="compile the exported programs with AOTInductor for this machine's CPU (aoti, "
-        "default: about a minute, 2x faster serving) or leave them uncompiled (none)",
+        "the default: a minute of compiling for faster serving, benchmarks/results/"
+        "serving_latency.md) or leave them uncompiled (none)",
     )
     exp.add_argument(
         "--recompile",

@@ -124,17 +124,17 @@ class TrainConfig:
         prefetch: training batches decoded ahead on a background thread while the model
             steps (0: decode on the training thread; default: 2 on CUDA, where the thread
             decodes while the host waits for the GPU, 0 on CPU, where the step already keeps
-            every core busy and prefetching measured no gain). Checkpoints record the batches
-            trained on, so resuming is exact either way.
+            every core busy and the thread only competes with it: benchmarks/README.md).
+            Checkpoints record the batches trained on, so resuming is exact either way.
         precision: ``fp32`` or ``bf16`` (``torch.autocast`` over the forward: weights,
-            optimizer state and the loss stay fp32); ``auto``: bf16 on CUDA with histories
-            of 320 or more (the decoder 1.6x-4.7x fp32 from history 500 on an H200), else fp32
-            (at shorter histories a GPU step is launch-bound and bf16's casts made it
-            0.72x-1.02x).
+            optimizer state and the loss stay fp32); ``auto``: bf16 on CUDA from the history
+            cap where it pays (config.BF16_MIN_HISTORY; below it a GPU step is launch-bound
+            and the casts cost more than they save: benchmarks/results/decoder_cost_cuda.md),
+            else fp32.
         compile: fine-tuning only: compile the backbone and the decoder's g(s, c) with
             torch.compile (histories padded to the cap, one graph for every full batch; same
-            losses): 5-11 % faster a step on 2 CPU cores after a one-time compile of about
-            30 s, so for long jobs (genctr_rec/training/compiled.py).
+            losses). A one-time compile against a cheaper step: for long jobs
+            (benchmarks/results/finetune_speed.md, genctr_rec/training/compiled.py).
     """
 
     epochs: int | None = None

@@ -3,11 +3,12 @@
 Both stages look up ids through one :class:`SharedEmbeddings` module, so stage 2 starts from
 stage 1's tables by loading the same state-dict keys (``embeddings.*``).
 
-How lookups run (measured, see ``benchmarks/``): on CPU, fbgemm's sequence (unpooled) kernel
-behind ``EmbeddingCollection`` has a backward about 10x slower than the pooled kernel behind
-``EmbeddingBagCollection``. So the default ``lookup="pooled"`` keeps each table in an
-``EmbeddingBagCollection`` and looks every id up as **a bag of one** (SUM pooling of a single
-row is the row itself; gradients of repeated ids add up exactly as in a sequence lookup).
+How lookups run: on CPU, fbgemm's sequence (unpooled) kernel behind ``EmbeddingCollection``
+has a backward several times slower than the pooled kernel behind ``EmbeddingBagCollection``
+(``benchmarks/results/lookup_layouts.md``). So the default ``lookup="pooled"`` keeps each
+table in an ``EmbeddingBagCollection`` and looks every id up as **a bag of one** (SUM pooling
+of a single row is the row itself; gradients of repeated ids add up exactly as in a sequence
+lookup).
 ``lookup="sequence"`` uses an ``EmbeddingCollection`` instead, the textbook layout. With
 ``dedup=True`` each sharded table's ids are made unique before the lookup and gathered back,
 which cuts the ids and rows the all-to-all moves and changes no value or gradient; tables that

@@ -1,12 +1,12 @@
 """Decoding the next batches on a background thread while the training thread steps.
 
 A reader decodes Parquet row groups, checks them and builds the step's
-:class:`~torchrec.sparse.jagged_tensor.KeyedJaggedTensor` on the thread that iterates it (5-12 %
-of an epoch of MovieLens-100k fine-tuning). Pyarrow and numpy release the GIL for their bulk
-work, so a second thread can do it while the training thread waits for a GPU (a
+:class:`~torchrec.sparse.jagged_tensor.KeyedJaggedTensor` on the thread that iterates it (a
+visible share of an epoch: ``benchmarks/README.md``). Pyarrow and numpy release the GIL for
+their bulk work, so a second thread can do it while the training thread waits for a GPU (a
 ``DataLoader`` worker process would also have to pickle every batch across). On a CPU the step
-already keeps every core busy and the thread only competes with it: measured no gain there,
-so training prefetches by default on CUDA only (``TrainConfig.prefetch``).
+already keeps every core busy and the thread only competes with it, so training prefetches by
+default on CUDA only (``TrainConfig.prefetch``).
 
 The wrapper keeps the reader's contract exactly: ``state_dict()`` describes the batches the
 *training loop* has taken, not those decoded ahead, so a checkpoint resumes at the same batch

@@ -24,16 +24,13 @@ from genctr_rec.config import DECODER_LAYOUTS as LAYOUTS
 from genctr_rec.models.jagged import length_groups, row_positions, to_padded
 from genctr_rec.models.packed import PackedLayout, flex_attention_available, packed_attention
 
-# Crossovers measured on an H200 (benchmarks/results/decoder_cost_cuda.md, three runs: the
-# decoder alone, 2 layers, dims 16 and 64, caps 50-4000); each threshold sits between the two
-# caps measured either side. bf16's (BF16_MIN_HISTORY) is in config.py, whose precision
-# setting reads it.
-# Packed against padded, fp32: the packed step is a near-constant 15-20 ms of launches, so it
-# loses at caps 50-200 (0.52x-0.74x), ties at 500 (0.93x-1.20x) and wins at 1000 (1.43x-1.71x)
-# and 4000 (2.45x-2.56x).
+# Crossovers measured on an H200 (benchmarks/results/decoder_cost_cuda.md): each threshold sits
+# between the two caps measured either side of it. bf16's (BF16_MIN_HISTORY) is in config.py,
+# whose precision setting reads it. Packed against padded, fp32: the packed step is a
+# near-constant cost of launches, so it loses at short caps, ties at 500 and wins from 1000.
 PACKED_MIN_HISTORY = 768
 # Under bf16, padded attention (SDPA's fused kernels) is fast enough that packing pays only at
-# cap 4000 (0.96x-1.54x padded bf16), not at 1000 (0.69x-1.06x).
+# the longest caps measured (4000), not at 1000.
 PACKED_MIN_HISTORY_BF16 = 2048
 
 
@@ -54,17 +51,17 @@ def choose_layout(
     ``auto`` picks per device and ``stage`` (``pretrain``: attention of every position,
     quadratic in length; ``target``: fine-tuning's and serving's one query a row, linear):
 
-    * CPU: pre-training in groups (1.3x-1.8x padding at caps 200-1000,
+    * CPU: pre-training in groups (faster than padding at caps 200-1000,
       ``benchmarks/results/decoder_cost.md``); g(s, c) padded with one decoder layer (the
       grouping loop costs more than the padding it saves; packing too: its scatter softmax
-      ran 1.5x slower) and grouped with more (their item self-attention is quadratic).
+      was slower) and grouped with more (their item self-attention is quadratic).
     * CUDA: pre-training packed (FlexAttention, one launch a layer) from ``history_cap``
       :data:`PACKED_MIN_HISTORY` in fp32 and :data:`PACKED_MIN_HISTORY_BF16` under bf16
       autocast (``bf16``), where FlexAttention is there and attention dropout is off (it has
       none); else padded (to the cap: :meth:`GenerativeDecoder.padded_width`). g(s, c) padded
-      (packed ran 0.64x-1.05x: a fine-tuning step of the decoder is ~5 ms of launches either
-      way). Groups never: their small launches and host reads lost 2x-4x to padding. Neither
-      CUDA layout reads anything from the device.
+      (a fine-tuning step of the decoder is launches either way, and packing did not win).
+      Groups never: their small launches and host reads lost to padding. Neither CUDA layout
+      reads anything from the device.
     """
     if layout != "auto":
         if layout not in LAYOUTS:
@@ -222,9 +219,8 @@ class _Attention(nn.Module):
         The key projection moves onto the query (``q_h . (W_h m + b_h) = (W_h^T q_h) . m``
         plus a term constant over keys, which softmax cancels) and the value projection after
         the weighted sum (the weights sum to one), so the cost per history token is two dot
-        products of width D per head instead of a ``D x 2D`` projection: fine-tuning's and
-        serving's g(s, c) at about half the cost (17.8 -> 9.4 ms forward and backward at
-        B = 1024, 51 keys, in isolation). Same outputs as :meth:`forward` up to
+        products of width D per head instead of a ``D x 2D`` projection, for fine-tuning's and
+        serving's g(s, c) (``benchmarks/README.md``). Same outputs as :meth:`forward` up to
         float rounding.
         """
         q = self._query_on_keys(query)  # [B, H, D]

@@ -27,9 +27,9 @@ def to_padded(
     """[N, D] jagged values -> [B, L, D] zero-padded, L = max length (or ``max_len``: then
     nothing is read from the device).
 
-    Runs fbgemm's ``jagged_to_padded_dense`` (forward and backward one kernel each; 1.04 ms
-    against 1.77 ms for scattering into zeros and gathering the gradient back, at B = 1024,
-    L = 50, D = 16 on 2 CPU cores) where fbgemm has the op for the device, else the scatter.
+    Runs fbgemm's ``jagged_to_padded_dense`` (forward and backward one kernel each, cheaper
+    than scattering into zeros and gathering the gradient back: ``benchmarks/README.md``)
+    where fbgemm has the op for the device, else the scatter.
     """
     lengths = lengths.long()
     width = int(lengths.max()) if max_len is None and len(lengths) else (max_len or 0)

@@ -19,8 +19,8 @@ class CrossNet(LowRankMixtureCrossNet):
     ``[B, N] x [N, K*r]`` product, ``C`` as one batched product over the ``K`` experts, and
     the gate weights scale each expert's ``r`` values *before* ``U``, so that mixing the experts
     is one ``[B, K*r] x [K*r, N]`` product (the gates sum to one, so the shared bias is added
-    once). Forward and backward 21-24 ms -> 9 ms at B = 1024, N = 178, paper sizes, in
-    isolation (``benchmarks/README.md``).
+    once): a few large products instead of many small ones (measured in
+    ``benchmarks/README.md``).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

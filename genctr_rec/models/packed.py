@@ -11,8 +11,8 @@ with one-slot dummy rows, so the kernel sees whole blocks and few distinct shape
 Everything here is built from the lengths with tensor operations whose output sizes are known
 on the host (the number of items is the values' length), so a batch needs no host
 synchronisation: :meth:`PackedLayout.build` and :func:`document_causal_block_mask` replace
-``create_block_mask``, which evaluates the mask on every block (9-380 ms a batch eagerly in
-issue 13's measurements, more than the attention itself).
+``create_block_mask``, which evaluates the mask on every block, eagerly, and cost more than
+the attention itself (``benchmarks/results/decoder_cost_cuda.md``).
 
 On CUDA the kernel is FlexAttention compiled once per head width and dtype (dynamic shapes
 after the first change of length). FlexAttention has no backward on CPU, so there the same

@@ -54,11 +54,9 @@ class ScoreFastPath:
     """ASGI: ``POST /score`` with a valid JSON body, scored without FastAPI's per-request
     machinery; everything else goes to FastAPI, which answers it exactly as before.
 
-    Why: in one process without sockets a request through FastAPI cost 1.07-1.56 ms against a
-    model call of 0.50-0.62 ms and 0.1 ms for parsing plus the request model: the rest was
-    routing, dependency solving, validating and serialising the response model, and exception
-    middlewares. This path takes 0.95-1.23 ms, and 8 HTTP clients get 14-40 % more requests/s
-    (``benchmarks/results/serving_latency.md``, ``benchmarks/README.md``). Here the body is
+    Why: FastAPI's routing, dependency solving, validating and serialising the response model,
+    and exception middlewares cost about as much as the model call for a typical request
+    (measured in ``benchmarks/README.md``). Here the body is
     validated by the same :class:`ScoreBody` (pydantic's JSON parser, straight from bytes),
     scored through the same batcher, and the answer written as FastAPI writes it. Any body
     this path does not accept as it is (another content type, invalid JSON, a validation

@@ -24,10 +24,9 @@ class MicroBatcher:
     Where a batch runs (``score_on``): ``thread`` hands it to one scoring thread, so that
     while the model runs the event loop reads and parses the next requests (larger batches,
     two cores at work under concurrent load); ``loop`` scores on the event loop's thread,
-    which spares the hand-off (a thread woken and the loop woken back: 0.14 ms of CPU even for
-    an empty call on the benchmark machine) and so serves requests that come one at a time
-    with less CPU and latency (one client: p50 1.2 against 1.6 ms, p99 2.4 against 3.5), while
-    under load the loop waits for the model (benchmarks/results/serving_latency.md). Either
+    which spares the hand-off (a thread woken and the loop woken back) and so serves requests
+    that come one at a time with less CPU and latency, while under load the loop waits for the
+    model (benchmarks/README.md). Either
     way batches run one at a time and never beside the warm-up (``start(after=...)``), which
     runs on the scoring thread so that ``/livez`` answers meanwhile.
     """

@@ -55,7 +55,9 @@ def entry_points(model_integration: bool) -> tuple[str, ...]:
     return ("contexts", "score") if model_integration else ("score",)
 
 
-def _dynamic_shapes(method: str, max_history: int) -> tuple[dict[int, Any], ...]:
+def _dynamic_shapes(
+    method: str, max_history: int, side_sizes: tuple[int, int] = (1, 1)
+) -> tuple[dict[int, Any] | None, ...]:
     requests = Dim("requests", min=2, max=MAX_REQUESTS)
     history = Dim("history", min=2, max=max(2, max_history))
     if method == "contexts":
@@ -63,9 +65,11 @@ def _dynamic_shapes(method: str, max_history: int) -> tuple[dict[int, Any], ...]
         return ({0: requests, 1: history}, {0: requests, 1: history}, {0: requests},
                 {0: pairs}, {0: pairs})  # fmt: skip
     candidates = Dim("candidates", min=2, max=MAX_CANDIDATES)
-    auto = Dim.AUTO  # the side features' jagged values and lengths: sizes follow the data
+    # the side features' jagged values and lengths: sizes follow the data; a model without
+    # side features has them empty, always
+    values, lengths = ({0: Dim.AUTO} if size else None for size in side_sizes)
     return ({0: requests, 1: history}, {0: requests, 1: history}, {0: requests}, {0: requests},
-            {0: candidates}, {0: candidates}, {0: candidates}, {0: auto}, {0: auto},
+            {0: candidates}, {0: candidates}, {0: candidates}, values, lengths,
             {0: candidates}, {0: candidates})  # fmt: skip
 
 
@@ -92,7 +96,11 @@ def export_programs(
             programs[method] = torch.export.export(
                 _Entry(model, method).eval(),
                 inputs[method],
-                dynamic_shapes={"args": _dynamic_shapes(method, max_history)},
+                dynamic_shapes={
+                    "args": _dynamic_shapes(
+                        method, max_history, (example[7].numel(), example[8].numel())
+                    )
+                },
                 strict=False,
             )
     return programs
@@ -197,7 +205,10 @@ def load_package(path: Path, metadata: dict[str, Any], compiled: str = "auto") -
         runners = {name: contents.aoti_runners[name] for name in info["entry_points"]}
         kind = "aoti"
     else:
-        runners = {name: contents.exported_programs[name].module() for name in info["entry_points"]}
+        runners = {  # inputs are padded to the exported sizes: no guard to check a call
+            name: contents.exported_programs[name].module(check_guards=False)
+            for name in info["entry_points"]
+        }
         kind = "exported"
     return CompiledModel(
         runners, bool(metadata["model_integration"]), int(metadata["num_categories"]) + 1, kind

@@ -3,9 +3,9 @@
 Endpoints: ``POST /score``; ``GET /livez`` (the process answers), ``GET /readyz`` and
 ``/healthz`` (503 until a warm-up of the model has run, then 200), ``GET /metadata``,
 ``GET /metrics`` (Prometheus), and FastAPI's ``/openapi.json`` and ``/docs``. A ``POST /score``
-with a valid JSON body is answered below FastAPI (:class:`ScoreFastPath`, same validation,
-same answer, 10-20 % less time a request); any other request, bad ones included, goes
-through FastAPI.
+with a valid JSON body is answered below FastAPI (``asgi.ScoreFastPath``, same validation,
+same answer, less time a request); any other request, bad ones included, goes through
+FastAPI.
 
 Concurrent requests are micro-batched: each batch takes every request that queued while the
 model was busy with the previous one (up to ``max_batch``), and optionally waits

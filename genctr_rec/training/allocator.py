@@ -3,12 +3,9 @@
 Why: glibc's malloc serves large blocks with ``mmap`` and trims the heap's free top once it
 exceeds twice its (adaptive) mmap threshold, a few megabytes, so a step's temporaries
 (activations, gradients, padded histories: tens of megabytes) go back to the kernel when freed
-and are page-faulted back in, zeroed, at the next step. Measured in a GenCTR DCN V2 & TA
-fine-tuning run on MovieLens-100k (``genctr finetune``, 2-core EPYC): a median of 2,384 minor
-faults a training step in the first epoch and 200-440 a step on average later, at about 3 us
-each on that machine (some 7 ms of a 30-40 ms first-epoch step by that count; end to end the
-gain was within that machine's run-to-run noise more often than not, see
-``benchmarks/README.md``); 0 a step with the thresholds below.
+and are page-faulted back in, zeroed, at the next step: thousands of minor faults a step in a
+fine-tuning run, none with the thresholds below (``tests/test_allocator.py``; what it is worth
+end to end: ``benchmarks/README.md``).
 A step's working set then stays mapped: the process holds at most its peak plus
 :data:`TRIM_THRESHOLD` of free heap. Only glibc (Linux) is touched; elsewhere, and with
 ``GENCTR_KEEP_FREED_MEMORY=0``, nothing changes.

@@ -25,7 +25,7 @@ from genctr_rec.training.sharding import (
 
 TABLES_PREFIX = "embeddings.tables."
 # the dense layers' Adam as one fused kernel over all tensors (CPU and CUDA) instead of a loop
-# of small ops per tensor: about 10 % of a fine-tuning step on CPU (finetune_speed benchmark)
+# of small ops per tensor (its share of a step: benchmarks/results/finetune_speed.md)
 FUSED_ADAM = True
 
 

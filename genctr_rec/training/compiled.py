@@ -3,12 +3,10 @@
 Why: on CPU a GenCTR step is, besides its GEMMs, dozens of small memory-bound operations (the
 decoder's LayerNorm, scores, mask and softmax over the padded history, the cross network's
 products and sums over [B, 178]) that eager PyTorch runs one pass each; Inductor fuses them.
-Measured on MovieLens-100k, 2 CPU cores, GenCTR, medians of 5 interleaved rounds of 25 steps
-in one process: DCN V2 & TA 31.3 against 34.8 ms a step, DNN 21.9 against 23.0 ms, after a
-one-time compile of about 30 s (2-4 s when Inductor's on-disk cache already holds the graphs).
-End to end (``benchmarks/results/finetune_speed.md``) the gain is within this machine's noise,
-so it is opt-in: for jobs long enough to repay the compile, and a start for GPUs, where a
-step of small kernels is launch-bound (not measured here).
+The step gets cheaper after a one-time compile, and end to end the gain was within the
+benchmark machine's noise (``benchmarks/results/finetune_speed.md``, ``benchmarks/README.md``),
+so it is opt-in: for jobs long enough to repay the compile, and a start for GPUs, where a step
+of small kernels is launch-bound.
 
 What is compiled: the backbone, and the decoder's g(s, c) from the padded history; TorchRec's
 lookups stay as they are (fbgemm kernels with their fused optimizer). Histories are padded to

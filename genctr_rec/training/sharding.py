@@ -134,8 +134,8 @@ class DataParallelWhenDistributed(DefaultDataParallelWrapper):
     """TorchRec's DDP wrapping of the dense part, skipped in a one-process job.
 
     Why: with one rank there is nothing to all-reduce, yet DDP still copies every gradient
-    into its buckets, runs an all-reduce over a one-rank group and hooks every parameter:
-    about 5 % of a fine-tuning step on CPU (``benchmarks/results/finetune_speed.md``).
+    into its buckets, runs an all-reduce over a one-rank group and hooks every parameter
+    (its cost: ``benchmarks/results/finetune_speed.md``).
     ``dmp.module`` and the state-dict keys are the same either way (TorchRec unwraps both).
     """
 
