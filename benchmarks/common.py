@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.plots import PLOTTERS, RESULTS, plot
-from genctr_rec.data.writer import atomic_write_json, atomic_write_text
+from genctr_rec.storage import write_bytes, write_json
 
 
 def reset_peak_rss() -> None:
@@ -57,12 +57,12 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md`` atomically, and the plot."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
-    atomic_write_json(RESULTS / f"{name}.json", {"machine": info, **payload})
+    write_json(RESULTS / f"{name}.json", {"machine": info, **payload})
     header = (
         f"# {name}\n\n- command: `{info['command']}`\n- machine: {info['cpu']}, "
         f"{info['cores']} cores\n- versions: {info['versions']}\n- date: {info['date']}\n\n"
     )
-    atomic_write_text(RESULTS / f"{name}.md", header + table_md + "\n")
+    write_bytes(RESULTS / f"{name}.md", (header + table_md + "\n").encode())
     if name in PLOTTERS:
         plot(name)  # results/<name>.png
     return RESULTS / f"{name}.md"

@@ -62,9 +62,9 @@ def make_bucket(name: str) -> None:
 
 def upload(local: Path, url: str) -> None:
     """Copy a local directory to ``url`` (every file, same relative names)."""
-    from genctr_rec.storage import location, upload_tree
+    from genctr_rec.storage import copy_tree, location
 
-    upload_tree(local, location(url))
+    copy_tree(local, location(url))
 
 
 def env_with(server_env: dict[str, str], **extra: str) -> dict[str, str]:

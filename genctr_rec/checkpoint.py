@@ -34,6 +34,7 @@ from genctr_rec.config import ConfigError
 from genctr_rec.distributed import from_main
 from genctr_rec.storage import (
     Location,
+    copy_tree,
     files_under,
     first_line,
     is_remote,
@@ -41,6 +42,7 @@ from genctr_rec.storage import (
     make_dirs,
     relative_name,
     remove_tree,
+    replace_dir,
     safe_relative,
     sha256,
     write_json,
@@ -76,21 +78,8 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     _barrier()
     write_manifest_collective(tmp)
     if rank == 0:
-        _replace_keeping(tmp, path)
+        replace_dir(tmp, path)
     _barrier()
-
-
-def _replace_keeping(new: Path, path: Path) -> None:
-    """Give complete ``new`` the name ``path``; an existing ``path`` is renamed aside first and
-    deleted last, so some complete copy exists at every instant."""
-    if not path.exists():
-        os.replace(new, path)
-        return
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_beside(state: dict[str, Any], path: Location) -> None:
@@ -112,13 +101,11 @@ def _save_beside(state: dict[str, Any], path: Location) -> None:
 
 
 def _copy_complete(source: Location, target: Location) -> None:
-    """Object storage: ``target`` becomes a copy of complete ``source`` (manifest last)."""
+    """Object storage: ``target`` becomes a copy of complete ``source`` (manifest last; the
+    old copy loses its manifest first)."""
     (target / MANIFEST).unlink(missing_ok=True)
     remove_tree(target)
-    files = sorted(files_under(source), key=lambda p: p.name == MANIFEST)
-    for file in files:
-        name = relative_name(file, source)
-        file.fs.copy(file.path, (target / name).path)
+    copy_tree(source, target, last=MANIFEST)
 
 
 def recover_saved(path: str | Path) -> bool:
@@ -580,7 +567,7 @@ class CheckpointManager:
                     _copy_complete(tmp, final)
                     remove_tree(tmp)
                 elif rank == 0:
-                    _replace_keeping(tmp, final)  # a step saved again: the old copy set aside
+                    replace_dir(tmp, final)  # a step saved again: the old copy set aside
             except OSError as exc:
                 error = exc
         if not _all_ok(error is None):

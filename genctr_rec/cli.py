@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from genctr_rec.config import (
     BACKBONE_NAMES,
+    CALIBRATIONS,
     CONTEXT_FUSIONS,
     DECODER_LAYOUTS,
     DECODERS,
@@ -21,6 +22,7 @@ from genctr_rec.config import (
     LOOKUPS,
     NEGATIVES,
     PRECISIONS,
+    SELECT_ON,
     STAGE_DEFAULTS,
     TRANSFERS,
     ConfigError,
@@ -58,9 +60,7 @@ def _print_days(out: str, metas: list) -> None:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from genctr_rec.data.schema import META_FILE
     from genctr_rec.data.synth import SynthConfig, generate
-    from genctr_rec.data.writer import dataset_destination
 
     cfg = SynthConfig.preset(args.preset)
     given = set()
@@ -75,16 +75,13 @@ def _data_synth(args: argparse.Namespace) -> int:
         cfg = daily_world(cfg, args.days, given)
         _print_days(args.out, generate_days(cfg, args.out, args.days, args.window, args.overwrite))
         return 0
-    with dataset_destination(args.out, args.overwrite, META_FILE) as out:
-        meta = generate(cfg, out, overwrite=args.overwrite)
+    meta = generate(cfg, args.out, overwrite=args.overwrite)
     print(json.dumps({"out": str(args.out), **meta.extra["rows"]}))
     return 0
 
 
 def _data_movielens(args: argparse.Namespace) -> int:
     from genctr_rec.data import movielens
-    from genctr_rec.data.schema import META_FILE
-    from genctr_rec.data.writer import dataset_destination
 
     if _check_days(args):
         metas = movielens.build_days(
@@ -92,10 +89,9 @@ def _data_movielens(args: argparse.Namespace) -> int:
         )
         _print_days(args.out, metas)
         return 0
-    with dataset_destination(args.out, args.overwrite, META_FILE) as out:
-        meta = movielens.build(
-            out, args.source, args.max_history, args.test_fraction, overwrite=args.overwrite
-        )
+    meta = movielens.build(
+        args.out, args.source, args.max_history, args.test_fraction, overwrite=args.overwrite
+    )
     print(json.dumps({"out": str(args.out), "source": meta.source, **meta.extra["rows"]}))
     return 0
 
@@ -142,30 +138,17 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     )
     synth_help = _field_help(SynthConfig)
     synth_help["min_sessions"] = synth_help["max_sessions"] = "sessions per user, uniform"
-    for name in (
-        "num_users",
-        "num_items",
-        "num_categories",
-        "num_styles",
-        "max_history",
-        "max_sessions",
-        "min_sessions",
-        "seed",
-    ):
+    whole = ["num_users", "num_items", "num_categories", "num_styles", "max_history"]
+    whole += ["max_sessions", "min_sessions", "seed"]
+    drifts = ["item_growth", "item_retirement", "user_growth", "interest_drift"]
+    for name, cast in [(n, int) for n in whole] + [(n, float) for n in drifts]:
+        shown = "the preset's" if cast is int else f"0, or {DAILY_WORLD[name]} with --days"
         synth.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
-            type=int,
+            type=cast,
             default=None,
-            help=f"{synth_help.get(name, name)} (default: the preset's)",
-        )
-    for name in ("item_growth", "item_retirement", "user_growth", "interest_drift"):
-        synth.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=float,
-            default=None,
-            help=f"{synth_help.get(name, name)} (default: 0, or {DAILY_WORLD[name]} with --days)",
+            help=f"{synth_help.get(name, name)} (default: {shown})",
         )
     synth.add_argument(
         "--raw-ids",
@@ -211,11 +194,22 @@ CHOICES = {
     "context_fusion": list(CONTEXT_FUSIONS),
     "decoder_layout": list(DECODER_LAYOUTS),
     "precision": list(PRECISIONS),
+    "select_on": list(SELECT_ON),
+    "calibrate": list(CALIBRATIONS),
 }
 # flags that only one stage reads
 STAGE_ONLY = {
     "pretrain": {"negatives", "num_negatives"},
-    "finetune": {"side_features", "context_fusion", "context_dropout", "decoder_lr", "compile"},
+    "finetune": {
+        "side_features",
+        "context_fusion",
+        "context_dropout",
+        "decoder_lr",
+        "compile",
+        "select_on",
+        "calibrate",
+        "inherited_tables_lr",
+    },
 }
 
 

@@ -32,6 +32,8 @@ DECODER_LAYOUTS = ("auto", "padded", "groups", "packed")
 # caps 200 and 500 (benchmarks/results/decoder_cost_cuda.md)
 BF16_MIN_HISTORY = 320
 PRECISIONS = ("auto", "fp32", "bf16")
+SELECT_ON = ("auc", "logloss")  # fine-tuning's selection figure
+CALIBRATIONS = ("platt", "none")
 # transfer -> which pre-trained state fine-tuning inherits (table 1 of the paper)
 TRANSFERS = ("none", "ps", "decoder", "ps_decoder", "ps_mi")
 DECODER_TRANSFERS = ("decoder", "ps_decoder", "ps_mi")  # the CTR model holds a decoder
@@ -43,8 +45,8 @@ TRANSFER_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 # the resolved defaults of each stage (TrainConfig fields left None)
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pretrain": {"epochs": 20, "batch_size": 32, "patience": 2},
-    "finetune": {"epochs": 10, "batch_size": 1024, "patience": 3},
+    "pretrain": {"epochs": 20, "batch_size": 32, "patience": 2, "evals_per_epoch": 1},
+    "finetune": {"epochs": 10, "batch_size": 1024, "patience": 3, "evals_per_epoch": 4},
 }
 
 
@@ -101,14 +103,30 @@ class TrainConfig:
         valid_fraction: fine-tuning validation: a valid/ split when the dataset has one,
             else the newest fraction of train/ by timestamp (0: no validation, no selection;
             in pre-training 0 turns off the validation on the held-out last clicks).
-        eval_every: also validate every N steps (0: 4 times an epoch in fine-tuning, once an
-            epoch in pre-training).
+        eval_every: validate every N steps (0: ``evals_per_epoch`` decides).
+        evals_per_epoch: validations an epoch when ``eval_every`` is 0 (always one at each
+            epoch end; default: pre-training 1, fine-tuning 4).
         patience: validations without improvement before training stops (0: never; default
             pre-training 2, fine-tuning 3). The best checkpoint is what the run keeps.
+        min_epochs: patience stops nothing before this many epochs are complete: a noisy
+            validation cannot end a run before the transfer has had time to pay.
+        lr_decay: every learning rate (tables, dense layers, decoder) is multiplied by this at
+            each validation without improvement, before patience stops the run (1: off; 0.1 is
+            FuxiCTR's reduce-on-plateau).
+        select_on: fine-tuning's selection figure on validation: ``auc`` (higher is better)
+            or ``logloss`` (lower is better; bids need calibrated scores).
+        calibrate: fine-tuning: ``platt`` fits p = sigmoid(a * logit + b) on the validation
+            rows after selection (``RUN/calibration.json``); test figures, ``genctr evaluate``
+            and the exported artifact apply it. AUC is unchanged (a > 0), LogLoss and
+            calibration improve where the scores were off. ``none`` keeps raw scores.
         embedding_optimizer: fused optimizer of the tables; ``auto`` = Adam on CUDA, row-wise
             Adagrad on CPU (fbgemm's CPU kernels have no Adam).
         embedding_lr: learning rate of the fused optimizer (``None``: 1e-3 for Adam, 0.05 for
             the Adagrad family and SGD).
+        inherited_tables_lr: fine-tuning: the learning rate of the item and category tables
+            inherited from pre-training (``ps``, ``ps_decoder``, ``ps_mi``); 0 freezes them
+            (GPSD's frozen sparse transfer: ``--transfer ps --inherited-tables-lr 0``);
+            ``None``: ``embedding_lr``, like every other table.
         seed: every random choice (init, shuffling, negatives) follows it.
         sharding: per-table sharding type override, e.g. ``{"item": "row_wise"}``. Otherwise
             one rank holds every table ``table_wise``, small tables are replicated (below) and
@@ -144,9 +162,15 @@ class TrainConfig:
     decoder_lr: float | None = None
     valid_fraction: float = 0.1
     eval_every: int = 0
+    evals_per_epoch: int | None = None
     patience: int | None = None
+    min_epochs: int = 0
+    lr_decay: float = 1.0
+    select_on: str = "auc"
+    calibrate: str = "platt"
     embedding_optimizer: str = "auto"
     embedding_lr: float | None = None
+    inherited_tables_lr: float | None = None
     seed: int = 0
     sharding: dict[str, str] = field(default_factory=dict)
     replicate_max_mb: float = 1.0
@@ -169,7 +193,19 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("patience", "eval_every", "steps"):
+        if self.inherited_tables_lr is not None and self.inherited_tables_lr < 0:
+            raise ConfigError("--inherited-tables-lr must not be negative")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
+        if self.evals_per_epoch <= 0:
+            raise ConfigError("--evals-per-epoch must be positive")
+        if self.select_on not in SELECT_ON:
+            raise ConfigError(f"--select-on must be one of {SELECT_ON}, got {self.select_on!r}")
+        if self.calibrate not in CALIBRATIONS:
+            raise ConfigError(
+                f"--calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}"
+            )
+        for name in ("patience", "eval_every", "steps", "min_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         return self

@@ -110,11 +110,3 @@ def ctr_metrics(
         "calibration": float(calibration) if positives > 0 else None,
         "rows": int(len(scores)),
     }
-
-
-def ranking_metrics(scores: torch.Tensor, k: int = 10) -> dict[str, float]:
-    """HR@k and NDCG@k where column 0 of ``scores`` [B, C] is the true item."""
-    rank = (scores[:, 1:] > scores[:, :1]).sum(dim=1)  # 0 = ranked first
-    hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), torch.zeros(()).double())
-    return {f"hr@{k}": float(hit.double().mean()), f"ndcg@{k}": float(ndcg.mean())}

@@ -16,7 +16,7 @@ from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data.schema import META_FILE
 from genctr_rec.data.synth import SynthConfig, generate
 from genctr_rec.data.validate import validate_dataset
-from genctr_rec.data.writer import atomic_write_json
+from genctr_rec.storage import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,14 @@ def run_pipeline(
     if not ctx.is_main:
         return summary
     summary["export"] = export_for_serving(workdir / f"finetune-{backbone}-ps_mi-s{seed}", workdir)
-    atomic_write_json(workdir / "summary.json", summary)
-    rows = [f"| model ({backbone}, seed {seed}) | test AUC | GAUC | LogLoss |", "|---|---|---|---|"]
+    write_json(workdir / "summary.json", summary)
+    rows = [
+        f"| model ({backbone}, seed {seed}) | test AUC | GAUC | LogLoss | calibration |",
+        "|---|---|---|---|---|",
+    ]
     for name, label in (("backbone", "backbone alone"), ("genctr", "GenCTR (PS+MI, CS+CD)")):
         r = results[name]
-        cells = [_figure(r[key], ".4f") for key in ("auc", "gauc", "logloss")]
+        cells = [_figure(r[key], ".4f") for key in ("auc", "gauc", "logloss", "calibration")]
         rows.append(f"| {label} | {' | '.join(cells)} |")
     print("\n".join(rows))
     print(

@@ -110,7 +110,94 @@ def write_bytes(path: Location, data: bytes) -> None:
 
 
 def write_json(path: Location, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    """The one JSON writer: whole (:func:`write_bytes`), indented, keys sorted."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_replaceable(
+    target: str | os.PathLike, overwrite: bool, marker: str | None = None
+) -> None:
+    """Refuse an existing ``target`` unless ``overwrite``; and even then, unless it holds
+    ``marker`` (the file our own tool writes there): --overwrite replaces what we wrote, never
+    a directory of the user's."""
+    target = location(target)
+    if not target.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    if marker is not None and not (target / marker).is_file():
+        raise FileExistsError(
+            f"{target} exists and has no {marker}: it was not written by genctr, so --overwrite "
+            "will not delete it; choose another path"
+        )
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Local: the complete directory ``new`` takes the name ``target``. An existing ``target``
+    is renamed aside (``NAME.old``) first and deleted last, so a complete copy exists at every
+    instant (``checkpoint.recover_saved`` puts an aside copy back after a kill)."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_tree(source: Location, target: Location, last: str | None = None) -> None:
+    """Copy every file under ``source`` to ``target`` (local or object storage, either way);
+    the file named ``last`` (a manifest, meta.json) is written after every other one, so that a
+    reader requiring it never sees a partial copy."""
+    files = sorted(files_under(source), key=lambda p: (p.name == last, str(p)))
+    for file in files:
+        name = relative_name(file, source)
+        destination = target / name
+        if not is_remote(source) and is_remote(target):
+            target.fs.put_file(str(file), destination.path)
+        elif is_remote(source) and is_remote(target):
+            source.fs.copy(file.path, destination.path)
+        elif is_remote(source):
+            Path(destination).parent.mkdir(parents=True, exist_ok=True)
+            source.fs.get_file(file.path, str(destination))
+        else:
+            Path(destination).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, destination)
+
+
+@contextmanager
+def publish(
+    target: str | os.PathLike,
+    overwrite: bool = False,
+    marker: str | None = None,
+    last: str | None = None,
+) -> Iterator[Path]:
+    """The one way a directory appears (a dataset, an artifact): yields a local staging
+    directory that becomes ``target`` only if the block succeeds. On local disk it is renamed
+    into place (:func:`replace_dir`); on object storage, which has no rename, it is uploaded
+    with ``last`` (the file readers require: meta.json, a manifest) written last, and an old
+    copy loses its ``last`` first, so that it is never half old, half new. ``overwrite`` and
+    ``marker``: :func:`check_replaceable`. Outputs get the umask's permissions."""
+    destination = location(target)
+    check_replaceable(destination, overwrite, marker)
+    if is_remote(destination):
+        with tempfile.TemporaryDirectory(prefix="genctr-publish-") as staging:
+            yield Path(staging)
+            if last is not None:
+                (destination / last).unlink(missing_ok=True)
+            remove_tree(destination)
+            copy_tree(Path(staging), destination, last=last)
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        yield tmp
+        shared_permissions(tmp)  # mkdtemp's 0700 would hide it from other users
+        replace_dir(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_tree(path: Location) -> None:
@@ -152,20 +239,6 @@ def sha256(path: Location) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def upload_tree(source: Path, target: Location, last: str | None = None) -> None:
-    """Copy the files under local ``source`` to ``target``; the file named ``last`` (a manifest)
-    is written after every other one, so that a reader requiring it never sees a partial copy."""
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name == last)
-    for file in files:
-        destination = target / file.relative_to(source).as_posix()
-        if is_remote(target):
-            target.fs.put_file(str(file), destination.path)
-        else:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, destination)
 
 
 def safe_relative(name: str) -> str:

@@ -154,7 +154,11 @@ def test_selection_survives_an_undefined_validation_figure() -> None:
     """Fine-tuning selects by validation AUC: an undefined one never beats a defined one, and
     anything beats an undefined best (the newest model is kept until the figure means
     something)."""
-    from genctr_rec.training.loop import _improves
+    from genctr_rec.training.loop import Validation
 
-    assert _improves(None, None) and _improves(0.6, None) and _improves(0.7, 0.6)
-    assert not _improves(None, 0.6) and not _improves(0.5, 0.6)
+    auc = Validation(dict, "auc", 0, 3, lambda: None)
+    assert auc.improves(None, None) and auc.improves(0.6, None) and auc.improves(0.7, 0.6)
+    assert not auc.improves(None, 0.6) and not auc.improves(0.5, 0.6)
+    logloss = Validation(dict, "logloss", 0, 3, lambda: None, higher_is_better=False)
+    assert logloss.improves(0.5, 0.6) and not logloss.improves(0.7, 0.6)
+    assert logloss.improves(0.7, None) and not logloss.improves(None, 0.6)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from genctr_rec.calibration import Calibration
 from genctr_rec.checkpoint import write_manifest
 from genctr_rec.cli import main
 from genctr_rec.config import ConfigError
@@ -55,7 +56,9 @@ def test_fp32_predictor_scores_like_the_trained_model(
     batch = next(iter(reader))
     kjt = batch.sparse_features
     with torch.no_grad():
-        expected = torch.sigmoid(trained(*batch.model_inputs())).numpy()
+        # the artifact holds the run's Platt scaling: calibrated probabilities
+        logits = trained(*batch.model_inputs())
+        expected = Calibration.of_run(runs["genctr"]).probabilities(logits).numpy()
     offsets = kjt["hist_item_ids"].offsets()
     for i in range(40):
         start, stop = int(offsets[i]), int(offsets[i + 1])

@@ -67,8 +67,6 @@ def test_target_attention_equals_the_projected_form_with_empty_and_short_rows() 
 def test_one_query_decoder_equals_the_sdpa_block(heads: int, layers: int, conditional: bool):
     """g(s, c) through the projection-free one-query attention equals the decoder run on a
     one-query batch through SDPA, for every parameter's gradient too."""
-    from genctr_rec.models import decoder as decoder_module
-
     torch.manual_seed(0)
     decoder = GenerativeDecoder(16, 12, layers, heads, conditional=conditional)
     history = torch.randn(5, 11, 16, requires_grad=True)
@@ -76,12 +74,11 @@ def test_one_query_decoder_equals_the_sdpa_block(heads: int, layers: int, condit
     lengths = torch.tensor([11, 0, 4, 1, 7])
 
     def reference() -> torch.Tensor:
-        original = decoder_module._Block.one_query
-        decoder_module._Block.one_query = decoder_module._Block.one_query_sdpa
+        decoder.kernel = "sdpa"
         try:
             return decoder.forward_target_summed(history, lengths, targets)
         finally:
-            decoder_module._Block.one_query = original
+            decoder.kernel = "projection_free"
 
     _assert_same(
         decoder,

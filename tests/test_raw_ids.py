@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from genctr_rec.calibration import Calibration
 from genctr_rec.cli import main
 from genctr_rec.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data.id_maps import ID_MAPS_DIR, IdMap, IdMaps, build_maps, write_dense_view
@@ -176,7 +177,8 @@ def test_served_raw_ids_score_as_the_trained_model(twins, raw_run, tmp_path) -> 
     view = ImpressionReader(cfg.reads, "test", 64, shuffle=False, features=schema)
     batch = next(iter(view))
     with torch.no_grad():
-        expected = torch.sigmoid(trained(*batch.model_inputs())).numpy()
+        # the artifact holds the run's Platt scaling: calibrated probabilities
+        expected = Calibration.of_run(raw_run).probabilities(trained(*batch.model_inputs())).numpy()
     table = pq.read_table(raw / "test").slice(0, 64).to_pydict()
     names = [f.name for f in schema.of("impression")]
     requests = [

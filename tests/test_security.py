@@ -355,13 +355,13 @@ def test_a_prefix_only_credential_can_reach_its_prefix(s3, monkeypatch) -> None:
 def test_outputs_are_readable_by_other_users(tmp_path) -> None:
     """Datasets, artifacts and small files come out with the permissions the umask gives any
     new file (0755 / 0644 under 022), not mkdtemp's 0700 or mkstemp's 0600."""
-    from genctr_rec.data.writer import atomic_directory, atomic_write_text
+    from genctr_rec.storage import publish, write_bytes
 
     old = os.umask(0o022)
     try:
-        with atomic_directory(tmp_path / "out") as tmp:
+        with publish(tmp_path / "out") as tmp:
             (tmp / "a.txt").write_text("x")
-        atomic_write_text(tmp_path / "note.json", "{}")
+        write_bytes(tmp_path / "note.json", b"{}")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

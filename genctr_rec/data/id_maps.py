@@ -308,14 +308,11 @@ def write_dense_view(
     """``data`` with its raw ids replaced by rows, as a dataset in the dense public format at
     ``out``: written whole under a temporary name (object storage: meta.json last), row group
     by row group (memory stays flat; the row groups, which ranks split on, are the source's)."""
-    from genctr_rec.data.writer import atomic_directory, dataset_destination
+    from genctr_rec.storage import publish
 
     source = location(data)
     translate = Translator(meta, maps)
-    with (
-        dataset_destination(out, True, META_FILE) as local,
-        atomic_directory(local, True, META_FILE) as tmp,
-    ):
+    with publish(out, overwrite=True, marker=META_FILE, last=META_FILE) as tmp:
         relatives = [ITEMS_FILE] + [
             f"{split}/{p.name}"
             for split in (*SPLITS, VALID_SPLIT, SEQUENCES_DIR)

@@ -42,7 +42,8 @@ from genctr_rec.data.schema import (
     DataFormatError,
     DatasetMeta,
 )
-from genctr_rec.data.writer import PartitionWriter, atomic_directory
+from genctr_rec.data.writer import DatasetCut, PartitionWriter
+from genctr_rec.storage import location, publish
 
 logger = logging.getLogger(__name__)
 
@@ -326,21 +327,6 @@ def _side_features(
     return user_cols, item_cols, specs, vocab
 
 
-@dataclass
-class _Period:
-    """One dataset cut from the ratings: ``[train_from, test_from)`` trains it,
-    ``[test_from, test_until)`` tests it; movies and users below ``num_items`` / ``num_users``
-    are its catalogue."""
-
-    directory: Path
-    train_from: int
-    test_from: int
-    test_until: int
-    num_items: int
-    num_users: int
-    extra: dict = field(default_factory=dict)
-
-
 def _first_seen(index: np.ndarray, ts: np.ndarray, size: int) -> np.ndarray:
     """New id of each of ``size`` entities, numbered in order of first appearance in time."""
     first = np.full(size, np.iinfo(np.int64).max)
@@ -365,9 +351,9 @@ def convert(
     split_time = int(order_ts[int(len(order_ts) * (1 - test_fraction))])
     if split_time <= order_ts[0]:
         raise DataFormatError(source_name, "cannot split by time: too few distinct timestamps")
-    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
+    with publish(out, overwrite, marker=META_FILE, last=META_FILE) as tmp:
         end = np.iinfo(np.int64).max
-        period = _Period(tmp, 0, split_time, end, 0, 0, {"test_fraction": test_fraction})
+        period = DatasetCut(tmp, 0, split_time, end, 0, 0, {"test_fraction": test_fraction})
         return _write(ratings, [period], max_history, source_name, by_appearance=False)[0]
 
 
@@ -387,9 +373,6 @@ def convert_days(
     and ids are stable across days."""
     from contextlib import ExitStack
 
-    from genctr_rec.data.writer import dataset_destination
-    from genctr_rec.storage import location
-
     if days < 1 or window < 1:
         raise ValueError("--days and --window must be at least 1")
     ts = np.sort(ratings.timestamp)
@@ -404,11 +387,10 @@ def convert_days(
         periods = []
         for k in range(days):
             target = location(out) / f"day-{k:02d}"
-            local = stack.enter_context(dataset_destination(target, overwrite, META_FILE))
-            tmp = stack.enter_context(atomic_directory(local, overwrite, META_FILE))
+            tmp = stack.enter_context(publish(target, overwrite, META_FILE, last=META_FILE))
             before = ratings.timestamp < cuts[k + 2]
             periods.append(
-                _Period(
+                DatasetCut(
                     tmp,
                     cuts[max(0, k + 1 - window)],
                     cuts[k + 1],
@@ -423,7 +405,7 @@ def convert_days(
 
 def _write(
     ratings: Ratings,
-    periods: list[_Period],
+    periods: list[DatasetCut],
     max_history: int,
     source_name: str,
     by_appearance: bool,

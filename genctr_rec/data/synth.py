@@ -49,8 +49,9 @@ from genctr_rec.data.schema import (
     SEQUENCE_SCHEMA,
     DatasetMeta,
 )
-from genctr_rec.data.writer import PartitionWriter, atomic_directory
+from genctr_rec.data.writer import DatasetCut, PartitionWriter
 from genctr_rec.progress import Progress
+from genctr_rec.storage import location, publish
 
 logger = logging.getLogger(__name__)
 
@@ -559,20 +560,6 @@ def _sequence_table(clicks: dict[str, np.ndarray], split_time: int) -> pa.Table:
     )
 
 
-@dataclass
-class _Split:
-    """One dataset the simulation feeds: impressions in ``[train_from, test_from)`` train it,
-    ``[test_from, test_until)`` test it, clicks before ``test_from`` are its sequences."""
-
-    directory: Path
-    train_from: int
-    test_from: int
-    test_until: int
-    num_items: int
-    num_users: int
-    extra: dict
-
-
 def user_birth_days(cfg: SynthConfig) -> np.ndarray:
     """Each user's first day (non-decreasing in the id), from its own stream; all 0 in a static
     world."""
@@ -587,8 +574,8 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Data
     """Simulate and write a dataset directory atomically: the last day is the test split.
     Returns its metadata."""
     split_time = (cfg.days - 1) * DAY
-    with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
-        split = _Split(tmp, 0, split_time, np.iinfo(np.int64).max, cfg.num_items, cfg.num_users, {})
+    with publish(out, overwrite, marker=META_FILE, last=META_FILE) as tmp:
+        split = DatasetCut(tmp, 0, split_time, np.iinfo(np.int64).max, cfg.num_items, cfg.num_users)
         return _simulate(cfg, [split])[0]
 
 
@@ -624,9 +611,6 @@ def generate_days(
     published atomically; a day already there is replaced only with ``overwrite``."""
     from contextlib import ExitStack
 
-    from genctr_rec.data.writer import dataset_destination
-    from genctr_rec.storage import location
-
     if days < 1 or window < 1:
         raise ValueError("--days and --window must be at least 1")
     cfg.days = days + 1
@@ -640,13 +624,10 @@ def generate_days(
         splits = []
         for k in range(days):
             target = location(out) / f"day-{k:02d}"
-            local = stack.enter_context(dataset_destination(target, overwrite, META_FILE))
-            tmp = stack.enter_context(
-                atomic_directory(local, overwrite=overwrite, marker=META_FILE)
-            )
+            tmp = stack.enter_context(publish(target, overwrite, META_FILE, last=META_FILE))
             live = (catalogue.born <= k) & (catalogue.retired > k)
             splits.append(
-                _Split(
+                DatasetCut(
                     tmp,
                     max(0, k + 1 - window) * DAY,
                     (k + 1) * DAY,
@@ -667,7 +648,7 @@ def generate_days(
         return _simulate(cfg, splits)
 
 
-def _simulate(cfg: SynthConfig, splits: list[_Split]) -> list[DatasetMeta]:
+def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
     """Simulate every user once and write each split's rows; returns each split's metadata."""
     import pyarrow.parquet as pq
 

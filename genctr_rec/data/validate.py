@@ -77,11 +77,6 @@ def _track_time(summary: SplitSummary, ts: np.ndarray) -> None:
         summary.max_ts = hi if summary.max_ts is None else max(summary.max_ts, hi)
 
 
-def read_item_categories(data_dir: Path, meta: DatasetMeta) -> np.ndarray:
-    """The category of every item id from ``items.parquet``, checked dense and in range."""
-    return read_item_catalogue(data_dir, meta, []).categories
-
-
 def _validate_impressions(
     path: Path, meta: DatasetMeta, item_category: np.ndarray, summary: SplitSummary
 ) -> None:

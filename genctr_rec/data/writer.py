@@ -1,24 +1,17 @@
-"""Atomic dataset output: everything is written under a temporary name, then renamed.
+"""Parquet output of the dataset recipes: bounded files written row group by row group.
 
-A dataset recipe that fails half-way (bad source file, full disk, Ctrl-C) leaves nothing
-behind, and an existing dataset is replaced only once the new one is complete.
+A recipe writes into the staging directory of ``storage.publish``, so that one that fails
+half-way (bad source file, full disk, Ctrl-C) leaves nothing behind and an existing dataset is
+replaced only once the new one is complete.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from genctr_rec.storage import shared_permissions
 
 # Low-cardinality columns only: dictionary pages for million-item id columns cost decode time.
 DICTIONARY_COLUMNS = [
@@ -30,61 +23,20 @@ DICTIONARY_COLUMNS = [
 ]
 
 
-def check_replaceable(target: str | Path, overwrite: bool, marker: str | None = None) -> None:
-    """Refuse an existing ``target`` unless ``overwrite``; and even then, unless it holds
-    ``marker`` (the file our own tool writes there): --overwrite replaces what we wrote, never
-    a directory of the user's."""
-    from genctr_rec.storage import location
+@dataclass
+class DatasetCut:
+    """One dataset a recipe writes from a longer log: events in ``[train_from, test_from)`` train
+    it, ``[test_from, test_until)`` test it (and events before ``test_from`` make its
+    sequences); ids below ``num_items`` / ``num_users`` are its catalogue; ``extra`` goes to
+    its card. A static recipe writes one cut, a ``--days`` recipe one per day."""
 
-    target = location(target)
-    if not target.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    if marker is not None and not (target / marker).is_file():
-        raise FileExistsError(
-            f"{target} exists and has no {marker}: it was not written by genctr, so --overwrite "
-            "will not delete it; choose another path"
-        )
-
-
-@contextmanager
-def atomic_directory(
-    target: str | Path, overwrite: bool = False, marker: str | None = None
-) -> Iterator[Path]:
-    """Yield a temporary sibling directory that becomes ``target`` only if the block succeeds
-    (``marker``: see :func:`check_replaceable`)."""
-    target = Path(target)
-    check_replaceable(target, overwrite, marker)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        shared_permissions(tmp)  # mkdtemp's 0700 would hide it from other users
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file under a temporary name in the same directory, then rename it (on
-    object storage: one PUT, which is all or nothing by itself)."""
-    from genctr_rec.storage import location, make_dirs, write_bytes
-
-    target = location(path)
-    make_dirs(target.parent)
-    write_bytes(target, text.encode())
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    directory: Path
+    train_from: int
+    test_from: int
+    test_until: int
+    num_items: int
+    num_users: int
+    extra: dict = field(default_factory=dict)
 
 
 class PartitionWriter:
@@ -145,23 +97,3 @@ class PartitionWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextmanager
-def dataset_destination(out: str | Path, overwrite: bool, marker: str) -> Iterator[Path]:
-    """Where a dataset recipe writes: ``out`` itself on local disk (the recipe renames into
-    place); for a URL, a local staging directory uploaded when the recipe succeeds, ``marker``
-    (meta.json) last, so a reader never takes a partial upload for a dataset."""
-    from genctr_rec.storage import is_url, location, remove_tree, upload_tree
-
-    if not is_url(out):
-        yield Path(out)
-        return
-    target = location(out)
-    check_replaceable(target, overwrite, marker)
-    with tempfile.TemporaryDirectory(prefix="genctr-dataset-") as staging:
-        local = Path(staging) / "dataset"
-        yield local
-        (target / marker).unlink(missing_ok=True)
-        remove_tree(target)
-        upload_tree(local, target, last=marker)

@@ -32,6 +32,7 @@ PACKED_MIN_HISTORY = 768
 # Under bf16, padded attention (SDPA's fused kernels) is fast enough that packing pays only at
 # the longest caps measured (4000), not at 1000.
 PACKED_MIN_HISTORY_BF16 = 2048
+ONE_QUERY_KERNELS = ("projection_free", "sdpa")  # GenerativeDecoder(kernel=...)
 
 
 def choose_layout(
@@ -286,6 +287,10 @@ class GenerativeDecoder(nn.Module):
             history cap: :meth:`padded_width`; the baseline of ``benchmarks/decoder_cost.py``),
             ``groups`` (``*_jagged`` methods) or ``packed``
             (``*_packed`` methods). Same outputs every way.
+        kernel: how the padded and grouped layouts attend with one query a row (g(s, c)):
+            ``projection_free`` (:meth:`_Attention.one_query`, the default) or ``sdpa`` (the
+            reference: :meth:`_Block.one_query_sdpa`, the memory projected, then SDPA).
+            Same outputs either way; an attribute, so a test or benchmark may switch it.
     """
 
     def __init__(
@@ -297,9 +302,13 @@ class GenerativeDecoder(nn.Module):
         conditional: bool = True,
         dropout: float = 0.0,
         layout: str = "auto",
+        kernel: str = "projection_free",
     ) -> None:
         super().__init__()
         choose_layout(layout, torch.device("cpu"), "pretrain")  # reject an unknown name now
+        if kernel not in ONE_QUERY_KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; choose from {ONE_QUERY_KERNELS}")
+        self.kernel = kernel
         self.dim = dim
         self.layout = layout
         self.dropout = dropout
@@ -387,7 +396,9 @@ class GenerativeDecoder(nn.Module):
     ) -> torch.Tensor:
         """The blocks; ``one_query``: queries [B, D], one a row (:meth:`_Block.one_query`)."""
         for i, block in enumerate(self.blocks):
-            if one_query:
+            if one_query and self.kernel == "sdpa":
+                queries = block.one_query_sdpa(queries, memory, mask)
+            elif one_query:
                 queries = block.one_query(queries, memory, mask)
             else:
                 queries = block(queries, memory, mask, causal)

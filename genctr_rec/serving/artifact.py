@@ -41,20 +41,18 @@ from genctr_rec.data.catalogue import ItemCatalogue
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.id_maps import IdMap, IdMaps
 from genctr_rec.data.stream import Jagged
-from genctr_rec.data.writer import atomic_directory, check_replaceable
 from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.exported import CompiledModel, load_package
 from genctr_rec.storage import (
     cache_dir,
     download_files,
     file_lock,
-    is_remote,
     is_url,
     location,
-    remove_tree,
+    publish,
+    replace_dir,
     safe_relative,
     shared_permissions,
-    upload_tree,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,22 +98,12 @@ def write_artifact(
     overwrite: bool = False,
     id_maps: IdMaps | None = None,
 ) -> None:
-    """Write the artifact's files (``model_file`` copied in under its name) under a temporary
-    name with their manifest, then rename. On object storage: written locally, then uploaded
-    with the manifest last (a reader requires it); an artifact replaced there loses its
-    manifest first, so it is never half old, half new."""
+    """Write the artifact's files (``model_file`` copied in under its name) with their
+    manifest, published whole (``storage.publish``: renamed into place, or on object storage
+    uploaded with the manifest last)."""
     metadata = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **metadata}
-    target = location(out)
-    if is_remote(target):
-        check_replaceable(target, overwrite, META_FILE)
-        with tempfile.TemporaryDirectory(prefix="genctr-artifact-") as local:
-            _write_files(Path(local), model_file, catalogue, metadata, id_maps)
-            (target / MANIFEST).unlink(missing_ok=True)
-            remove_tree(target)
-            upload_tree(Path(local), target, last=MANIFEST)
-    else:
-        with atomic_directory(out, overwrite=overwrite, marker=META_FILE) as tmp:
-            _write_files(tmp, model_file, catalogue, metadata, id_maps)
+    with publish(out, overwrite, marker=META_FILE, last=MANIFEST) as tmp:
+        _write_files(tmp, model_file, catalogue, metadata, id_maps)
     logger.info("wrote %s", out)
 
 
@@ -165,9 +153,7 @@ def fetch_artifact(url: str) -> Path:
             download_files(source, names, staging)
             (staging / MANIFEST).write_bytes(expected)
             shared_permissions(staging)
-            if cached.exists():  # a copy that lost its manifest (a disk error): set aside
-                os.replace(cached, root / f".{key}.broken-{os.getpid()}")
-            os.replace(staging, cached)
+            replace_dir(staging, cached)  # a copy there lost its manifest (a disk error)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s: downloaded to %s", url, cached)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from genctr_rec import __version__
+from genctr_rec.calibration import Calibration
 from genctr_rec.checkpoint import load_model
 from genctr_rec.compat import installed_stack
 from genctr_rec.config import ConfigError, RunConfig, absolute_location
@@ -36,7 +37,6 @@ from genctr_rec.data.keys import (
 )
 from genctr_rec.data.reader import ImpressionBatch, ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
-from genctr_rec.data.writer import check_replaceable
 from genctr_rec.factory import build_stage_model, feature_schema
 from genctr_rec.metrics import ctr_metrics
 from genctr_rec.models.ctr import CTRModel
@@ -58,7 +58,7 @@ from genctr_rec.serving.exported import (
     write_package,
 )
 from genctr_rec.serving.model import RequestTensors, build_serving_model
-from genctr_rec.storage import location
+from genctr_rec.storage import check_replaceable, location
 
 logger = logging.getLogger(__name__)
 FP32_TOLERANCE = 1e-5
@@ -110,16 +110,20 @@ def compare_on_split(
     split: str = "test",
     batch_size: int = 2048,
     features: FeatureSchema | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
-    """Both models' probabilities on every impression of ``split``: largest difference and
+    """Both models' probabilities on every impression of ``split`` (the trained model's
+    through the run's ``calibration``, which the served one holds): largest difference and
     each model's AUC / GAUC / LogLoss."""
+    calibration = calibration or Calibration()
     reader = ImpressionReader(
         data, split, batch_size, shuffle=False, max_history=max_history, features=features
     )
     ours, theirs, labels, users = [], [], [], []
     with Progress(f"export check on {split}", len(reader), "batch") as progress:
         for batch in reader:
-            theirs.append(torch.sigmoid(trained(*batch.model_inputs())).double().numpy())
+            logits = trained(*batch.model_inputs()).double()
+            theirs.append(calibration.probabilities(logits).numpy())
             ours.append(served(*impressions_as_requests(batch).args()).double().numpy())
             labels.append(batch.labels.numpy())
             users.append(batch.user_ids.numpy())
@@ -170,6 +174,7 @@ def export_run(
             f"trained on {cfg.num_items} / {cfg.num_categories}"
         )
     schema = feature_schema(cfg)
+    calibration = Calibration.of_run(run)
     metadata: dict[str, Any] = {
         "genctr_rec": __version__,
         "stack": installed_stack(),
@@ -187,13 +192,16 @@ def export_run(
         "default_rows": True,  # row num_items / num_categories / vocab_size: unknown ids
         "quantize": quantize,
         "raw_ids": cfg.raw_ids,
+        "calibration": calibration.to_json(),  # applied inside the model
     }
     with tempfile.TemporaryDirectory(prefix="genctr-export-") as staging:
         model_file, compiled, sizes = _compile(
             trained, quantize, schema, data, cfg.max_history, metadata, Path(staging), fmt,
-            compile_aoti,
+            compile_aoti, calibration,
         )  # fmt: skip
-        parity = compare_on_split(trained, compiled, data, cfg.max_history, features=schema)
+        parity = compare_on_split(
+            trained, compiled, data, cfg.max_history, features=schema, calibration=calibration
+        )
         _check_parity(parity, sizes, quantize, data)
         metadata["parity"] = parity
         metadata["export_seconds"] = round(time.time() - started, 2)
@@ -214,17 +222,19 @@ def _compile(
     staging: Path,
     fmt: str,
     compile_aoti: str,
+    calibration: Calibration,
 ) -> tuple[Path, CompiledModel, dict[str, int]]:
     """The model file of the artifact, written into ``staging``, and the model loaded back
     from it (what the parity check runs: the artifact as it will be served)."""
+    scale_bias = (calibration.scale, calibration.bias)
     if fmt == "torchscript":
         from genctr_rec.serving.torchscript import build_serving_model as script
         from genctr_rec.serving.torchscript import compiled_model, save
 
-        served, sizes = script(trained, quantize, schema)
+        served, sizes = script(trained, quantize, schema, scale_bias)
         metadata["model"] = {"format": "torchscript", "file": LEGACY_MODEL_FILE}
         return save(served, staging / LEGACY_MODEL_FILE), compiled_model(served), sizes
-    serving, sizes = build_serving_model(trained, quantize, schema)
+    serving, sizes = build_serving_model(trained, quantize, schema, scale_bias)
     reader = ImpressionReader(
         data, "test", 64, shuffle=False, max_history=max_history, features=schema
     )

@@ -215,6 +215,21 @@ def load_package(path: Path, metadata: dict[str, Any], compiled: str = "auto") -
     )
 
 
+def _history_at_least_two(
+    hist_items: torch.Tensor, hist_cats: torch.Tensor, *per_request: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Histories padded to two slots (masked by the lengths) and two requests (the last one
+    repeated, with its ``per_request`` tensors): export specialises sizes 0 and 1."""
+    if hist_items.shape[1] < 2:
+        width = 2 - hist_items.shape[1]
+        hist_items = torch.cat([hist_items, hist_items.new_zeros(hist_items.shape[0], width)], 1)
+        hist_cats = torch.cat([hist_cats, hist_cats.new_zeros(hist_cats.shape[0], width)], 1)
+    if hist_items.shape[0] < 2:
+        hist_items, hist_cats = _repeat_last(hist_items), _repeat_last(hist_cats)
+        per_request = tuple(_repeat_last(t) for t in per_request)
+    return (hist_items, hist_cats, *per_request)
+
+
 def at_least_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """``score``'s inputs (``g`` optional) padded to at least two requests, two candidates and
     two history slots: the extra request repeats the last one, the extra candidate the last one
@@ -223,13 +238,9 @@ def at_least_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         :10
     ]
     rest = list(args[10:])
-    if hist_items.shape[1] < 2:
-        width = 2 - hist_items.shape[1]
-        hist_items = torch.cat([hist_items, hist_items.new_zeros(hist_items.shape[0], width)], 1)
-        hist_cats = torch.cat([hist_cats, hist_cats.new_zeros(hist_cats.shape[0], width)], 1)
-    if hist_items.shape[0] < 2:
-        hist_items, hist_cats = _repeat_last(hist_items), _repeat_last(hist_cats)
-        hist_lengths, query = _repeat_last(hist_lengths), _repeat_last(query)
+    hist_items, hist_cats, hist_lengths, query = _history_at_least_two(
+        hist_items, hist_cats, hist_lengths, query
+    )
     n = items.shape[0]
     if n < 2:
         items, cats, rows, dense = (_repeat_last(t) for t in (items, cats, rows, dense))
@@ -252,13 +263,7 @@ def at_least_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 def _contexts_at_least_two(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     hist_items, hist_cats, hist_lengths, rows, categories = args
-    if hist_items.shape[1] < 2:
-        width = 2 - hist_items.shape[1]
-        hist_items = torch.cat([hist_items, hist_items.new_zeros(hist_items.shape[0], width)], 1)
-        hist_cats = torch.cat([hist_cats, hist_cats.new_zeros(hist_cats.shape[0], width)], 1)
-    if hist_items.shape[0] < 2:
-        hist_items, hist_cats = _repeat_last(hist_items), _repeat_last(hist_cats)
-        hist_lengths = _repeat_last(hist_lengths)
+    hist_items, hist_cats, hist_lengths = _history_at_least_two(hist_items, hist_cats, hist_lengths)
     if rows.shape[0] < 2:
         rows, categories = _repeat_last(rows), _repeat_last(categories)
     return hist_items, hist_cats, hist_lengths, rows, categories

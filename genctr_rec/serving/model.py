@@ -240,6 +240,7 @@ class ServingModel(nn.Module):
         context: nn.Module,
         head: nn.Module,
         num_categories: int,
+        calibration: tuple[float, float] = (1.0, 0.0),
     ) -> None:
         super().__init__()
         self.lookup = lookup
@@ -247,6 +248,8 @@ class ServingModel(nn.Module):
         self.context = context
         self.head = head
         self.num_categories = num_categories
+        # the run's Platt scaling (calibration.py): p = sigmoid(scale * logit + bias)
+        self.register_buffer("calibration", torch.tensor(calibration, dtype=torch.float32))
 
     def _history(
         self,
@@ -305,7 +308,7 @@ class ServingModel(nn.Module):
         logits = self.head(
             t_items, cats[:n], cats[n:], h_items, h_cats, hist_lengths, cand_rows, g, side, dense
         )
-        return torch.sigmoid(logits)
+        return torch.sigmoid(logits * self.calibration[0] + self.calibration[1])
 
     def forward(
         self,
@@ -397,10 +400,14 @@ def table_bytes(module: nn.Module) -> int:
 
 
 def build_serving_model(
-    model: CTRModel, quantize: str = "none", schema: FeatureSchema | None = None
+    model: CTRModel,
+    quantize: str = "none",
+    schema: FeatureSchema | None = None,
+    calibration: tuple[float, float] = (1.0, 0.0),
 ) -> tuple[ServingModel, dict[str, int]]:
     """The serving model of an unsharded trained model (eager, ready for ``torch.export``) and
-    its tables' sizes in bytes (``fp32``, and ``served`` after quantisation)."""
+    its tables' sizes in bytes (``fp32``, and ``served`` after quantisation); ``calibration``
+    is the run's (scale, bias), applied to the logits in the graph."""
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     weights = table_weights(model)
@@ -417,7 +424,12 @@ def build_serving_model(
         copy.deepcopy(model.dense_norm),
     )
     serving = ServingModel(
-        lookup, side, ContextNet(copy.deepcopy(model.decoder)), head, categories.shape[0]
+        lookup,
+        side,
+        ContextNet(copy.deepcopy(model.decoder)),
+        head,
+        categories.shape[0],
+        calibration,
     )
     sizes = {"fp32": fp32, "served": table_bytes(lookup) + table_bytes(side)}
     return serving.eval(), sizes

@@ -143,7 +143,10 @@ def _script(module: nn.Module) -> torch.jit.ScriptModule:
 
 
 def build_serving_model(
-    model: CTRModel, quantize: str = "none", schema: FeatureSchema | None = None
+    model: CTRModel,
+    quantize: str = "none",
+    schema: FeatureSchema | None = None,
+    calibration: tuple[float, float] = (1.0, 0.0),
 ) -> tuple[torch.jit.ScriptModule, dict[str, int]]:
     """Compile an unsharded trained model; returns it and the table sizes in bytes
     (``fp32`` before and ``served`` after quantisation)."""
@@ -180,7 +183,7 @@ def build_serving_model(
     parts = [lookup, features, ContextNet(decoder), head]
     for part in parts:
         part.eval()
-    serving = ServingModel(*(_script(p) for p in parts), num_categories + 1)
+    serving = ServingModel(*(_script(p) for p in parts), num_categories + 1, calibration)
     for entry in ("contexts", "score"):  # scripted beside forward (a marker on the method)
         torch.jit.export(getattr(ServingModel, entry))
     return torch.jit.script(serving.eval()), sizes

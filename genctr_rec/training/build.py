@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from genctr_rec.checkpoint import load_state, save_model
-from genctr_rec.config import RunConfig
+from genctr_rec.config import TRANSFER_PREFIXES, RunConfig
 from genctr_rec.distributed import DistContext
 from genctr_rec.factory import build_stage_model
 from genctr_rec.training.sharding import (
@@ -46,6 +46,24 @@ class BuiltModel:
     optimizer: CombinedOptimizer
     embedding_optimizer: str
     embedding_lr: float
+    base_lrs: list[float] = field(default_factory=list)  # every param group's, as configured
+
+    def __post_init__(self) -> None:
+        self.base_lrs = [float(g["lr"]) for g in self._param_groups()]
+
+    def _param_groups(self) -> list[dict]:
+        fused = getattr(self.dmp, "fused_optimizer", None)
+        groups = list(fused.param_groups) if fused is not None else []
+        return groups + list(self.dense_optimizer.param_groups)
+
+    def scale_learning_rates(self, scale: float) -> None:
+        """Every learning rate at ``scale`` times the configured one (plateau decay, resume).
+        The fused table kernels read the rate in their optimizer's ``zero_grad``/``step``."""
+        for group, base in zip(self._param_groups(), self.base_lrs, strict=True):
+            group["lr"] = base * scale
+        fused = getattr(self.dmp, "fused_optimizer", None)
+        if fused is not None:
+            fused.zero_grad()
 
     def app_state(self) -> dict:
         """Everything DCP saves and loads: model and optimizer state, keyed by name."""
@@ -88,10 +106,11 @@ def _post_backward_optimizer(
     embedding_lr: float,
     lr: float,
     decoder_lr: float,
+    table_lrs: dict[str, float],
 ) -> KeyedOptimizer:
     """Adam for the dense layers (an inherited decoder at ``decoder_lr``); replicated tables
     (DDP all-reduces their gradient, so they cannot step inside the backward) keep the
-    tables' own optimizer and learning rate."""
+    tables' own optimizer and learning rate (``table_lrs`` by table module name)."""
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     tables = {k: v for k, v in params.items() if k.startswith(TABLES_PREFIX)}
     dense = {k: v for k, v in params.items() if k not in tables}
@@ -99,10 +118,29 @@ def _post_backward_optimizer(
     if not tables:
         return adam
     table_optimizer = FUSED_OPTIMIZERS[embedding_optimizer]
-    replicated = KeyedOptimizerWrapper(
-        tables, lambda group: table_optimizer(group, lr=embedding_lr)
-    )
+
+    def rate(key: str) -> float:
+        return table_lrs.get(key[len(TABLES_PREFIX) :].split(".")[0], embedding_lr)
+
+    def by_rate(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        names = {id(v): k for k, v in tables.items()}
+        rates = sorted({rate(names[id(p)]) for p in params})
+        groups = [
+            {"params": [p for p in params if rate(names[id(p)]) == r], "lr": r} for r in rates
+        ]
+        return table_optimizer(groups, lr=embedding_lr)
+
+    replicated = KeyedOptimizerWrapper(tables, by_rate)
     return CombinedOptimizer([("replicated", replicated), ("", adam)])
+
+
+def inherited_table_lrs(cfg: RunConfig) -> dict[str, float]:
+    """The item and category tables' own rate where fine-tuning inherits them
+    (``--inherited-tables-lr``; 0 freezes them, GPSD's frozen sparse transfer)."""
+    rate = cfg.train.inherited_tables_lr
+    if cfg.stage != "finetune" or rate is None or cfg.transfer not in TRANSFER_PREFIXES:
+        return {}
+    return {"item": rate, "category": rate}
 
 
 def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
@@ -112,11 +150,14 @@ def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
     embeddings = model.embeddings
     opt_name = cfg.train.resolved_embedding_optimizer(ctx.device)
     emb_lr = cfg.train.resolved_embedding_lr(ctx.device)
-    apply_fused_optimizer(embeddings.tables, opt_name, emb_lr)
+    table_lrs = inherited_table_lrs(cfg)
+    apply_fused_optimizer(embeddings.tables, opt_name, emb_lr, table_lrs)
     defaults = default_sharding(embeddings.tables, ctx.world_size, cfg.train.replicate_max_mb)
     sharding = {**defaults, **cfg.train.sharding}
     dmp = shard_model(model, ctx, cfg.train.batch_size, sharding)
     decoder_lr = cfg.train.lr if cfg.train.decoder_lr is None else cfg.train.decoder_lr
-    dense_optimizer = _post_backward_optimizer(dmp, opt_name, emb_lr, cfg.train.lr, decoder_lr)
+    dense_optimizer = _post_backward_optimizer(
+        dmp, opt_name, emb_lr, cfg.train.lr, decoder_lr, table_lrs
+    )
     combined = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense_optimizer)])
     return BuiltModel(dmp, dense_optimizer, combined, opt_name, emb_lr)

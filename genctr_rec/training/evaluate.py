@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genctr_rec.calibration import Calibration, fit_platt
 from genctr_rec.checkpoint import load_model
 from genctr_rec.config import ConfigError, RunConfig
 from genctr_rec.data.features import FeatureSchema
@@ -22,6 +23,26 @@ from genctr_rec.training.build import build_model
 
 
 @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (pytorch #86830)
+def collect_logits(dmp, reader: ImpressionReader, ctx: DistContext, split: str) -> dict:
+    """This rank's logits, labels and user ids over ``reader`` (from its first row)."""
+    model = dmp.module
+    model.eval()
+    reader.set_epoch(0)
+    logits, labels, users = [], [], []
+    with Progress(f"evaluate {split}", len(reader), "batch", ctx.is_main) as progress:
+        for batch in reader:
+            logits.append(dmp(*batch.to(ctx.device).model_inputs()).double().cpu().numpy())
+            labels.append(batch.labels.numpy())
+            users.append(batch.user_ids.numpy())
+            progress.update(1, batch.batch_size * ctx.world_size)
+    model.train()
+    return {
+        "logits": np.concatenate(logits),
+        "labels": np.concatenate(labels),
+        "users": np.concatenate(users),
+    }
+
+
 def evaluate_ctr(
     dmp,
     data: str | Path,
@@ -32,30 +53,29 @@ def evaluate_ctr(
     features: FeatureSchema | None = None,
     time_range: TimeRange | None = None,
     reader: ImpressionReader | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, float]:
-    """AUC, GAUC, LogLoss of the (sharded) model on ``split`` (rows within ``time_range``).
-    ``reader``: a reader built once for repeated evaluations (validation), reused from its
-    first row; otherwise one is built from the other arguments."""
-    model = dmp.module
-    model.eval()
+    """AUC, GAUC, LogLoss of the (sharded) model on ``split`` (rows within ``time_range``),
+    its scores passed through ``calibration`` when given. ``reader``: a reader built once for
+    repeated evaluations (validation), reused from its first row; otherwise one is built from
+    the other arguments."""
     if reader is None:
         reader = eval_reader(data, split, batch_size, ctx, max_history, features, time_range)
-    reader.set_epoch(0)
-    scores, labels, users = [], [], []
-    with Progress(f"evaluate {split}", len(reader), "batch", ctx.is_main) as progress:
-        for batch in reader:
-            logits = dmp(*batch.to(ctx.device).model_inputs())
-            scores.append(torch.sigmoid(logits).double().cpu().numpy())
-            labels.append(batch.labels.numpy())
-            users.append(batch.user_ids.numpy())
-            progress.update(1, batch.batch_size * ctx.world_size)
-    model.train()
-    arrays = {
-        "scores": np.concatenate(scores),
-        "labels": np.concatenate(labels),
-        "users": np.concatenate(users),
-    }
-    return on_main(arrays, ctr_metrics)
+    arrays = collect_logits(dmp, reader, ctx, split)
+    scores = (calibration or Calibration()).probabilities(arrays.pop("logits"))
+    return on_main({"scores": scores, **arrays}, ctr_metrics)
+
+
+def fit_calibration(
+    dmp, reader: ImpressionReader, ctx: DistContext, fitted_on: str
+) -> Calibration:
+    """Collective: Platt scaling fitted on every rank's rows of ``reader`` (on rank 0, the
+    two numbers broadcast)."""
+    arrays = collect_logits(dmp, reader, ctx, "validation (calibration)")
+    return on_main(
+        {"logits": arrays["logits"], "labels": arrays["labels"]},
+        lambda logits, labels: fit_platt(logits, labels, fitted_on),
+    )
 
 
 def eval_reader(
@@ -101,7 +121,7 @@ def check_catalogue(cfg: RunConfig, data: str | Path) -> None:
 
 def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | None = None) -> dict:
     """Rebuild a fine-tuning run's model from its config, load its checkpoint, evaluate on
-    ``data``'s test split (the run's own dataset when None)."""
+    ``data``'s test split (the run's own dataset when None) with the run's calibration."""
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
@@ -117,4 +137,5 @@ def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | Non
         batch_size or cfg.train.batch_size,
         cfg.max_history,
         features=feature_schema(cfg),
+        calibration=Calibration.of_run(run),
     )

@@ -8,10 +8,14 @@
 | ``ps_decoder`` | yes, from scratch | the item and category tables |
 | ``ps_mi`` | yes | the tables and ``decoder.*`` (GenCTR: PS + model integration) |
 
-Validation (a ``valid/`` split, else the newest slice of train/) runs every ``eval_every`` steps
-and at each epoch end; the model with the best validation AUC is kept (``RUN/best``), training
-stops after ``patience`` validations without improvement, and that model becomes the run's
-``checkpoint/`` and is what the test figures describe.
+Validation (a ``valid/`` split, else the newest slice of train/) runs ``evals_per_epoch`` times
+an epoch (or every ``eval_every`` steps) and at each epoch end; the model with the best
+validation figure (``select_on``: AUC, or LogLoss) is kept (``RUN/best``); each validation without
+improvement multiplies the learning rates by ``lr_decay``, and training stops after ``patience``
+of them once ``min_epochs`` epochs are complete. The kept model becomes the run's
+``checkpoint/``; Platt scaling is fitted on the validation rows (``RUN/calibration.json``), and
+the test figures describe the calibrated scores (``metrics.json``'s ``test_uncalibrated``, the
+raw ones).
 """
 
 from __future__ import annotations
@@ -22,28 +26,33 @@ from typing import Any
 
 import torch.nn.functional as F
 
+from genctr_rec.calibration import Calibration
 from genctr_rec.checkpoint import load_model
 from genctr_rec.config import TRANSFER_PREFIXES, TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
 from genctr_rec.data.schema import DatasetMeta
 from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.statistics import resolve_features
-from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.factory import feature_schema
 from genctr_rec.logs import as_json
-from genctr_rec.storage import location
+from genctr_rec.storage import location, write_json
 from genctr_rec.training.build import build_model
 from genctr_rec.training.compiled import compile_dense_step
-from genctr_rec.training.evaluate import eval_reader, evaluate_ctr
-from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
+from genctr_rec.training.evaluate import eval_reader, evaluate_ctr, fit_calibration
+from genctr_rec.training.loop import (
+    Validation,
+    run_metrics,
+    train_run,
+    validation_every,
+    write_hparams,
+)
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
 from genctr_rec.training.warm_start import check_features, inherit, warm_start_model
 
 logger = logging.getLogger(__name__)
-EVALS_PER_EPOCH = 4  # validation cadence when --eval-every is 0
 BEST_DIR = "best"
 
 
@@ -144,7 +153,7 @@ def _train_and_test(
 
     validation = None
     if split.valid_split is not None:
-        every = cfg.train.eval_every or max(1, len(reader) // EVALS_PER_EPOCH)
+        every = validation_every(len(reader), cfg.train.eval_every, cfg.train.evals_per_epoch)
         valid_reader = eval_reader(
             cfg.reads,
             split.valid_split,
@@ -158,10 +167,13 @@ def _train_and_test(
             evaluate=lambda: evaluate_ctr(
                 dmp, cfg.reads, ctx, cfg.train.batch_size, cfg.max_history, reader=valid_reader
             ),
-            metric="auc",
+            metric=cfg.train.select_on,
             every_steps=every,
             patience=cfg.train.patience,
             save_best=lambda: built.save_selected(out / BEST_DIR),
+            higher_is_better=cfg.train.select_on != "logloss",
+            min_epochs=cfg.train.min_epochs,
+            lr_decay=cfg.train.lr_decay,
         )
         logger.info("validation: %s, every %d steps", split.describe(), every)
     history = train_run(
@@ -180,10 +192,34 @@ def _train_and_test(
         return None
     if history["best"] is not None:
         built.load_selected(out / BEST_DIR)
-    test = evaluate_ctr(
+    calibration = Calibration()
+    if validation is not None and cfg.train.calibrate == "platt":
+        calibration = fit_calibration(dmp, valid_reader, ctx, split.describe())
+        logger.info(
+            "calibration on validation: scale %.4f, bias %.4f (LogLoss %s -> %s)",
+            calibration.scale,
+            calibration.bias,
+            calibration.logloss_before,
+            calibration.logloss_after,
+        )
+    raw = evaluate_ctr(
         dmp, cfg.reads, ctx, cfg.train.batch_size, cfg.max_history, "test", features
     )
+    test = raw
+    if calibration.method != "none":
+        test = evaluate_ctr(
+            dmp,
+            cfg.reads,
+            ctx,
+            cfg.train.batch_size,
+            cfg.max_history,
+            "test",
+            features,
+            calibration=calibration,
+        )
     built.save_selected(out / "checkpoint")
+    if ctx.is_main:
+        calibration.write(out)
     metrics = {
         **run_metrics("finetune", history, built, ctx),
         "backbone": cfg.backbone,
@@ -192,10 +228,12 @@ def _train_and_test(
         "warm_start": cfg.warm_start,
         "loaded_tensors": len(loaded),
         "validation_split": split.describe(),
+        "calibration": calibration.to_json(),
         "test": test,
+        "test_uncalibrated": raw,
     }
     write_hparams(out, cfg, test, ctx)
     if ctx.is_main:
-        atomic_write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
     logger.info("finetune done: %s", as_json(test))
     return metrics

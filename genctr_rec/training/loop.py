@@ -23,7 +23,7 @@ from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.data.prefetch import prefetched
 from genctr_rec.distributed import DistContext
 from genctr_rec.progress import Progress
-from genctr_rec.storage import cache_dir, is_remote, upload_tree
+from genctr_rec.storage import cache_dir, copy_tree, is_remote
 from genctr_rec.training.allocator import keep_freed_memory
 from genctr_rec.training.loss_log import LossLog
 from genctr_rec.training.preemption import Preempted, StopOnSigterm
@@ -38,10 +38,14 @@ class Validation:
 
     Args:
         evaluate: collective; returns metrics on held-out data (the same on every rank).
-        metric: the one that selects (higher is better), e.g. ``auc`` or ``ndcg@10_category``.
+        metric: the one that selects, e.g. ``auc``, ``logloss`` or ``ndcg@10_category``.
         every_steps: also validate every N steps (0: at epoch ends only).
         patience: validations without improvement before training stops (0: never).
         save_best: collective; keeps the current model as the best one so far.
+        higher_is_better: False for a loss (``logloss``).
+        min_epochs: patience stops nothing before this many epochs are complete.
+        lr_decay: every learning rate is multiplied by this at each validation without
+            improvement (1: off).
     """
 
     evaluate: Callable[[], dict[str, float]]
@@ -49,16 +53,28 @@ class Validation:
     every_steps: int
     patience: int
     save_best: Callable[[], None]
+    higher_is_better: bool = True
+    min_epochs: int = 0
+    lr_decay: float = 1.0
+
+    def improves(self, value: float | None, best: float | None) -> bool:
+        """Whether a validation ``value`` beats the ``best`` so far. An undefined figure
+        (None: e.g. AUC of a split with one label class) never beats a defined one, and
+        anything beats an undefined best: selection then keeps the newest model until the
+        figure means something."""
+        if best is None:
+            return True
+        if value is None:
+            return False
+        return value > best if self.higher_is_better else value < best
 
 
-def _improves(value: float | None, best: float | None) -> bool:
-    """Whether a validation ``value`` beats the ``best`` so far (higher is better). An
-    undefined figure (None: e.g. AUC of a split with one label class) never beats a defined
-    one, and anything beats an undefined best: selection then keeps the newest model until
-    the figure means something."""
-    if best is None:
-        return True
-    return value is not None and value > best
+def validation_every(steps_per_epoch: int, eval_every: int, evals_per_epoch: int) -> int:
+    """Steps between validations: ``eval_every`` when set, else ``evals_per_epoch`` an epoch
+    (0, at epoch ends only, for one an epoch)."""
+    if eval_every:
+        return eval_every
+    return max(1, steps_per_epoch // evals_per_epoch) if evals_per_epoch > 1 else 0
 
 
 def _scalar(value: float | None) -> float:
@@ -78,6 +94,7 @@ def _new_history() -> dict[str, Any]:
         "valid": [],
         "best": None,
         "bad_validations": 0,
+        "lr_scale": 1.0,
         "stopped": None,
     }
 
@@ -85,7 +102,9 @@ def _new_history() -> dict[str, Any]:
 def learning_rates(built: Any) -> dict[str, float]:
     """The tables' fused optimizer and the dense parameter groups (the second, when there is
     one, is an inherited decoder's: ``--decoder-lr``)."""
-    rates = {"embeddings": float(built.embedding_lr)}
+    fused = getattr(built.dmp, "fused_optimizer", None)
+    groups = list(fused.param_groups) if fused is not None else []
+    rates = {"embeddings": float(groups[0]["lr"] if groups else built.embedding_lr)}
     names = ("dense", "decoder")
     for i, group in enumerate(getattr(built.dense_optimizer, "param_groups", [])):
         rates[names[i] if i < len(names) else f"dense{i}"] = float(group["lr"])
@@ -110,7 +129,7 @@ def tensorboard_writer(run_dir: Path, ctx: DistContext):
         def close(self) -> None:
             super().close()
             if staging.is_dir():
-                upload_tree(staging, run_dir / "tensorboard")
+                copy_tree(staging, run_dir / "tensorboard")
                 shutil.rmtree(staging, ignore_errors=True)
 
     root = cache_dir() / "tensorboard"
@@ -240,7 +259,7 @@ def train_epochs(
         built.load_app_state(state)
         reader.load_state_dict(progress["reader"])
         history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
-        for key, empty in _new_history().items():  # checkpoints of 0.2 lack the newer keys
+        for key, empty in _new_history().items():  # checkpoints of 0.10 lack lr_scale
             history.setdefault(key, empty)
         start_epoch = reader.state_dict()["epoch"]
         mid_epoch = reader.state_dict()["batches_done"] > 0
@@ -249,6 +268,9 @@ def train_epochs(
         else:
             logger.warning("world size changed since %s: RNG streams restart", latest)
         logger.info("resumed from %s (epoch %d, step %d)", latest, start_epoch, global_step)
+    # the rates as the config sets them times the decay so far (a warm start's inherited
+    # optimizer state carries the previous run's rates: they restart)
+    built.scale_learning_rates(history["lr_scale"])
 
     def save() -> None:
         losses.flush(acc)
@@ -265,18 +287,23 @@ def train_epochs(
     writer = tensorboard_writer(run_dir, ctx)
     losses = LossLog(ctx.device, writer)
 
-    def validate(epoch: int) -> None:
-        """Validate now; marks the run stopped when patience is used up."""
+    def validate(epoch: int, epochs_done: int) -> None:
+        """Validate now; decays the learning rates on a plateau and marks the run stopped
+        when patience is used up (never before ``min_epochs`` complete epochs)."""
         assert validation is not None
         metrics = validation.evaluate()
         record = {"step": global_step, "epoch": epoch, **metrics}
         history["valid"].append(record)
-        best = history["best"]
-        if _improves(metrics.get(validation.metric), best and best.get(validation.metric)):
+        best = history["best"] and history["best"].get(validation.metric)
+        if validation.improves(metrics.get(validation.metric), best):
             validation.save_best()
             history["best"], history["bad_validations"] = record, 0
         else:
             history["bad_validations"] += 1
+            if validation.lr_decay < 1:
+                history["lr_scale"] *= validation.lr_decay
+                built.scale_learning_rates(history["lr_scale"])
+                logger.info("%s: learning rates x%.3g from now on", desc, history["lr_scale"])
         if writer is not None:
             for name, value in metrics.items():
                 if value is None or isinstance(value, float):
@@ -290,7 +317,12 @@ def train_epochs(
             _shown(history["best"].get(validation.metric)),
             history["best"]["step"],
         )
-        if 0 < validation.patience <= history["bad_validations"]:
+        check_patience(epochs_done)
+
+    def check_patience(epochs_done: int) -> None:
+        assert validation is not None
+        out_of_patience = 0 < validation.patience <= history["bad_validations"]
+        if out_of_patience and epochs_done >= validation.min_epochs:
             history["stopped"] = {"step": global_step, "reason": "patience"}
 
     def finished() -> bool:
@@ -324,7 +356,7 @@ def train_epochs(
             ):
                 acc["seconds"] += time.perf_counter() - start  # examples/s counts training only
                 losses.flush(acc)
-                validate(epoch)
+                validate(epoch, epoch)
                 start = time.perf_counter()
             if 0 < max_steps <= global_step and history["stopped"] is None:
                 history["stopped"] = {"step": global_step, "reason": "max_steps"}
@@ -371,8 +403,11 @@ def train_epochs(
             ctx.world_size,
         )
         validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == global_step
-        if validation is not None and not validated_now and history["stopped"] is None:
-            validate(epoch)
+        if validation is not None and history["stopped"] is None:
+            if validated_now:  # at the epoch's last step: the epoch is complete now
+                check_patience(epoch + 1)
+            else:
+                validate(epoch, epoch + 1)
         if history["stopped"] is not None and history["stopped"]["reason"] == "patience":
             logger.info(
                 "%s: no improvement in %d validations, stopping at step %d; best at step %d",
@@ -457,6 +492,7 @@ def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContex
         "train_seconds": history.get("train_seconds"),
         "valid": history.get("valid", []),
         "selected": history.get("best"),
+        "lr_scale": history.get("lr_scale", 1.0),
         "stopped": history.get("stopped"),
         "embedding_optimizer": built.embedding_optimizer,
         "embedding_lr": built.embedding_lr,

@@ -25,14 +25,19 @@ from genctr_rec.config import RunConfig
 from genctr_rec.data.keys import SEQ_CATEGORIES, SEQ_ITEMS
 from genctr_rec.data.reader import SequenceReader
 from genctr_rec.data.schema import DatasetMeta
-from genctr_rec.data.writer import atomic_write_json
 from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.logs import as_json
 from genctr_rec.metrics import on_main
 from genctr_rec.models.negatives import NegativeSampler
-from genctr_rec.storage import location
+from genctr_rec.storage import location, write_json
 from genctr_rec.training.build import build_model
-from genctr_rec.training.loop import Validation, run_metrics, train_run, write_hparams
+from genctr_rec.training.loop import (
+    Validation,
+    run_metrics,
+    train_run,
+    validation_every,
+    write_hparams,
+)
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
@@ -170,9 +175,13 @@ def _train_and_evaluate(
         validation = Validation(
             evaluate=lambda: evaluate_next_item(dmp, cfg, ctx),
             metric=SELECT_BY,
-            every_steps=cfg.train.eval_every,
+            every_steps=validation_every(
+                len(reader), cfg.train.eval_every, cfg.train.evals_per_epoch
+            ),
             patience=cfg.train.patience,
             save_best=lambda: built.save_selected(out / BEST_DIR),
+            min_epochs=cfg.train.min_epochs,
+            lr_decay=cfg.train.lr_decay,
         )
     history = train_run(
         cfg,
@@ -200,6 +209,6 @@ def _train_and_evaluate(
     }
     write_hparams(out, cfg, quality, ctx)
     if ctx.is_main:
-        atomic_write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
     logger.info("pretrain done: %s", as_json({k: v for k, v in metrics.items() if "@" in k}))
     return metrics

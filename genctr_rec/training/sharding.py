@@ -87,11 +87,18 @@ def default_sharding(
     return chosen
 
 
-def apply_fused_optimizer(tables: nn.Module, name: str, lr: float) -> None:
-    """Register the tables' optimizer so DMP fuses it into the embedding backward."""
+def apply_fused_optimizer(
+    tables: nn.Module, name: str, lr: float, table_lrs: dict[str, float] | None = None
+) -> None:
+    """Register the tables' optimizer so DMP fuses it into the embedding backward;
+    ``table_lrs`` gives some tables (children of ``tables``) their own rate (TorchRec puts
+    tables of different optimizer settings in different fused groups)."""
     if name not in FUSED_OPTIMIZERS:
         raise ConfigError(f"embedding optimizer must be one of {sorted(FUSED_OPTIMIZERS)}")
-    apply_optimizer_in_backward(FUSED_OPTIMIZERS[name], tables.parameters(), {"lr": lr})
+    table_lrs = table_lrs or {}
+    for child, module in tables.named_children():
+        rate = table_lrs.get(child, lr)
+        apply_optimizer_in_backward(FUSED_OPTIMIZERS[name], module.parameters(), {"lr": rate})
 
 
 def check_overrides(overrides: dict[str, str]) -> None:

@@ -1,0 +1,240 @@
+"""Does the GenCTR gain hold on cuts nobody tuned to, and under which model selection?
+
+    python -m benchmarks.selection [--cuts 6 7 8] [--seeds 0 1 2] [--workdir runs/selection]
+
+The protocol, fixed before any result was seen (issue 25):
+
+* **Data**: MovieLens-100k as ``genctr data movielens --days 9 --window 9`` writes it: ten
+  periods of equal count; day k trains on every rating before period k + 1 and tests on period
+  k + 1. The cuts are the last three days (6, 7, 8): tests on the ratings at 70-80 %, 80-90 %
+  and 90-100 % of the timeline (a rolling origin; day 8 is close to the default split). And
+  the synthetic default preset, its one split (added after the MovieLens runs, to test the
+  decision rule below on a second dataset).
+* **Decision rule** for the defaults: a protocol or lever becomes the default only where its
+  paired gain's 95 % interval excludes zero on both datasets.
+* **Seeds**: 0, 1, 2 per cut; one pre-training per cut and seed (the defaults).
+* **Models**: the DNN backbone alone (``none``) and GenCTR (``ps_mi``), default flags.
+* **Selection protocols** (the only thing that differs between runs of a pair):
+  ``patience`` (0.10's: 4 validations an epoch, patience 3, nothing else) and ``plateau``
+  (FuxiCTR's published trainer defaults: one validation an epoch, learning rates x0.1 at each
+  validation without improvement, patience 2).
+* **Transfer levers** (issue 25 item 2), under ``patience`` only: GPSD's frozen sparse
+  transfer (``--transfer ps --inherited-tables-lr 0``) and GenCTR with its inherited tables
+  frozen (``ps_mi`` with the same flag).
+* **Calibration**: every run fits Platt scaling on its validation rows; both the raw and the
+  calibrated test figures are reported (AUC is the same by construction).
+
+Every claim is paired per cut and seed: GenCTR minus the backbone under the same protocol,
+mean and a 95 % t-interval over the 9 pairs, and how many pairs are positive. Runs already
+finished under ``--workdir`` are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_results
+from benchmarks.table1 import metrics_of
+from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+
+DAYS, WINDOW = 9, 9  # ten periods; every day trains on all ratings before its test period
+CUTS = [6, 7, 8]
+TRANSFERS = ["none", "ps_mi"]
+PROTOCOLS: dict[str, dict] = {
+    "patience": {"evals_per_epoch": 4, "patience": 3, "lr_decay": 1.0},
+    "plateau": {"evals_per_epoch": 1, "patience": 2, "lr_decay": 0.1},
+}
+# transfer levers (issue 25 item 2), under the default protocol only: the inherited tables
+# frozen (GPSD's frozen sparse transfer), with and without model integration
+LEVERS: dict[str, tuple[str, dict]] = {
+    "gpsd": ("ps", {"inherited_tables_lr": 0.0}),
+    "ps_mi_frozen": ("ps_mi", {"inherited_tables_lr": 0.0}),
+}
+LEVER_PROTOCOL = "patience"
+T_975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval."""
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return float(a.mean()), float("nan")
+    t = T_975.get(len(a), 1.96)
+    return float(a.mean()), float(t * a.std(ddof=1) / np.sqrt(len(a)))
+
+
+def prepare(workdir: Path, cuts: list[int], synth: bool) -> dict[str, tuple[Path, Path]]:
+    """{cut name: (dataset, run folder)}: MovieLens' days, and the synthetic default preset."""
+    from genctr_rec.data import movielens
+    from genctr_rec.data.synth import SynthConfig, generate
+
+    root = workdir / "data-movielens-days"
+    if not (root / f"day-{DAYS - 1:02d}" / "meta.json").is_file():
+        movielens.build_days(root, DAYS, WINDOW, overwrite=True)
+    out = {f"ml-{c}": (root / f"day-{c:02d}", workdir / f"cut{c}") for c in cuts}
+    if synth:
+        data = workdir / "data-synth"
+        if not (data / "meta.json").is_file():
+            generate(SynthConfig.preset("default"), data)
+        out["synth"] = (data, workdir / "synth")
+    return out
+
+
+def _plan() -> list[tuple[str, str, str, dict]]:
+    """(protocol, name, transfer, train overrides) of every fine-tuning run of a cut and seed."""
+    runs = [(p, t, t, train) for p, train in PROTOCOLS.items() for t in TRANSFERS]
+    for name, (transfer, extra) in LEVERS.items():
+        runs.append((LEVER_PROTOCOL, name, transfer, {**PROTOCOLS[LEVER_PROTOCOL], **extra}))
+    return runs
+
+
+def run_all(
+    workdir: Path, cuts: list[int], seeds: list[int], backbone: str, synth: bool
+) -> list[dict]:
+    from genctr_rec.training.finetune import finetune
+    from genctr_rec.training.pretrain import pretrain
+
+    rows = []
+    for cut, (data, folder) in prepare(workdir, cuts, synth).items():
+        for seed in seeds:
+            pre = folder / f"pretrain-s{seed}"
+            cfg = RunConfig("pretrain", str(data), ModelConfig(), TrainConfig(seed=seed))
+            metrics_of(pre) or pretrain(cfg, pre)
+            for protocol, name, transfer, train in _plan():
+                run = folder / f"ft-{backbone}-{name}-{protocol}-s{seed}"
+                cfg = RunConfig(
+                    "finetune",
+                    str(data),
+                    ModelConfig(),
+                    TrainConfig(seed=seed, **train),
+                    backbone=backbone,
+                    transfer=transfer,
+                    init_from=str(pre) if transfer != "none" else None,
+                )
+                m = metrics_of(run) or finetune(cfg, run)
+                raw = m.get("test_uncalibrated", m["test"])
+                row = {
+                    "cut": cut,
+                    "seed": seed,
+                    "protocol": protocol,
+                    "transfer": name,
+                    "auc": m["test"]["auc"],
+                    "logloss": m["test"]["logloss"],
+                    "calibration": m["test"]["calibration"],
+                    "raw_logloss": raw["logloss"],
+                    "raw_calibration": raw["calibration"],
+                    "epochs_run": len(m["epoch_loss"]),
+                    "selected_epoch": (m.get("selected") or {}).get("epoch", 0) + 1,
+                    "train_seconds": m.get("train_seconds"),
+                }
+                rows.append(row)
+                print(json.dumps(row))
+    return rows
+
+
+def _shown(values: list[float], digits: int = 4) -> str:
+    mean, half = interval(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| protocol | model | test AUC | LogLoss (calibrated) | LogLoss (raw) | calibration "
+        "(calibrated) | calibration (raw) | epochs run | selected epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    labels = {"none": "backbone", "ps_mi": "GenCTR", "gpsd": "GPSD (PS, tables frozen)",
+              "ps_mi_frozen": "GenCTR, tables frozen"}  # fmt: skip
+    for protocol, transfer in dict.fromkeys((p, n) for p, n, _, _ in _plan()):
+        sel = [r for r in rows if r["protocol"] == protocol and r["transfer"] == transfer]
+        if not sel:
+            continue
+        col = {k: [r[k] for r in sel] for k in sel[0]}
+        lines.append(
+            f"| {protocol} | {labels[transfer]} "
+            f"| {_shown(col['auc'])} | {_shown(col['logloss'])} "
+            f"| {_shown(col['raw_logloss'])} | {_shown(col['calibration'], 3)} "
+            f"| {_shown(col['raw_calibration'], 3)} | {np.mean(col['epochs_run']):.1f} "
+            f"| {np.mean(col['selected_epoch']):.1f} |"
+        )
+    lines += [
+        "",
+        "Paired per cut and seed (same data, same seed):",
+        "",
+        "| claim | ΔAUC mean ± 95 % | pairs > 0 | per cut (mean ΔAUC) | ΔLogLoss (calibrated) |",
+        "|---|---|---|---|---|",
+    ]
+
+    def pick(protocol: str, transfer: str) -> dict[tuple[int, int], dict]:
+        return {
+            (r["cut"], r["seed"]): r
+            for r in rows
+            if r["protocol"] == protocol and r["transfer"] == transfer
+        }
+
+    claims = [
+        (f"GenCTR − backbone ({p})", (p, "ps_mi"), (p, "none")) for p in PROTOCOLS
+    ] + [
+        (f"plateau − patience ({t})", ("plateau", t), ("patience", t)) for t in TRANSFERS
+    ] + [
+        (f"{labels[n]} − backbone", (LEVER_PROTOCOL, n), (LEVER_PROTOCOL, "none")) for n in LEVERS
+    ] + [
+        (f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), (LEVER_PROTOCOL, n)) for n in LEVERS
+    ]
+    for name, a, b in claims:
+        left, right = pick(*a), pick(*b)
+        keys = sorted(set(left) & set(right))
+        if not keys:
+            continue
+        d_auc = [left[k]["auc"] - right[k]["auc"] for k in keys]
+        d_ll = [left[k]["logloss"] - right[k]["logloss"] for k in keys]
+        by_cut = {c: [d for k, d in zip(keys, d_auc, strict=True) if k[0] == c] for c in cuts}
+        by_cut = by_cut if len(cuts) > 1 else {}
+        per_cut = ", ".join(f"{c}: {np.mean(d):+.4f}" for c, d in by_cut.items() if d) or "-"
+        wins = sum(d > 0 for d in d_auc)
+        mean, half = interval(d_auc)
+        ll_mean, ll_half = interval(d_ll)
+        lines.append(
+            f"| {name} | {mean:+.4f} ± {half:.4f} | {wins}/{len(keys)} | {per_cut} "
+            f"| {ll_mean:+.4f} ± {ll_half:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuts", type=int, nargs="+", default=CUTS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--backbone", default="dnn")
+    parser.add_argument("--workdir", default="runs/selection")
+    parser.add_argument("--no-synth", dest="synth", action="store_false")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows = run_all(Path(args.workdir), args.cuts, args.seeds, args.backbone, args.synth)
+    ml = [f"ml-{c}" for c in args.cuts]
+    table = markdown(
+        [r for r in rows if r["cut"] in ml],
+        ml,
+        f"MovieLens-100k, rolling origin: days {args.cuts} of `--days {DAYS} --window {WINDOW}`"
+        f", seeds {args.seeds}, DNN; mean ± 95 % interval over cuts x seeds",
+    )
+    if args.synth:
+        table += "\n\n" + markdown(
+            [r for r in rows if r["cut"] == "synth"],
+            ["synth"],
+            f"synthetic, default preset (one split), seeds {args.seeds}, DNN; mean ± 95 % "
+            "interval over seeds",
+        )
+    payload = {"cuts": args.cuts, "seeds": args.seeds, "protocols": PROTOCOLS, "rows": rows}
+    print(write_results("selection", payload, table))
+
+
+if __name__ == "__main__":
+    main()
