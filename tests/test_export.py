@@ -283,3 +283,46 @@ def test_another_cpu_serves_the_exported_programs_or_recompiles(
     assert again.model.kind == "aoti"
     request = Request([5, 6], [1, 2], 3, [7, 8, 9])
     np.testing.assert_allclose(again.score(request), Predictor(source).score(request), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_second_model_compiles_right_beside_the_first(runs, tmp_path: Path) -> None:
+    """Two models of the same code with other table sizes, exported one after the other with
+    one Inductor cache directory (what a daily job or a test suite followed by `make pipeline`
+    does): torch 2.13's AOTInductor reused a stale piece of the first compilation, and the
+    second artifact's compiled g(s, c) indexed its 31-row category table as 21 rows and
+    aborted the process. Each export now compiles in a private cache."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+    from genctr_rec.data.synth import SynthConfig, generate
+    from genctr_rec.training.finetune import finetune
+
+    data = tmp_path / "data"
+    generate(dataclasses.replace(SynthConfig.preset("toy"), num_categories=30), data)
+    other = tmp_path / "run"
+    cfg = RunConfig(
+        "finetune",
+        str(data),
+        ModelConfig(),  # the first's features, other vocabularies
+        TrainConfig(epochs=1, batch_size=256, calibrate="none"),
+        backbone="dnn",
+        transfer="decoder",  # g(s, c) from scratch: the contexts program is compiled
+    )
+    finetune(cfg, other)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for run, out in ((runs["genctr"], tmp_path / "first"), (other, tmp_path / "second")):
+        done = subprocess.run(
+            [sys.executable, "-m", "genctr_rec.cli", "export", "--run", str(run), "--out", out],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        meta = json.loads((out / "artifact.json").read_text())
+        assert meta["model"]["compiled"] == "aoti"
+        assert meta["parity"]["max_abs_diff"] <= 1e-5

@@ -16,9 +16,12 @@ request, candidate or history slot, masked or dropped) before it is called.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,29 @@ def vector_isa() -> str:
     return str(pick_vec_isa()) or "none"
 
 
+@contextlib.contextmanager
+def private_inductor_cache() -> Iterator[None]:
+    """Inductor's caches in a fresh directory for the duration of one compilation.
+
+    With torch 2.13, AOTInductor compiling a second model of the same code but other table
+    sizes in a cache directory that holds the first one's compilation reused a stale piece of
+    it: the compiled ``contexts`` indexed a 101-row category table as the 21 rows of an
+    earlier model's and aborted the process (``index out of bounds``), and with equal sizes it
+    could have read wrong rows silently. A private directory costs the cache's speed-up (the
+    compilation is a one-time export step) and rules that out; export's parity gate checks
+    the result either way."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="genctr-inductor-") as directory:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
 def write_package(
     path: Path, programs: dict[str, ExportedProgram], compile_aoti: bool = True
 ) -> dict[str, Any]:
@@ -121,8 +147,8 @@ def write_package(
     from torch.export.pt2_archive._package import package_pt2
 
     aoti_files = {}
-    if compile_aoti:
-        for name, program in programs.items():
+    with private_inductor_cache() if compile_aoti else contextlib.nullcontext():
+        for name, program in programs.items() if compile_aoti else ():
             aoti_files[name] = torch._inductor.aot_compile(
                 program.module(check_guards=False),
                 program.example_inputs[0],
@@ -131,7 +157,7 @@ def write_package(
                     "aot_inductor.model_name_for_generated_files": name,
                 },
             )
-    package_pt2(path, exported_programs=programs, aoti_files=aoti_files or None)
+        package_pt2(path, exported_programs=programs, aoti_files=aoti_files or None)
     return {
         "file": path.name,
         "entry_points": sorted(programs),
