@@ -56,7 +56,8 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "ps_mi_frozen": ("ps_mi", {"inherited_tables_lr": 0.0}),
 }
 LEVER_PROTOCOL = "patience"
-T_975 = {2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# Student's t, 97.5 % quantile, by degrees of freedom
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -64,7 +65,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     a = np.asarray(values, dtype=float)
     if len(a) < 2:
         return float(a.mean()), float("nan")
-    t = T_975.get(len(a), 1.96)
+    t = T_975.get(len(a) - 1, 1.96)
     return float(a.mean()), float(t * a.std(ddof=1) / np.sqrt(len(a)))
 
 
