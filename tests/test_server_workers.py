@@ -32,9 +32,17 @@ def _worker_ids(url: str, want: int, seconds: float = 60) -> set[str]:
 
 
 def _worker_pids(proc: subprocess.Popen) -> set[int]:
-    """The live worker processes under the service's supervisor."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    return {c.pid for c in children if "spawn" in " ".join(c.cmdline()) and c.is_running()}
+    """The live worker processes under the service's supervisor (a killed worker the
+    supervisor has not reaped yet is a zombie: not live, and psutil cannot read its command
+    line, so it is skipped rather than raised)."""
+    live = set()
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn" in " ".join(child.cmdline()):
+                live.add(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return live
 
 
 @pytest.mark.slow
