@@ -13,7 +13,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from genctr_rec.checkpoint import load_state, save_model
-from genctr_rec.config import TRANSFER_PREFIXES, RunConfig
+from genctr_rec.config import SHARED_TABLE_PREFIXES, TRANSFER_PREFIXES, RunConfig
 from genctr_rec.distributed import DistContext
 from genctr_rec.factory import build_stage_model
 from genctr_rec.training.sharding import (
@@ -51,19 +51,21 @@ class BuiltModel:
     def __post_init__(self) -> None:
         self.base_lrs = [float(g["lr"]) for g in self._param_groups()]
 
-    def _param_groups(self) -> list[dict]:
+    def fused_param_groups(self) -> list[dict]:
+        """The fused table optimizer's parameter groups (none without sharded tables)."""
         fused = getattr(self.dmp, "fused_optimizer", None)
-        groups = list(fused.param_groups) if fused is not None else []
-        return groups + list(self.dense_optimizer.param_groups)
+        return list(fused.param_groups) if fused is not None else []
+
+    def _param_groups(self) -> list[dict]:
+        return self.fused_param_groups() + list(self.dense_optimizer.param_groups)
 
     def scale_learning_rates(self, scale: float) -> None:
         """Every learning rate at ``scale`` times the configured one (plateau decay, resume).
         The fused table kernels read the rate in their optimizer's ``zero_grad``/``step``."""
         for group, base in zip(self._param_groups(), self.base_lrs, strict=True):
             group["lr"] = base * scale
-        fused = getattr(self.dmp, "fused_optimizer", None)
-        if fused is not None:
-            fused.zero_grad()
+        if self.fused_param_groups():
+            self.dmp.fused_optimizer.zero_grad()
 
     def app_state(self) -> dict:
         """Everything DCP saves and loads: model and optimizer state, keyed by name."""
@@ -124,11 +126,12 @@ def _post_backward_optimizer(
 
     def by_rate(params: list[torch.Tensor]) -> torch.optim.Optimizer:
         names = {id(v): k for k, v in tables.items()}
-        rates = sorted({rate(names[id(p)]) for p in params})
-        groups = [
-            {"params": [p for p in params if rate(names[id(p)]) == r], "lr": r} for r in rates
-        ]
-        return table_optimizer(groups, lr=embedding_lr)
+        groups: dict[float, list[torch.Tensor]] = {}
+        for p in params:
+            groups.setdefault(rate(names[id(p)]), []).append(p)
+        return table_optimizer(
+            [{"params": group, "lr": r} for r, group in groups.items()], lr=embedding_lr
+        )
 
     replicated = KeyedOptimizerWrapper(tables, by_rate)
     return CombinedOptimizer([("replicated", replicated), ("", adam)])
@@ -140,7 +143,8 @@ def inherited_table_lrs(cfg: RunConfig) -> dict[str, float]:
     rate = cfg.train.inherited_tables_lr
     if cfg.stage != "finetune" or rate is None or cfg.transfer not in TRANSFER_PREFIXES:
         return {}
-    return {"item": rate, "category": rate}
+    # "embeddings.tables.item." -> "item": the table modules parameter sharing loads
+    return {prefix[len(TABLES_PREFIX) :].rstrip("."): rate for prefix in SHARED_TABLE_PREFIXES}
 
 
 def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:

@@ -62,8 +62,17 @@ def evaluate_ctr(
     if reader is None:
         reader = eval_reader(data, split, batch_size, ctx, max_history, features, time_range)
     arrays = collect_logits(dmp, reader, ctx, split)
-    scores = (calibration or Calibration()).probabilities(arrays.pop("logits"))
-    return on_main({"scores": scores, **arrays}, ctr_metrics)
+    return calibrated_metrics(arrays, [calibration or Calibration()])[0]
+
+
+def calibrated_metrics(arrays: dict, calibrations: list[Calibration]) -> list[dict]:
+    """Collective: :func:`~genctr_rec.metrics.ctr_metrics` of the same logits
+    (:func:`collect_logits`) under each calibration, from one gather to rank 0."""
+
+    def compute(logits, labels, users) -> list[dict]:
+        return [ctr_metrics(c.probabilities(logits), labels, users) for c in calibrations]
+
+    return on_main(arrays, compute)
 
 
 def fit_calibration(

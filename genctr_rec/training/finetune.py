@@ -39,7 +39,13 @@ from genctr_rec.logs import as_json
 from genctr_rec.storage import location, write_json
 from genctr_rec.training.build import build_model
 from genctr_rec.training.compiled import compile_dense_step
-from genctr_rec.training.evaluate import eval_reader, evaluate_ctr, fit_calibration
+from genctr_rec.training.evaluate import (
+    calibrated_metrics,
+    collect_logits,
+    eval_reader,
+    evaluate_ctr,
+    fit_calibration,
+)
 from genctr_rec.training.loop import (
     Validation,
     run_metrics,
@@ -202,21 +208,11 @@ def _train_and_test(
             calibration.logloss_before,
             calibration.logloss_after,
         )
-    raw = evaluate_ctr(
-        dmp, cfg.reads, ctx, cfg.train.batch_size, cfg.max_history, "test", features
+    # one pass over test: the raw scores' figures and the calibrated ones from the same logits
+    test_rows = eval_reader(cfg.reads, "test", cfg.train.batch_size, ctx, cfg.max_history, features)
+    raw, test = calibrated_metrics(
+        collect_logits(dmp, test_rows, ctx, "test"), [Calibration(), calibration]
     )
-    test = raw
-    if calibration.method != "none":
-        test = evaluate_ctr(
-            dmp,
-            cfg.reads,
-            ctx,
-            cfg.train.batch_size,
-            cfg.max_history,
-            "test",
-            features,
-            calibration=calibration,
-        )
     built.save_selected(out / "checkpoint")
     if ctx.is_main:
         calibration.write(out)

@@ -102,9 +102,8 @@ def _new_history() -> dict[str, Any]:
 def learning_rates(built: Any) -> dict[str, float]:
     """The tables' fused optimizer and the dense parameter groups (the second, when there is
     one, is an inherited decoder's: ``--decoder-lr``)."""
-    fused = getattr(built.dmp, "fused_optimizer", None)
-    groups = list(fused.param_groups) if fused is not None else []
-    rates = {"embeddings": float(groups[0]["lr"] if groups else built.embedding_lr)}
+    fused = built.fused_param_groups()
+    rates = {"embeddings": float(fused[0]["lr"] if fused else built.embedding_lr)}
     names = ("dense", "decoder")
     for i, group in enumerate(getattr(built.dense_optimizer, "param_groups", [])):
         rates[names[i] if i < len(names) else f"dense{i}"] = float(group["lr"])
