@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genctr_rec.storage import Location, location, write_json
+from genctr_rec.config import ConfigError
+from genctr_rec.storage import Location, first_line, location, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,20 @@ class Calibration:
         path = location(run) / CALIBRATION_FILE
         if not path.exists():
             return cls()
-        return cls.from_json(json.loads(path.read_text()))
+        try:
+            calibration = cls.from_json(json.loads(path.read_text()))
+            scale, bias = float(calibration.scale), float(calibration.bias)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"{path}: not a calibration ({first_line(exc)}); refit it with a fine-tuning "
+                "run or remove the file to score uncalibrated"
+            ) from exc
+        if not (np.isfinite(scale) and np.isfinite(bias) and scale > 0):
+            raise ConfigError(
+                f"{path}: scale {calibration.scale!r} and bias {calibration.bias!r} must be finite"
+                " numbers with scale > 0 (a scale <= 0 would reverse the scores' order)"
+            )
+        return calibration
 
 
 def _logloss(logits: torch.Tensor, labels: torch.Tensor, scale: Any, bias: Any) -> torch.Tensor:

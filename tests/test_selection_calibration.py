@@ -149,6 +149,34 @@ def test_a_run_applies_its_calibration_everywhere(
     assert meta["parity"]["exported"]["logloss"] == pytest.approx(test["logloss"], abs=1e-4)
 
 
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('{"scale": 1.2, "bias"', "not a calibration"),
+        ('{"scale": "wide", "bias": 0.1}', "not a calibration"),
+        ("[1.2, 0.1]", "not a calibration"),
+        ('{"scale": -1.0, "bias": 0.0}', "scale > 0"),
+        ('{"scale": NaN, "bias": 0.0}', "finite"),
+    ],
+)
+def test_a_damaged_calibration_is_one_line_naming_the_file(
+    runs: dict[str, Path], tmp_path: Path, capsys, content: str, says: str
+) -> None:
+    """A truncated, mistyped or order-reversing calibration.json stops ``genctr evaluate`` with
+    one line naming the file, never a JSON traceback or silently reversed scores."""
+    import shutil
+
+    from genctr_rec.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["genctr"], run, ignore=shutil.ignore_patterns("checkpoint*", "*.tmp"))
+    (run / CALIBRATION_FILE).write_text(content)
+    code = main(["evaluate", "--run", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and str(run / CALIBRATION_FILE) in err[0] and says in err[0], err
+
+
 def _table(run: Path, name: str, stage: str = "finetune"):
     """One table's weights from a run's selected checkpoint, loaded unsharded."""
     import torch

@@ -134,6 +134,7 @@ def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | Non
     cfg = RunConfig.load(run)
     if cfg.stage != "finetune":
         raise ConfigError(f"{run} is a {cfg.stage} run; evaluate takes a finetune run")
+    calibration = Calibration.of_run(run)  # a damaged file stops here, before any work
     data = cfg.dataset_for(data)
     check_catalogue(cfg, data)
     ctx = init_distributed()
@@ -146,5 +147,5 @@ def evaluate_run(data: str | Path | None, run: str | Path, batch_size: int | Non
         batch_size or cfg.train.batch_size,
         cfg.max_history,
         features=feature_schema(cfg),
-        calibration=Calibration.of_run(run),
+        calibration=calibration,
     )
