@@ -1,17 +1,25 @@
-"""DeepCTR-Torch peers (DIN, DCNMix) on a dataset in our format, with the same features, the
+"""Peers from two stock CTR libraries on a dataset in our format, with the same features, the
 same embedding width, the same validation split and the same epoch budget as ``genctr
-finetune``: so that Table 1 can put a stock CTR library beside our rows.
+finetune``: so that Table 1 and the rolling-origin benchmark can put them beside our rows.
+
+* DeepCTR-Torch 0.3.0: ``din``, ``dcnmix``.
+* torch-rechub 0.9.0 (maintained, torch 2.x): ``rechub_din``, ``rechub_bst`` (Behavior
+  Sequence Transformer), ``rechub_dcnv2`` (DCN V2 stacked, 3 cross layers, a mixture of 3
+  rank-16 experts, MLP 256-128: our DCN V2's shape). torch-rechub's HSTU is not a peer: it is
+  a next-item model whose output is logits over the vocabulary, with no impression or click
+  head, so it cannot rank a labelled impression without a head of ours on top.
 
 Needs the benchmark extra (``pip install -r requirements/bench.txt``: deepctr-torch,
-scikit-learn). Not used by the library or the tests.
+torch-rechub, scikit-learn). Not used by the library or the tests.
 
 Protocol, as for our runs: train on train/ minus its newest ``valid_fraction`` by timestamp,
 validate after every epoch (up to ``max_epochs``), stop after ``patience`` epochs without a
-better validation AUC, report test AUC / LogLoss of the best epoch. Features: user_id (unseen
-users share one row), target item and category, query category, the history of items and
-categories (DIN attends over it with the target as query; DCNMix mean-pools it), and every
-declared side feature (``id`` / ``ids`` embedded, ``ids`` mean-pooled; ``dense`` standardised
-with the training statistics).
+better validation AUC, report test AUC / LogLoss of the best epoch. Adam at 1e-3 (both
+libraries' default), batches of 1,024. Features: user_id (unseen users share one row), target
+item and category, query category, the history of items and categories (DIN and BST attend
+over it with the target as query; DCNMix and DCN V2 mean-pool it), and every declared side
+feature (``id`` / ``ids`` embedded, ``ids`` mean-pooled; ``dense`` standardised with the
+training statistics).
 """
 
 from __future__ import annotations
@@ -29,7 +37,15 @@ from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.statistics import resolve_features
 from genctr_rec.metrics import ctr_metrics
 
-PEERS = ("din", "dcnmix")
+PEERS = ("din", "dcnmix", "rechub_din", "rechub_bst", "rechub_dcnv2")
+PEER_LABELS = {
+    "din": "DeepCTR-Torch DIN",
+    "dcnmix": "DeepCTR-Torch DCNMix",
+    "rechub_din": "torch-rechub DIN",
+    "rechub_bst": "torch-rechub BST",
+    "rechub_dcnv2": "torch-rechub DCN V2",
+}
+MLP_DIMS = [256, 128]  # our backbones' MLP
 
 
 def _padded(lists: list[list[int]], width: int) -> np.ndarray:
@@ -127,6 +143,109 @@ def _inputs(cols: dict[str, Any], names: list[str], rows: np.ndarray) -> dict[st
     return {name: cols[name][rows] for name in names}
 
 
+def _rechub_model(name: str, meta: DatasetMeta, schema, cols: dict[str, Any], dim: int):
+    """A torch-rechub model and the names of the inputs it reads. Ids are shifted by +1, 0 pads;
+    the history is one sequence per field (DIN and BST attend over it, DCN V2 mean-pools it)."""
+    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
+    from torch_rechub.models.ranking import BST, DIN, DCNv2
+
+    attend = name != "rechub_dcnv2"
+    target = [
+        SparseFeature("item_id", meta.num_items + 1, dim, padding_idx=0),
+        SparseFeature("category_id", meta.num_categories + 1, dim, padding_idx=0),
+    ]
+    history = [
+        SequenceFeature(
+            f"hist_{t.name}", t.vocab_size, dim, pooling="concat" if attend else "mean",
+            shared_with=t.name, padding_idx=0,
+        )
+        for t in target
+    ]  # fmt: skip
+    context = [
+        SparseFeature("user_id", schema.num_users + 2, dim),
+        SparseFeature(
+            "query_category_id", meta.num_categories + 1, dim, shared_with="category_id",
+            padding_idx=0,
+        ),
+    ]  # fmt: skip
+    for spec in schema.features:
+        if spec.kind == "id":
+            context.append(SparseFeature(spec.name, spec.vocab_size + 1, dim))
+        elif spec.kind == "ids":
+            context.append(
+                SequenceFeature(spec.name, spec.vocab_size + 1, dim, pooling="mean", padding_idx=0)
+            )
+        elif name == "rechub_din":  # its MLP input takes embeddings only: deciles, embedded
+            context.append(SparseFeature(f"{spec.name}_decile", 11, dim))
+        else:
+            context.append(DenseFeature(spec.name))
+    mlp = {"dims": MLP_DIMS, "dropout": 0.0}
+    if name == "rechub_din":
+        model = DIN(context, history, target, mlp, {"dims": [36], "activation": "dice"})
+    elif name == "rechub_bst":
+        model = BST(context, history, target, mlp, nhead=2, dropout=0.0,
+                    max_seq_len=meta.max_history + 1)  # fmt: skip
+    else:
+        model = DCNv2(
+            target + context + history, n_cross_layers=3, mlp_params=mlp,
+            model_structure="stacked", low_rank=16, num_experts=3,
+        )  # fmt: skip
+    names = [f.name for f in target + history + context]
+    return model, names
+
+
+def _deciles(cols: dict[str, Any], reference: dict[str, Any], schema) -> None:
+    """Dense features as training-quantile buckets 1..10 (0 unused), for rechub's DIN."""
+    for spec in schema.features:
+        if spec.kind == "dense":
+            edges = np.quantile(reference[spec.name], np.linspace(0.1, 0.9, 9))
+            cols[f"{spec.name}_decile"] = np.searchsorted(edges, cols[spec.name]) + 1
+
+
+class _RechubTrainer:
+    """torch-rechub's models are plain modules; this is the loop its CTRTrainer runs (Adam,
+    binary cross-entropy on the sigmoid output), without its file logging."""
+
+    def __init__(self, model, seed: int, batch_size: int) -> None:
+        import torch
+
+        self.model, self.batch_size = model, batch_size
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.rng = np.random.default_rng(seed)
+
+    def _batch(self, x: dict[str, np.ndarray], rows: np.ndarray):
+        import torch
+
+        return {k: torch.from_numpy(np.ascontiguousarray(v[rows])) for k, v in x.items()}
+
+    def fit(self, x: dict[str, np.ndarray], labels: np.ndarray) -> None:
+        import torch
+
+        self.model.train()
+        order = self.rng.permutation(len(labels))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            target = torch.from_numpy(labels[rows])
+            loss = torch.nn.functional.binary_cross_entropy(
+                self.model(self._batch(x, rows)), target
+            )
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+
+    def predict(self, x: dict[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
+        import torch
+
+        self.model.eval()
+        n = len(next(iter(x.values())))
+        with torch.no_grad():
+            out = [
+                self.model(self._batch(x, np.arange(s, min(s + batch_size, n)))).numpy()
+                for s in range(0, n, batch_size)
+            ]
+        return np.concatenate(out).astype(np.float64)
+
+
 def train_peer(
     name: str,
     data: str | Path,
@@ -137,11 +256,12 @@ def train_peer(
     batch_size: int = 1024,
     valid_fraction: float = 0.1,
 ) -> dict[str, Any]:
-    """Train one DeepCTR-Torch model; returns test metrics of the best validation epoch,
-    the epochs run and the training examples/s."""
+    """Train one peer; returns test metrics of the best validation epoch, the epochs run and
+    the training examples/s."""
     import torch
-    from deepctr_torch.models import DIN, DCNMix
 
+    if name not in PEERS:
+        raise ValueError(f"peer must be one of {PEERS}, got {name!r}")
     data = Path(data)
     meta = DatasetMeta.read(data)
     schema = resolve_features(meta, data)
@@ -153,17 +273,32 @@ def train_peer(
         raise ValueError("peers need the time-sliced validation of train/ (no valid/ split)")
     is_valid = train["timestamp"] >= split.boundary
     fit_rows, valid_rows = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
-    columns = _feature_columns(meta, schema, train, dim)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    if name == "din":
-        model = DIN(columns, ["item_id", "category_id"], seed=seed, device="cpu")
-    elif name == "dcnmix":
-        model = DCNMix(columns, columns, seed=seed, device="cpu")
+    if name.startswith("rechub_"):
+        for cols in (test, train):  # train last: it is the deciles' reference
+            _deciles(cols, train, schema)
+        module, names = _rechub_model(name, meta, schema, train, dim)
+        model = _RechubTrainer(module, seed, batch_size)
+        fit = model.fit
+        predict = model.predict
     else:
-        raise ValueError(f"peer must be one of {PEERS}, got {name!r}")
-    model.compile("adam", "binary_crossentropy", metrics=[])
-    names = list(model.feature_index)
+        from deepctr_torch.models import DIN, DCNMix
+
+        columns = _feature_columns(meta, schema, train, dim)
+        if name == "din":
+            model = DIN(columns, ["item_id", "category_id"], seed=seed, device="cpu")
+        else:
+            model = DCNMix(columns, columns, seed=seed, device="cpu")
+        model.compile("adam", "binary_crossentropy", metrics=[])
+        names = list(model.feature_index)
+
+        def fit(x, labels):
+            model.fit(x, labels, batch_size=batch_size, epochs=1, verbose=0)
+
+        def predict(x):
+            return model.predict(x, 4096).ravel().astype(np.float64)
+
     x_fit = _inputs(train, names, fit_rows)
     x_valid = _inputs(train, names, valid_rows)
     x_test = _inputs(test, names, np.arange(len(test["label"])))
@@ -171,20 +306,17 @@ def train_peer(
     bad, seconds, epochs = 0, 0.0, 0
     for epoch in range(max_epochs):
         start = time.perf_counter()
-        model.fit(x_fit, train["label"][fit_rows], batch_size=batch_size, epochs=1, verbose=0)
+        fit(x_fit, train["label"][fit_rows])
         seconds += time.perf_counter() - start
         epochs = epoch + 1
         valid = ctr_metrics(
-            model.predict(x_valid, 4096).ravel().astype(np.float64),
-            train["label"][valid_rows],
-            train["users"][valid_rows],
+            predict(x_valid), train["label"][valid_rows], train["users"][valid_rows]
         )
         if best is None or valid["auc"] > best["valid"]["auc"]:
-            scores = model.predict(x_test, 4096).ravel().astype(np.float64)
             best = {
                 "epoch": epochs,
                 "valid": valid,
-                "test": ctr_metrics(scores, test["label"], test["users"]),
+                "test": ctr_metrics(predict(x_test), test["label"], test["users"]),
             }
             bad = 0
         else:

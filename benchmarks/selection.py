@@ -21,6 +21,12 @@ The protocol, fixed before any result was seen (issue 25):
 * **Transfer levers** (issue 25 item 2), under ``patience`` only: GPSD's frozen sparse
   transfer (``--transfer ps --inherited-tables-lr 0``) and GenCTR with its inherited tables
   frozen (``ps_mi`` with the same flag).
+* **Peers** (issue 25 item 5, added after the runs above, same cuts and seeds): DeepCTR-Torch's
+  DIN and DCNMix, torch-rechub's DIN, BST and DCN V2 (``benchmarks/peers.py``: same features,
+  embedding width and validation rows; one validation an epoch, patience 2). A peer is trained
+  once per cut and seed; GenCTR is compared with every peer and with the best peer of each cut
+  (the peer whose mean over seeds is highest there: the strongest opponent, chosen after the
+  fact, which favours the peers).
 * **Calibration**: every run fits Platt scaling on its validation rows; both the raw and the
   calibrated test figures are reported (AUC is the same by construction).
 
@@ -39,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import write_results
+from benchmarks.peers import PEER_LABELS, PEERS
 from benchmarks.table1 import metrics_of
 from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
 
@@ -95,7 +102,13 @@ def _plan() -> list[tuple[str, str, str, dict]]:
 
 
 def run_all(
-    workdir: Path, cuts: list[int], seeds: list[int], backbone: str, synth: bool
+    workdir: Path,
+    cuts: list[int],
+    seeds: list[int],
+    backbone: str,
+    synth: bool,
+    peers: list[str] = (),
+    peer_seeds: dict[str, list[int]] | None = None,
 ) -> list[dict]:
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
@@ -135,7 +148,51 @@ def run_all(
                 }
                 rows.append(row)
                 print(json.dumps(row))
+            for peer in peers:
+                if seed not in (peer_seeds or {}).get(peer, [seed]):
+                    continue
+                rows.append(_peer_row(folder / f"peer-{peer}-s{seed}.json", peer, data, cut, seed))
+                print(json.dumps(rows[-1]))
     return rows
+
+
+def _peer_row(path: Path, peer: str, data: Path, cut: str, seed: int) -> dict:
+    """One peer's run as a row of the table, trained once and kept beside our runs."""
+    from benchmarks.peers import train_peer
+    from genctr_rec.storage import write_json
+
+    if not path.is_file():
+        write_json(path, train_peer(peer, data, seed))
+    m = json.loads(path.read_text())
+    test = m["test"]
+    return {
+        "cut": cut,
+        "seed": seed,
+        "protocol": "peer",
+        "transfer": peer,
+        "auc": test["auc"],
+        "logloss": test["logloss"],
+        "calibration": test["calibration"],
+        "raw_logloss": test["logloss"],
+        "raw_calibration": test["calibration"],
+        "epochs_run": m["epochs_run"],
+        "selected_epoch": m["epoch"],
+        "train_seconds": None,
+    }
+
+
+def _best_peer(rows: list[dict], peers: list[str]) -> dict[tuple[str, int], dict]:
+    """{(cut, seed): row} of the peer with the highest mean test AUC on each cut."""
+    out = {}
+    for cut in dict.fromkeys(r["cut"] for r in rows):
+        of_cut = [r for r in rows if r["cut"] == cut and r["protocol"] == "peer"]
+        if not of_cut:
+            continue
+        best = max(
+            peers, key=lambda n: np.mean([r["auc"] for r in of_cut if r["transfer"] == n] or [0])
+        )
+        out.update({(cut, r["seed"]): r for r in of_cut if r["transfer"] == best})
+    return out
 
 
 def _shown(values: list[float], digits: int = 4) -> str:
@@ -152,8 +209,10 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {"none": "backbone", "ps_mi": "GenCTR", "gpsd": "GPSD (PS, tables frozen)",
-              "ps_mi_frozen": "GenCTR, tables frozen"}  # fmt: skip
-    for protocol, transfer in dict.fromkeys((p, n) for p, n, _, _ in _plan()):
+              "ps_mi_frozen": "GenCTR, tables frozen", **PEER_LABELS}  # fmt: skip
+    peers = list(dict.fromkeys(r["transfer"] for r in rows if r["protocol"] == "peer"))
+    shown = [(p, n) for p, n, _, _ in _plan()] + [("peer", n) for n in peers]
+    for protocol, transfer in dict.fromkeys(shown):
         sel = [r for r in rows if r["protocol"] == protocol and r["transfer"] == transfer]
         if not sel:
             continue
@@ -180,17 +239,23 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
             if r["protocol"] == protocol and r["transfer"] == transfer
         }
 
-    claims = [
-        (f"GenCTR − backbone ({p})", (p, "ps_mi"), (p, "none")) for p in PROTOCOLS
-    ] + [
-        (f"plateau − patience ({t})", ("plateau", t), ("patience", t)) for t in TRANSFERS
-    ] + [
-        (f"{labels[n]} − backbone", (LEVER_PROTOCOL, n), (LEVER_PROTOCOL, "none")) for n in LEVERS
-    ] + [
-        (f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), (LEVER_PROTOCOL, n)) for n in LEVERS
-    ]
+    claims = (
+        [(f"GenCTR − backbone ({p})", (p, "ps_mi"), (p, "none")) for p in PROTOCOLS]
+        + [(f"plateau − patience ({t})", ("plateau", t), ("patience", t)) for t in TRANSFERS]
+        + [
+            (f"{labels[n]} − backbone", (LEVER_PROTOCOL, n), (LEVER_PROTOCOL, "none"))
+            for n in LEVERS
+        ]
+        + [
+            (f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), (LEVER_PROTOCOL, n))
+            for n in LEVERS
+        ]
+    )
+    claims += [(f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), ("peer", n)) for n in peers]
+    if peers:
+        claims.append(("GenCTR − best peer of each cut", (LEVER_PROTOCOL, "ps_mi"), ("peer", "")))
     for name, a, b in claims:
-        left, right = pick(*a), pick(*b)
+        left, right = pick(*a), (pick(*b) if b[1] else _best_peer(rows, peers))
         keys = sorted(set(left) & set(right))
         if not keys:
             continue
@@ -216,9 +281,24 @@ def main() -> None:
     parser.add_argument("--backbone", default="dnn")
     parser.add_argument("--workdir", default="runs/selection")
     parser.add_argument("--no-synth", dest="synth", action="store_false")
+    parser.add_argument(
+        "--peers", nargs="*", default=list(PEERS), help="peers to train beside ours (none: none)"
+    )
+    parser.add_argument(
+        "--peer-seeds",
+        nargs="*",
+        default=[],
+        metavar="PEER=SEEDS",
+        help="train PEER on these comma-separated seeds only (a slow peer: rechub_bst=0)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = run_all(Path(args.workdir), args.cuts, args.seeds, args.backbone, args.synth)
+    peer_seeds = {
+        k: [int(s) for s in v.split(",")] for k, v in (a.split("=") for a in args.peer_seeds)
+    }
+    rows = run_all(
+        Path(args.workdir), args.cuts, args.seeds, args.backbone, args.synth, args.peers, peer_seeds
+    )
     ml = [f"ml-{c}" for c in args.cuts]
     table = markdown(
         [r for r in rows if r["cut"] in ml],
@@ -233,7 +313,14 @@ def main() -> None:
             f"synthetic, default preset (one split), seeds {args.seeds}, DNN; mean ± 95 % "
             "interval over seeds",
         )
-    payload = {"cuts": args.cuts, "seeds": args.seeds, "protocols": PROTOCOLS, "rows": rows}
+    payload = {
+        "cuts": args.cuts,
+        "seeds": args.seeds,
+        "protocols": PROTOCOLS,
+        "peers": args.peers,
+        "peer_seeds": peer_seeds,
+        "rows": rows,
+    }
     print(write_results("selection", payload, table))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_results
+from benchmarks.peers import PEER_LABELS
 from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
 from genctr_rec.data import movielens
 from genctr_rec.data.schema import META_FILE
@@ -148,9 +149,6 @@ def run_dataset(
 
 def _fmt(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
-
-
-PEER_LABELS = {"din": "DeepCTR-Torch DIN", "dcnmix": "DeepCTR-Torch DCNMix"}
 
 
 def markdown(name: str, res: dict, backbones: list[str], seeds: list[int]) -> str:
