@@ -406,7 +406,7 @@ def test_every_rank_hashes_the_files_it_wrote(tmp_path) -> None:
 
 def test_tensorboard_staging_is_removed_after_upload(s3, tmp_path, monkeypatch) -> None:
     from genctr_rec.distributed import DistContext
-    from genctr_rec.training.loop import tensorboard_writer
+    from genctr_rec.training.tracking import tensorboard_writer
 
     monkeypatch.setenv("GENCTR_CACHE", str(tmp_path / "cache"))
     ctx = DistContext(0, 1, 0, 1, torch.device("cpu"), "gloo")
@@ -425,7 +425,7 @@ def test_rng_state_is_only_tensors_and_numbers() -> None:
     import io
     import random
 
-    from genctr_rec.training.loop import restore_rng, rng_state
+    from genctr_rec.training.rng import restore_rng, rng_state
 
     g = torch.Generator().manual_seed(3)
     random.seed(1)

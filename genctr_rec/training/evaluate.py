@@ -75,9 +75,7 @@ def calibrated_metrics(arrays: dict, calibrations: list[Calibration]) -> list[di
     return on_main(arrays, compute)
 
 
-def fit_calibration(
-    dmp, reader: ImpressionReader, ctx: DistContext, fitted_on: str
-) -> Calibration:
+def fit_calibration(dmp, reader: ImpressionReader, ctx: DistContext, fitted_on: str) -> Calibration:
     """Collective: Platt scaling fitted on every rank's rows of ``reader`` (on rank 0, the
     two numbers broadcast)."""
     arrays = collect_logits(dmp, reader, ctx, "validation (calibration)")

@@ -51,11 +51,11 @@ from genctr_rec.training.loop import (
     run_metrics,
     train_run,
     validation_every,
-    write_hparams,
 )
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
+from genctr_rec.training.tracking import write_hparams
 from genctr_rec.training.warm_start import check_features, inherit, warm_start_model
 
 logger = logging.getLogger(__name__)

@@ -6,28 +6,24 @@ progress on rank 0 (genctr_rec.progress), TensorBoard scalars, and the loss hist
 from __future__ import annotations
 
 import logging
-import os
-import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.data.prefetch import prefetched
 from genctr_rec.distributed import DistContext
 from genctr_rec.progress import Progress
-from genctr_rec.storage import cache_dir, copy_tree, is_remote
 from genctr_rec.training.allocator import keep_freed_memory
 from genctr_rec.training.loss_log import LossLog
 from genctr_rec.training.preemption import Preempted, StopOnSigterm
+from genctr_rec.training.rng import restore_rng, rng_state
 from genctr_rec.training.sharding import sharding_summary
+from genctr_rec.training.tracking import as_scalar, tensorboard_writer
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +73,6 @@ def validation_every(steps_per_epoch: int, eval_every: int, evals_per_epoch: int
     return max(1, steps_per_epoch // evals_per_epoch) if evals_per_epoch > 1 else 0
 
 
-def _scalar(value: float | None) -> float:
-    """A figure for TensorBoard: an undefined one (None) as NaN, so that every run has the
-    same tags."""
-    return float("nan") if value is None else value
-
-
 def _shown(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
@@ -108,103 +98,6 @@ def learning_rates(built: Any) -> dict[str, float]:
     for i, group in enumerate(getattr(built.dense_optimizer, "param_groups", [])):
         rates[names[i] if i < len(names) else f"dense{i}"] = float(group["lr"])
     return rates
-
-
-def tensorboard_writer(run_dir: Path, ctx: DistContext):
-    """A SummaryWriter on rank 0, None elsewhere (or when tensorboard is unavailable)."""
-    if not ctx.is_main:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # pragma: no cover - tensorboard is a declared dependency
-        return None
-    if not is_remote(run_dir):
-        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-    class UploadingSummaryWriter(SummaryWriter):
-        """TensorBoard cannot append to an object: events go to a local staging directory,
-        copied to ``RUN/tensorboard`` on close, then deleted."""
-
-        def close(self) -> None:
-            super().close()
-            if staging.is_dir():
-                copy_tree(staging, run_dir / "tensorboard")
-                shutil.rmtree(staging, ignore_errors=True)
-
-    root = cache_dir() / "tensorboard"
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=root))
-    return UploadingSummaryWriter(log_dir=str(staging))
-
-
-def hparams_of(cfg: Any) -> dict[str, int | float | str | bool]:
-    """The run's configuration flattened for TensorBoard's HPARAMS tab (``model.dim``, ...)."""
-    flat: dict[str, int | float | str | bool] = {}
-    for key, value in cfg.to_json().items():
-        inner = value.items() if isinstance(value, dict) and key in ("model", "train") else None
-        for name, item in inner or [(None, value)]:
-            full = f"{key}.{name}" if name else key
-            if isinstance(item, bool | int | float | str):
-                flat[full] = item
-            elif item is None:
-                flat[full] = "none"
-            elif isinstance(item, dict) and key == "train" and name == "sharding":
-                flat[full] = ",".join(f"{t}={k}" for t, k in sorted(item.items())) or "auto"
-    return flat
-
-
-def write_hparams(run_dir: Path, cfg: Any, results: dict[str, Any], ctx: DistContext) -> None:
-    """The configuration and the final figures into the run's TensorBoard directory, so that
-    ``tensorboard --logdir runs/`` compares runs by their settings."""
-    writer = tensorboard_writer(run_dir, ctx)
-    if writer is None:
-        return
-    numbers = {
-        f"test/{k}": _scalar(v) for k, v in results.items() if v is None or isinstance(v, float)
-    }
-    writer.add_hparams(hparams_of(cfg), numbers, run_name=".")
-    writer.close()
-
-
-def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """Every random stream's state as tensors and plain numbers only, so that a checkpoint's
-    ``rng-rank*.pt`` loads with ``torch.load(weights_only=True)``, which runs no code."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, python_state, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {
-            "version": version,
-            "state": torch.tensor(python_state, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-        "generators": {name: g.get_state() for name, g in generators.items()},
-    }
-
-
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["gauss"],
-        )
-    )
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss_next"]))
-    for name, g in generators.items():
-        g.set_state(state["generators"][name])
 
 
 def _steps_left(reader: Any) -> int | None:
@@ -306,7 +199,7 @@ def train_epochs(
         if writer is not None:
             for name, value in metrics.items():
                 if value is None or isinstance(value, float):
-                    writer.add_scalar(f"eval/{name}", _scalar(value), global_step)
+                    writer.add_scalar(f"eval/{name}", as_scalar(value), global_step)
         logger.info(
             "%s validation at step %d: %s %s (best %s at step %d)",
             desc,
