@@ -36,7 +36,7 @@ from genctr_rec.data.statistics import resolve_features
 from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.factory import feature_schema
 from genctr_rec.logs import as_json
-from genctr_rec.storage import location, write_json
+from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
 from genctr_rec.training.compiled import compile_dense_step
 from genctr_rec.training.evaluate import (
@@ -46,20 +46,13 @@ from genctr_rec.training.evaluate import (
     evaluate_ctr,
     fit_calibration,
 )
-from genctr_rec.training.loop import (
-    Validation,
-    run_metrics,
-    train_run,
-    validation_every,
-)
+from genctr_rec.training.loop import StageDriver
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
-from genctr_rec.training.tracking import write_hparams
 from genctr_rec.training.warm_start import check_features, inherit, warm_start_model
 
 logger = logging.getLogger(__name__)
-BEST_DIR = "best"
 
 
 def _inherit_from_pretraining(cfg: RunConfig) -> None:
@@ -157,9 +150,8 @@ def _train_and_test(
         batch = batch.to(ctx.device)
         return F.binary_cross_entropy_with_logits(dmp(*batch.model_inputs()), batch.labels)
 
-    validation = None
+    driver = StageDriver(cfg, out, built, ctx, "finetune", None, stop_after_steps)
     if split.valid_split is not None:
-        every = validation_every(len(reader), cfg.train.eval_every, cfg.train.evals_per_epoch)
         valid_reader = eval_reader(
             cfg.reads,
             split.valid_split,
@@ -169,37 +161,22 @@ def _train_and_test(
             features,
             split.valid_range,
         )  # built once: its row selection reads train/'s timestamps
-        validation = Validation(
-            evaluate=lambda: evaluate_ctr(
+        driver.validate_with(
+            lambda: evaluate_ctr(
                 dmp, cfg.reads, ctx, cfg.train.batch_size, cfg.max_history, reader=valid_reader
             ),
-            metric=cfg.train.select_on,
-            every_steps=every,
-            patience=cfg.train.patience,
-            save_best=lambda: built.save_selected(out / BEST_DIR),
+            cfg.train.select_on,
+            len(reader),
             higher_is_better=cfg.train.select_on != "logloss",
-            min_epochs=cfg.train.min_epochs,
-            lr_decay=cfg.train.lr_decay,
         )
-        logger.info("validation: %s, every %d steps", split.describe(), every)
-    history = train_run(
-        cfg,
-        out,
-        reader,
-        step,
-        built,
-        ctx,
-        "finetune",
-        None,
-        stop_after_steps,
-        validation,
-    )
-    if history is None:  # stopped early on request; the checkpoint resumes it
+        logger.info(
+            "validation: %s, every %d steps", split.describe(), driver.validation.every_steps
+        )
+    if driver.train(reader, step) is None:  # stopped early on request; the checkpoint resumes it
         return None
-    if history["best"] is not None:
-        built.load_selected(out / BEST_DIR)
+    driver.select()
     calibration = Calibration()
-    if validation is not None and cfg.train.calibrate == "platt":
+    if driver.validation is not None and cfg.train.calibrate == "platt":
         calibration = fit_calibration(dmp, valid_reader, ctx, split.describe())
         logger.info(
             "calibration on validation: scale %.4f, bias %.4f (LogLoss %s -> %s)",
@@ -213,11 +190,9 @@ def _train_and_test(
     raw, test = calibrated_metrics(
         collect_logits(dmp, test_rows, ctx, "test"), [Calibration(), calibration]
     )
-    built.save_selected(out / "checkpoint")
     if ctx.is_main:
         calibration.write(out)
-    metrics = {
-        **run_metrics("finetune", history, built, ctx),
+    details = {
         "backbone": cfg.backbone,
         "transfer": cfg.transfer,
         "init_from": cfg.init_from,
@@ -228,8 +203,6 @@ def _train_and_test(
         "test": test,
         "test_uncalibrated": raw,
     }
-    write_hparams(out, cfg, test, ctx)
-    if ctx.is_main:
-        write_json(out / "metrics.json", metrics)
+    metrics = driver.finish(test, details)
     logger.info("finetune done: %s", as_json(test))
     return metrics

@@ -1,7 +1,9 @@
-"""The training loop shared by both stages: epochs over a reader, one optimizer step per batch,
-validation every N steps and at each epoch end with early stopping and the best model kept,
-checkpoints every N steps and at each epoch end, exact resume from the latest checkpoint,
-progress on rank 0 (genctr_rec.progress), TensorBoard scalars, and the loss history."""
+"""The training loop shared by both stages, owned by one :class:`StageDriver`: epochs over a
+reader, one optimizer step per batch, validation every N steps and at each epoch end with early
+stopping and the best model kept, checkpoints every N steps and at each epoch end, exact resume
+from the latest checkpoint, progress on rank 0 (genctr_rec.progress), TensorBoard scalars, the
+loss history, and the run's closing (the selected model as ``RUN/checkpoint``, metrics.json).
+A stage says only how it reads, steps, validates and evaluates."""
 
 from __future__ import annotations
 
@@ -18,14 +20,16 @@ from genctr_rec.checkpoint import CheckpointManager
 from genctr_rec.data.prefetch import prefetched
 from genctr_rec.distributed import DistContext
 from genctr_rec.progress import Progress
+from genctr_rec.storage import write_json
 from genctr_rec.training.allocator import keep_freed_memory
 from genctr_rec.training.loss_log import LossLog
 from genctr_rec.training.preemption import Preempted, StopOnSigterm
 from genctr_rec.training.rng import restore_rng, rng_state
 from genctr_rec.training.sharding import sharding_summary
-from genctr_rec.training.tracking import as_scalar, tensorboard_writer
+from genctr_rec.training.tracking import as_scalar, tensorboard_writer, write_hparams
 
 logger = logging.getLogger(__name__)
+BEST_DIR = "best"  # the best validated model so far, in the run directory
 
 
 @dataclass
@@ -108,83 +112,175 @@ def _steps_left(reader: Any) -> int | None:
         return None
 
 
-def train_epochs(
-    reader: Any,
-    step: Callable[[Any], torch.Tensor],
-    built: Any,
-    epochs: int,
-    ctx: DistContext,
-    run_dir: Path,
-    desc: str,
-    checkpoints: CheckpointManager | None = None,
-    generators: dict[str, torch.Generator] | None = None,
-    stop_after_steps: int = 0,
-    validation: Validation | None = None,
-    max_steps: int = 0,
-    sigterm: StopOnSigterm | None = None,
-) -> dict[str, Any] | None:
-    """Runs ``epochs`` epochs (or ``max_steps`` steps when > 0); ``step(batch)`` returns the
-    loss, whose backward also applies the fused embedding optimizer. Resumes from
-    ``checkpoints.latest()`` when there is one. With ``validation``, validates every
-    ``every_steps`` steps and at each epoch end, keeps the best model through ``save_best`` and
-    stops after ``patience`` validations without improvement (``history["valid"]`` lists them,
-    ``history["best"]`` names the selected one).
+def _new_accumulators() -> dict[str, Any]:
+    """The current epoch's running loss, examples and training seconds (checkpointed)."""
+    return {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
 
-    ``stop_after_steps`` > 0 ends this invocation after that many steps in total (a
-    checkpoint is written first) and returns None: the job is resumed by running it again,
-    the way preemptible or time-limited allocations are used.
-    With ``sigterm`` (the handler :func:`train_run` installs), SIGTERM (a scheduler's
-    preemption or cancellation) stops the run at the next step with a checkpoint and raises
-    :class:`~genctr_rec.training.preemption.Preempted` (``training/preemption.py``).
 
-    Returns per-epoch mean losses and throughput."""
-    generators = generators or {}
-    history = _new_history()
-    acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
-    global_step, start_epoch, mid_epoch = 0, 0, False
-    latest = checkpoints.newest_valid() if checkpoints else None
-    plan = sharding_summary(built.dmp)
-    if latest is not None:
+class StageDriver:
+    """One stage's training in its run directory (opened by ``rundir.open_run``), and the
+    loop's state: the history (losses, throughput, validations, the selected one, the
+    learning-rate decay, why it stopped), the epoch's accumulators and the global step.
+
+    Usage, as both stages do::
+
+        driver = StageDriver(cfg, out, built, ctx, "finetune")
+        driver.validate_with(evaluate, "auc", steps_per_epoch=len(reader))
+        history = driver.train(reader, step)  # None: stopped on request, resume later
+        driver.select()  # the best validated model back into the model
+        metrics = driver.finish(quality, {"backbone": ...})
+
+    Args:
+        stop_after_steps: > 0 ends this invocation after that many steps in total (a
+            checkpoint is written first) and :meth:`train` returns None: the job is resumed by
+            running it again, the way preemptible or time-limited allocations are used.
+        generators: random streams checkpointed and restored with the run's.
+
+    SIGTERM (a scheduler's preemption or cancellation) stops the run at the next step with a
+    checkpoint and raises :class:`~genctr_rec.training.preemption.Preempted`.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        out: Path,
+        built: Any,
+        ctx: DistContext,
+        desc: str,
+        generators: dict[str, torch.Generator] | None = None,
+        stop_after_steps: int = 0,
+    ) -> None:
+        self.cfg, self.out, self.built, self.ctx, self.desc = cfg, out, built, ctx, desc
+        self.generators = generators or {}
+        self.stop_after_steps = stop_after_steps
+        self.epochs, self.max_steps = cfg.train.epochs, cfg.train.steps
+        self.checkpoints = CheckpointManager(
+            out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every
+        )
+        self.validation: Validation | None = None
+        self.plan = sharding_summary(built.dmp)
+        self.history = _new_history()
+        self.acc = _new_accumulators()
+        self.global_step = 0
+        self.writer: Any = None
+        self.losses: LossLog | None = None
+        self.sigterm: StopOnSigterm | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def validate_with(
+        self,
+        evaluate: Callable[[], dict[str, float]],
+        metric: str,
+        steps_per_epoch: int,
+        higher_is_better: bool = True,
+    ) -> None:
+        """Validate with ``evaluate`` (collective) at the cadence, patience, minimum epochs and
+        decay of the config; the best model so far is kept in ``RUN/best``."""
+        train = self.cfg.train
+        self.validation = Validation(
+            evaluate=evaluate,
+            metric=metric,
+            every_steps=validation_every(steps_per_epoch, train.eval_every, train.evals_per_epoch),
+            patience=train.patience,
+            save_best=lambda: self.built.save_selected(self.out / BEST_DIR),
+            higher_is_better=higher_is_better,
+            min_epochs=train.min_epochs,
+            lr_decay=train.lr_decay,
+        )
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def train(self, reader: Any, step: Callable[[Any], torch.Tensor]) -> dict[str, Any] | None:
+        """Train per the config, resumed from the newest valid checkpoint; batches are decoded
+        ``cfg.train.prefetch`` ahead on a background thread (default: 2 on CUDA, none on CPU).
+        ``step(batch)`` returns the loss, whose backward also applies the fused embedding
+        optimizer. Returns the history, or None when stopped on request."""
+        keep_freed_memory()
+        train, device = self.cfg.train, self.ctx.device
+        precision = train.resolved_precision(device, self.cfg.max_history)
+        if precision == "bf16":
+            step = bf16_autocast(step, device)
+        logger.info("%s: %s forward on %s", self.desc, precision, device)
+        depth = train.prefetch
+        if depth is None:
+            depth = 2 if device.type == "cuda" else 0
+        started = time.perf_counter()
+        self.writer = tensorboard_writer(self.out, self.ctx)
+        self.losses = LossLog(device, self.writer)
+        try:
+            with StopOnSigterm(device) as self.sigterm:
+                done = self._run(prefetched(reader, depth), step)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        if not done:
+            return None
+        # this process's training, validations and checkpoints included
+        self.history["train_seconds"] = round(time.perf_counter() - started, 2)
+        return self.history
+
+    def select(self) -> None:
+        """The selected (best validated) model back into the model, when there was one."""
+        if self.history["best"] is not None:
+            self.built.load_selected(self.out / BEST_DIR)
+
+    def finish(self, quality: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+        """The selected model as ``RUN/checkpoint``, the figures for TensorBoard's HPARAMS and
+        ``RUN/metrics.json`` (the loop's record, then ``details``). Returns the metrics."""
+        self.built.save_selected(self.out / "checkpoint")
+        metrics = {**run_metrics(self.desc, self.history, self.built, self.ctx), **details}
+        write_hparams(self.out, self.cfg, quality, self.ctx)
+        if self.ctx.is_main:
+            write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _resume(self, reader: Any) -> tuple[int, bool]:
+        """Load the newest valid checkpoint, if any: (first epoch, whether mid-epoch)."""
+        latest = self.checkpoints.newest_valid()
+        if latest is None:
+            return 0, False
+        built = self.built
         built.dense_optimizer.init_state()  # Adam's state must exist to be loaded into
         state = built.app_state()
-        progress, rng = checkpoints.load(latest, state, plan, verified=True)
+        progress, rng = self.checkpoints.load(latest, state, self.plan, verified=True)
         built.load_app_state(state)
         reader.load_state_dict(progress["reader"])
-        history, acc, global_step = progress["history"], progress["epoch_acc"], progress["step"]
+        self.history, self.acc = progress["history"], progress["epoch_acc"]
+        self.global_step = progress["step"]
         for key, empty in _new_history().items():  # checkpoints of 0.10 lack lr_scale
-            history.setdefault(key, empty)
-        start_epoch = reader.state_dict()["epoch"]
-        mid_epoch = reader.state_dict()["batches_done"] > 0
+            self.history.setdefault(key, empty)
         if rng is not None:
-            restore_rng(rng, generators)
+            restore_rng(rng, self.generators)
         else:
             logger.warning("world size changed since %s: RNG streams restart", latest)
-        logger.info("resumed from %s (epoch %d, step %d)", latest, start_epoch, global_step)
-    # the rates as the config sets them times the decay so far (a warm start's inherited
-    # optimizer state carries the previous run's rates: they restart)
-    built.scale_learning_rates(history["lr_scale"])
+        epoch = reader.state_dict()["epoch"]
+        logger.info("resumed from %s (epoch %d, step %d)", latest, epoch, self.global_step)
+        return epoch, reader.state_dict()["batches_done"] > 0
 
-    def save() -> None:
-        losses.flush(acc)
+    def _save(self, reader: Any) -> None:
+        self.losses.flush(self.acc)
         progress = {
-            "step": global_step,
+            "step": self.global_step,
             "reader": reader.state_dict(),
-            "history": history,
-            "epoch_acc": acc,
-            "world_size": ctx.world_size,
-            "sharding": plan,
+            "history": self.history,
+            "epoch_acc": self.acc,
+            "world_size": self.ctx.world_size,
+            "sharding": self.plan,
         }
-        checkpoints.save(global_step, built.app_state(), progress, rng_state(generators))
+        self.checkpoints.save(
+            self.global_step, self.built.app_state(), progress, rng_state(self.generators)
+        )
 
-    writer = tensorboard_writer(run_dir, ctx)
-    losses = LossLog(ctx.device, writer)
-
-    def validate(epoch: int, epochs_done: int) -> None:
+    def _validate(self, epoch: int, epochs_done: int) -> None:
         """Validate now; decays the learning rates on a plateau and marks the run stopped
         when patience is used up (never before ``min_epochs`` complete epochs)."""
+        validation, history = self.validation, self.history
         assert validation is not None
         metrics = validation.evaluate()
-        record = {"step": global_step, "epoch": epoch, **metrics}
+        record = {"step": self.global_step, "epoch": epoch, **metrics}
         history["valid"].append(record)
         best = history["best"] and history["best"].get(validation.metric)
         if validation.improves(metrics.get(validation.metric), best):
@@ -194,125 +290,141 @@ def train_epochs(
             history["bad_validations"] += 1
             if validation.lr_decay < 1:
                 history["lr_scale"] *= validation.lr_decay
-                built.scale_learning_rates(history["lr_scale"])
-                logger.info("%s: learning rates x%.3g from now on", desc, history["lr_scale"])
-        if writer is not None:
+                self.built.scale_learning_rates(history["lr_scale"])
+                logger.info("%s: learning rates x%.3g from now on", self.desc, history["lr_scale"])
+        if self.writer is not None:
             for name, value in metrics.items():
                 if value is None or isinstance(value, float):
-                    writer.add_scalar(f"eval/{name}", as_scalar(value), global_step)
+                    self.writer.add_scalar(f"eval/{name}", as_scalar(value), self.global_step)
         logger.info(
             "%s validation at step %d: %s %s (best %s at step %d)",
-            desc,
-            global_step,
+            self.desc,
+            self.global_step,
             validation.metric,
             _shown(metrics.get(validation.metric)),
             _shown(history["best"].get(validation.metric)),
             history["best"]["step"],
         )
-        check_patience(epochs_done)
+        self._check_patience(epochs_done)
 
-    def check_patience(epochs_done: int) -> None:
+    def _check_patience(self, epochs_done: int) -> None:
+        validation = self.validation
         assert validation is not None
-        out_of_patience = 0 < validation.patience <= history["bad_validations"]
+        out_of_patience = 0 < validation.patience <= self.history["bad_validations"]
         if out_of_patience and epochs_done >= validation.min_epochs:
-            history["stopped"] = {"step": global_step, "reason": "patience"}
+            self.history["stopped"] = {"step": self.global_step, "reason": "patience"}
 
-    def finished() -> bool:
-        return history["stopped"] is not None or (0 < max_steps <= global_step)
+    def _finished(self) -> bool:
+        return self.history["stopped"] is not None or (0 < self.max_steps <= self.global_step)
 
-    for epoch in range(start_epoch, epochs):
-        if finished():
-            break
-        if not mid_epoch:
-            reader.set_epoch(epoch)
-            acc = {"total": 0.0, "count": 0, "examples": 0, "seconds": 0.0}
-        mid_epoch = False
+    def _run(self, reader: Any, step: Callable[[Any], torch.Tensor]) -> bool:
+        """Every epoch left; False when stopped on request (``stop_after_steps``)."""
+        start_epoch, mid_epoch = self._resume(reader)
+        # the rates as the config sets them times the decay so far (a warm start's inherited
+        # optimizer state carries the previous run's rates: they restart)
+        self.built.scale_learning_rates(self.history["lr_scale"])
+        for epoch in range(start_epoch, self.epochs):
+            if self._finished():
+                break
+            if not mid_epoch:
+                reader.set_epoch(epoch)
+                self.acc = _new_accumulators()
+            mid_epoch = False
+            if not self._epoch(reader, step, epoch):
+                return False
+            self._end_epoch(reader, epoch)
+        return True
+
+    def _epoch(self, reader: Any, step: Callable[[Any], torch.Tensor], epoch: int) -> bool:
+        """One epoch's steps (the rest of it, after a resume); False when stopped on request."""
+        built, ctx, acc, validation = self.built, self.ctx, self.acc, self.validation
         start = time.perf_counter()
         progress = Progress(
-            f"{desc} epoch {epoch + 1}/{epochs}", _steps_left(reader), enabled=ctx.is_main
+            f"{self.desc} epoch {epoch + 1}/{self.epochs}",
+            _steps_left(reader),
+            enabled=ctx.is_main,
         )
-        for batch in reader:
-            built.dense_optimizer.zero_grad(set_to_none=True)
-            loss = step(batch)
-            loss.backward()
-            built.dense_optimizer.step()
-            read = losses.add(loss, epoch, global_step, acc)
-            acc["examples"] += batch.batch_size
-            global_step += 1
-            shown = {"loss": acc["total"] / acc["count"]} if read else {}
-            progress.update(1, batch.batch_size * ctx.world_size, **shown)
-            if (
-                validation is not None
-                and validation.every_steps > 0
-                and global_step % validation.every_steps == 0
-            ):
-                acc["seconds"] += time.perf_counter() - start  # examples/s counts training only
-                losses.flush(acc)
-                validate(epoch, epoch)
-                start = time.perf_counter()
-            if 0 < max_steps <= global_step and history["stopped"] is None:
-                history["stopped"] = {"step": global_step, "reason": "max_steps"}
-            periodic = checkpoints is not None and checkpoints.every_steps > 0
-            stopping = 0 < stop_after_steps <= global_step
-            # collective: every rank calls it after every step
-            preempted = sigterm is not None and sigterm.requested()
-            if stopping or preempted or (periodic and global_step % checkpoints.every_steps == 0):
-                acc["seconds"] += time.perf_counter() - start
-                start = time.perf_counter()
-                if checkpoints is not None:
-                    save()
-            if preempted:
-                progress.close()
-                if writer is not None:
-                    writer.close()
-                raise Preempted(global_step, saved=checkpoints is not None)
-            if stopping:
-                progress.close()
-                logger.info("stopping after step %d as asked; run again to resume", global_step)
-                if writer is not None:
-                    writer.close()
-                return None
-            if finished():
-                break
-        progress.close()
-        losses.flush(acc)
+        try:
+            for batch in reader:
+                built.dense_optimizer.zero_grad(set_to_none=True)
+                loss = step(batch)
+                loss.backward()
+                built.dense_optimizer.step()
+                read = self.losses.add(loss, epoch, self.global_step, acc)
+                acc["examples"] += batch.batch_size
+                self.global_step += 1
+                shown = {"loss": acc["total"] / acc["count"]} if read else {}
+                progress.update(1, batch.batch_size * ctx.world_size, **shown)
+                if (
+                    validation is not None
+                    and validation.every_steps > 0
+                    and self.global_step % validation.every_steps == 0
+                ):
+                    acc["seconds"] += time.perf_counter() - start  # examples/s: training only
+                    self.losses.flush(acc)
+                    self._validate(epoch, epoch)
+                    start = time.perf_counter()
+                if 0 < self.max_steps <= self.global_step and self.history["stopped"] is None:
+                    self.history["stopped"] = {"step": self.global_step, "reason": "max_steps"}
+                every = self.checkpoints.every_steps
+                stopping = 0 < self.stop_after_steps <= self.global_step
+                # collective: every rank calls it after every step
+                preempted = self.sigterm is not None and self.sigterm.requested()
+                if stopping or preempted or (every > 0 and self.global_step % every == 0):
+                    acc["seconds"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self._save(reader)
+                if preempted:
+                    raise Preempted(self.global_step, saved=True)
+                if stopping:
+                    logger.info(
+                        "stopping after step %d as asked; run again to resume", self.global_step
+                    )
+                    return False
+                if self._finished():
+                    break
+        finally:
+            progress.close()
+        self.losses.flush(acc)
         acc["seconds"] += time.perf_counter() - start
+        return True
+
+    def _end_epoch(self, reader: Any, epoch: int) -> None:
+        """Record the epoch, validate at its end (unless its last step just did), checkpoint."""
+        history, acc, validation = self.history, self.acc, self.validation
         history["epoch_loss"].append(acc["total"] / max(acc["count"], 1))
         history["examples_per_s"].append(
-            acc["examples"] * ctx.world_size / max(acc["seconds"], 1e-9)
+            acc["examples"] * self.ctx.world_size / max(acc["seconds"], 1e-9)
         )
-        if writer is not None:
-            writer.add_scalar("train/epoch_loss", history["epoch_loss"][-1], global_step)
-            writer.add_scalar("train/examples_per_s", history["examples_per_s"][-1], global_step)
-            for name, lr in learning_rates(built).items():
-                writer.add_scalar(f"train/lr/{name}", lr, global_step)
+        if self.writer is not None:
+            step = self.global_step
+            self.writer.add_scalar("train/epoch_loss", history["epoch_loss"][-1], step)
+            self.writer.add_scalar("train/examples_per_s", history["examples_per_s"][-1], step)
+            for name, lr in learning_rates(self.built).items():
+                self.writer.add_scalar(f"train/lr/{name}", lr, step)
         logger.info(
             "%s epoch %d: loss %.4f, %.0f examples/s over %d ranks",
-            desc,
+            self.desc,
             epoch + 1,
             history["epoch_loss"][-1],
             history["examples_per_s"][-1],
-            ctx.world_size,
+            self.ctx.world_size,
         )
-        validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == global_step
+        validated_now = bool(history["valid"]) and history["valid"][-1]["step"] == self.global_step
         if validation is not None and history["stopped"] is None:
             if validated_now:  # at the epoch's last step: the epoch is complete now
-                check_patience(epoch + 1)
+                self._check_patience(epoch + 1)
             else:
-                validate(epoch, epoch + 1)
+                self._validate(epoch, epoch + 1)
         if history["stopped"] is not None and history["stopped"]["reason"] == "patience":
             logger.info(
                 "%s: no improvement in %d validations, stopping at step %d; best at step %d",
-                desc,
+                self.desc,
                 validation.patience,
-                global_step,
+                self.global_step,
                 history["best"]["step"],
             )
-        if checkpoints:
-            save()
-    if writer is not None:
-        writer.close()
-    return history
+        self._save(reader)
 
 
 def bf16_autocast(step: Callable[[Any], torch.Tensor], device: torch.device):
@@ -326,53 +438,6 @@ def bf16_autocast(step: Callable[[Any], torch.Tensor], device: torch.device):
         return loss.float()
 
     return run
-
-
-def train_run(
-    cfg: Any,
-    out: Path,
-    reader: Any,
-    step: Callable[[Any], torch.Tensor],
-    built: Any,
-    ctx: DistContext,
-    desc: str,
-    generators: dict[str, torch.Generator] | None = None,
-    stop_after_steps: int = 0,
-    validation: Validation | None = None,
-) -> dict[str, Any] | None:
-    """A stage's training in its run directory (opened by ``rundir.open_run``): checkpoints per
-    the config, resumed from the newest valid one; batches are decoded ``cfg.train.prefetch``
-    ahead on a background thread (default: 2 on CUDA, none on CPU). None when stopped on request
-    (``stop_after_steps``)."""
-    keep_freed_memory()
-    checkpoints = CheckpointManager(out, cfg.train.keep_checkpoints, cfg.train.checkpoint_every)
-    precision = cfg.train.resolved_precision(ctx.device, cfg.max_history)
-    if precision == "bf16":
-        step = bf16_autocast(step, ctx.device)
-    logger.info("%s: %s forward on %s", desc, precision, ctx.device)
-    depth = cfg.train.prefetch
-    if depth is None:
-        depth = 2 if ctx.device.type == "cuda" else 0
-    started = time.perf_counter()
-    with StopOnSigterm(ctx.device) as sigterm:
-        history = train_epochs(
-            prefetched(reader, depth),
-            step,
-            built,
-            cfg.train.epochs,
-            ctx,
-            out,
-            desc,
-            checkpoints,
-            generators,
-            stop_after_steps,
-            validation,
-            cfg.train.steps,
-            sigterm,
-        )
-    if history is not None:  # this process's training, validations and checkpoints included
-        history["train_seconds"] = round(time.perf_counter() - started, 2)
-    return history
 
 
 def run_metrics(stage: str, history: dict[str, Any], built: Any, ctx: DistContext) -> dict:

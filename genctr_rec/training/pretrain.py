@@ -29,24 +29,17 @@ from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.logs import as_json
 from genctr_rec.metrics import on_main
 from genctr_rec.models.negatives import NegativeSampler
-from genctr_rec.storage import location, write_json
+from genctr_rec.storage import location
 from genctr_rec.training.build import build_model
-from genctr_rec.training.loop import (
-    Validation,
-    run_metrics,
-    train_run,
-    validation_every,
-)
+from genctr_rec.training.loop import StageDriver
 from genctr_rec.training.raw_ids import plan_raw_ids, write_view
 from genctr_rec.training.rundir import open_run
 from genctr_rec.training.sharding import check_overrides
-from genctr_rec.training.tracking import write_hparams
 from genctr_rec.training.warm_start import inherit, warm_start_model
 
 logger = logging.getLogger(__name__)
 EVAL_CANDIDATES = 100
 SELECT_BY = "ndcg@10_category"
-BEST_DIR = "best"
 
 
 def split_last(
@@ -170,45 +163,16 @@ def _train_and_evaluate(
         negatives = sampler.sample(context[SEQ_ITEMS].values(), k)
         return dmp(context.to(ctx.device), negatives.to(ctx.device))
 
-    validation = None
-    if cfg.train.valid_fraction > 0:
-        validation = Validation(
-            evaluate=lambda: evaluate_next_item(dmp, cfg, ctx),
-            metric=SELECT_BY,
-            every_steps=validation_every(
-                len(reader), cfg.train.eval_every, cfg.train.evals_per_epoch
-            ),
-            patience=cfg.train.patience,
-            save_best=lambda: built.save_selected(out / BEST_DIR),
-            min_epochs=cfg.train.min_epochs,
-            lr_decay=cfg.train.lr_decay,
-        )
-    history = train_run(
-        cfg,
-        out,
-        reader,
-        step,
-        built,
-        ctx,
-        "pretrain",
-        {"negatives": sampler.generator},
-        stop_after_steps,
-        validation,
+    driver = StageDriver(
+        cfg, out, built, ctx, "pretrain", {"negatives": sampler.generator}, stop_after_steps
     )
-    if history is None:  # stopped early on request; the checkpoint resumes it
+    if cfg.train.valid_fraction > 0:
+        driver.validate_with(lambda: evaluate_next_item(dmp, cfg, ctx), SELECT_BY, len(reader))
+    if driver.train(reader, step) is None:  # stopped early on request; the checkpoint resumes it
         return None
-    if history["best"] is not None:
-        built.load_selected(out / BEST_DIR)
+    driver.select()
     quality = evaluate_next_item(dmp, cfg, ctx)
-    built.save_selected(out / "checkpoint")
-    metrics = {
-        **run_metrics("pretrain", history, built, ctx),
-        "decoder": cfg.model.decoder,
-        "negatives": cfg.train.negatives,
-        **quality,
-    }
-    write_hparams(out, cfg, quality, ctx)
-    if ctx.is_main:
-        write_json(out / "metrics.json", metrics)
+    details = {"decoder": cfg.model.decoder, "negatives": cfg.train.negatives, **quality}
+    metrics = driver.finish(quality, details)
     logger.info("pretrain done: %s", as_json({k: v for k, v in metrics.items() if "@" in k}))
     return metrics
