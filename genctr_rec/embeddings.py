@@ -32,9 +32,9 @@ from torchrec import (
 )
 
 from genctr_rec.data.features import USER_ID, FeatureSchema
+from genctr_rec.data.keys import CATEGORY_TABLE, ITEM_TABLE
+from genctr_rec.data.lookups import pad_stride
 
-ITEM_TABLE = "item"
-CATEGORY_TABLE = "category"
 TABLES = (ITEM_TABLE, CATEGORY_TABLE)
 FEATURES_MODULE = "features"  # tables.features: the user table and declared side features
 
@@ -62,17 +62,6 @@ def feature_collection(
         for key, rows in schema.table_sizes().items()
     ]
     return EmbeddingBagCollection(tables=configs, device=device)
-
-
-def pad_stride(kjt: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:
-    """The same KJT with empty bags appended up to ``stride`` rows per key."""
-    if kjt.stride() == stride:
-        return kjt
-    lengths = kjt.lengths().view(len(kjt.keys()), -1)
-    pad = lengths.new_zeros(lengths.shape[0], stride - lengths.shape[1])
-    return KeyedJaggedTensor(
-        keys=kjt.keys(), values=kjt.values(), lengths=torch.cat([lengths, pad], dim=1).flatten()
-    )
 
 
 def _common_strides(strides: list[int], device: torch.device) -> list[int]:

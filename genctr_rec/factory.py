@@ -12,7 +12,7 @@ from torch import nn
 from genctr_rec.config import DECODER_TRANSFERS, RunConfig
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.embeddings import SharedEmbeddings
-from genctr_rec.models.ctr import CTRModel, PretrainModel
+from genctr_rec.models.ctr import BatchCTRModel, CTRModel, PretrainModel
 from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.models.inputs import DenseNorm
 
@@ -36,8 +36,14 @@ def feature_schema(cfg: RunConfig) -> FeatureSchema | None:
     return FeatureSchema.from_json(cfg.features)
 
 
-def build_stage_model(cfg: RunConfig, device: torch.device, dedup: bool | None = None) -> nn.Module:
-    """The stage's model, tables on ``device`` (``meta`` for DMP, ``cpu`` for export)."""
+def build_stage_model(
+    cfg: RunConfig,
+    device: torch.device,
+    dedup: bool | None = None,
+    batch_forward: bool = False,
+) -> nn.Module:
+    """The stage's model, tables on ``device`` (``meta`` for DMP, ``cpu`` for export);
+    ``batch_forward``: the CTR model whose forward takes the batch (TorchRec's pipelines)."""
     m = cfg.model
     features = feature_schema(cfg)
     embeddings = SharedEmbeddings(
@@ -49,10 +55,10 @@ def build_stage_model(cfg: RunConfig, device: torch.device, dedup: bool | None =
         device=device,
         features=features,
     )
-    return model_over(cfg, embeddings)
+    return model_over(cfg, embeddings, batch_forward)
 
 
-def model_over(cfg: RunConfig, embeddings: nn.Module) -> nn.Module:
+def model_over(cfg: RunConfig, embeddings: nn.Module, batch_forward: bool = False) -> nn.Module:
     """The stage's model over given tables (``SharedEmbeddings``, or any module with its call
     signature: the training benchmark's dense reference), so that every caller builds the
     same dense part from the same config."""
@@ -60,7 +66,7 @@ def model_over(cfg: RunConfig, embeddings: nn.Module) -> nn.Module:
         return PretrainModel(embeddings, decoder_for(cfg))
     features = feature_schema(cfg)
     decoder = decoder_for(cfg) if cfg.transfer in DECODER_TRANSFERS else None
-    return CTRModel(
+    return (BatchCTRModel if batch_forward else CTRModel)(
         embeddings,
         cfg.backbone,
         decoder,

@@ -2,8 +2,12 @@
 names only, so that a model knows them without importing the readers (pyarrow and all).
 
 Item-id features share the item table, category-id features the category table
-(``genctr_rec.embeddings``).
+(``genctr_rec.embeddings``); the tables' names are here too, since the batches carry each
+table's lookup (``genctr_rec.data.lookups``).
 """
+
+ITEM_TABLE = "item"
+CATEGORY_TABLE = "category"
 
 TARGET_ITEM = "item_id"
 TARGET_CATEGORY = "category_id"

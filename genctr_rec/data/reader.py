@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
 from genctr_rec.data.checks import (
@@ -43,6 +44,7 @@ from genctr_rec.data.keys import (
     TARGET_CATEGORY,
     TARGET_ITEM,
 )
+from genctr_rec.data.lookups import LookupStrides, TableLookups
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
     META_FILE,
@@ -83,18 +85,20 @@ def _decode_pairs(
 
 
 @dataclass
-class ImpressionBatch:
+class ImpressionBatch(Pipelineable):
     """One step of fine-tuning data. Implements TorchRec's ``Pipelineable`` protocol.
 
     ``side_features`` (keys :attr:`FeatureSchema.sparse_keys`: ``user_id``, then the declared
     ``id`` / ``ids`` features) and ``dense_features`` ([B, declared dense features]) are present
-    when the reader was given a :class:`FeatureSchema`."""
+    when the reader was given a :class:`FeatureSchema`; ``lookups``, each sharded table's input
+    (:class:`~genctr_rec.data.lookups.TableLookups`), when it was given lookup strides."""
 
     sparse_features: KeyedJaggedTensor
     labels: torch.Tensor  # float32 [B]
     user_ids: torch.Tensor  # int64 [B], for GAUC
     side_features: KeyedJaggedTensor | None = None
     dense_features: torch.Tensor | None = None
+    lookups: TableLookups | None = None
 
     @property
     def batch_size(self) -> int:
@@ -111,6 +115,7 @@ class ImpressionBatch:
             self.user_ids,
             self.side_features,
             self.dense_features,
+            self.lookups,
         )
 
     def _map(self, fn) -> ImpressionBatch:
@@ -129,7 +134,7 @@ class ImpressionBatch:
 
 
 @dataclass
-class SequenceBatch:
+class SequenceBatch(Pipelineable):
     """One step of pre-training data: per-user click sequences, newest last."""
 
     sparse_features: KeyedJaggedTensor  # keys SEQUENCE_KEYS, one jagged row per user
@@ -287,6 +292,8 @@ class ImpressionReader(_Reader):
         features: read ``user_id`` (ids past ``num_users`` map to the shared default row) and
             the declared side features into ``side_features`` / ``dense_features``.
         time_range: stream only rows with ``lo <= timestamp < hi`` (the validation slice).
+        lookups: also build each sharded table's input into ``batch.lookups`` (unique ids
+            padded to these strides), for TorchRec's training pipelines.
 
     Example::
 
@@ -310,7 +317,9 @@ class ImpressionReader(_Reader):
         features: FeatureSchema | None = None,
         shuffle_window: int = 4,
         time_range: TimeRange | None = None,
+        lookups: LookupStrides | None = None,
     ) -> None:
+        self.lookup_strides = lookups
         self._scalar_keys = [TARGET_ITEM, TARGET_CATEGORY, QUERY_CATEGORY]
         self.keys = self._scalar_keys + [HIST_ITEMS, HIST_CATEGORIES]
         self.features = features
@@ -382,6 +391,8 @@ class ImpressionReader(_Reader):
                 batch.side_features, batch.dense_features = side_inputs(
                     self.features, scalars, lists, block.num_rows
                 )
+            if self.lookup_strides is not None:
+                batch.lookups = TableLookups.of(kjt, batch.side_features, self.lookup_strides)
             yield batch
 
 

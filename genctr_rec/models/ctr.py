@@ -23,7 +23,12 @@ from genctr_rec.data.keys import (
     TARGET_CATEGORY,
     TARGET_ITEM,
 )
-from genctr_rec.embeddings import SharedEmbeddings
+from genctr_rec.embeddings import (
+    CATEGORY_TABLE,
+    FEATURES_MODULE,
+    ITEM_TABLE,
+    SharedEmbeddings,
+)
 from genctr_rec.models.backbones import build_backbone
 from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.models.inputs import DenseNorm, impression_input, input_width
@@ -129,21 +134,37 @@ class CTRModel(nn.Module):
     ) -> torch.Tensor:
         """Click logits [B] from the impression KJT, the side-feature KJT (``user_id`` and
         declared sparse features) and the dense features [B, num_dense]."""
-        target = features[TARGET_ITEM].values()
-        target_cat = features[TARGET_CATEGORY].values()
-        query_cat = features[QUERY_CATEGORY].values()
-        hist_items_jt = features[HIST_ITEMS]
-        lengths = hist_items_jt.lengths().long()
-        b = target.numel()
         item_emb, cat_emb = self.embeddings(
-            torch.cat([target, hist_items_jt.values()]),
-            torch.cat([target_cat, query_cat, features[HIST_CATEGORIES].values()]),
+            torch.cat([features[TARGET_ITEM].values(), features[HIST_ITEMS].values()]),
+            torch.cat(
+                [
+                    features[TARGET_CATEGORY].values(),
+                    features[QUERY_CATEGORY].values(),
+                    features[HIST_CATEGORIES].values(),
+                ]
+            ),
         )
-        t_item, h_item = item_emb[:b], item_emb[b:]
-        t_cat, q_cat, h_cat = cat_emb[:b], cat_emb[b : 2 * b], cat_emb[2 * b :]
         side_emb = None
         if side is not None and self.embeddings.feature_keys:
             side_emb = self.embeddings.side_features(side)
+        return self.logits(features, item_emb, cat_emb, side_emb, dense)
+
+    def logits(
+        self,
+        features: KeyedJaggedTensor,
+        item_emb: torch.Tensor,
+        cat_emb: torch.Tensor,
+        side_emb: torch.Tensor | None,
+        dense: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Click logits [B] from the looked-up rows: ``item_emb`` the target items then the
+        history's, ``cat_emb`` the target categories, the query categories, then the
+        history's, ``side_emb`` the pooled side features [B, keys * dim] (the dense half of
+        :meth:`forward`, shared with :class:`BatchCTRModel`)."""
+        lengths = features[HIST_ITEMS].lengths().long()
+        b = features[TARGET_ITEM].values().numel()
+        t_item, h_item = item_emb[:b], item_emb[b:]
+        t_cat, q_cat, h_cat = cat_emb[:b], cat_emb[b : 2 * b], cat_emb[2 * b :]
         x0 = impression_input(
             t_item,
             t_cat,
@@ -170,3 +191,39 @@ class CTRModel(nn.Module):
                 x0, g, t_item, target=t_item + t_cat, history=history, lengths=lengths
             )
         return self.backbone(x0, g, t_item)
+
+
+class BatchCTRModel(CTRModel):
+    """The CTR model as TorchRec's training pipelines call it: ``forward(batch)`` returns
+    ``(loss, (loss, logits, labels))``, and each sharded table is called on the batch's own
+    lookup (``batch.lookups``, built by the reader), with nothing computed in between, so that
+    ``TrainPipelineSparseDist`` can distribute the next batch's ids while this one computes.
+    Same parameters and state-dict keys as :class:`CTRModel` (checkpoints load either way)."""
+
+    def forward(self, batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # noqa: D102
+        lookups = batch.lookups
+        items = self.embeddings.tables[ITEM_TABLE](lookups.items)
+        categories = self.embeddings.tables[CATEGORY_TABLE](lookups.categories)
+        side = None
+        if self.embeddings.feature_keys:
+            side = self.embeddings.tables[FEATURES_MODULE](lookups.features)
+        return _loss_and_outputs(self, batch, items, categories, side)
+
+
+@torch.fx.wrap
+def _loss_and_outputs(
+    model: CTRModel, batch, items, categories, side
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The dense half of :class:`BatchCTRModel`, one leaf for TorchRec's pipeline tracer (it
+    traces ``forward`` only to find the sharded modules' inputs; this part has shapes that
+    depend on the data, which symbolic tracing cannot follow)."""
+    lookups, b = batch.lookups, batch.labels.numel()
+    item_emb = items.values()[lookups.item_rows]
+    cat_emb = categories.values()[lookups.category_rows]
+    side_emb = None
+    if side is not None:
+        pooled = side.to_dict()
+        side_emb = torch.cat([pooled[key][:b] for key in model.embeddings.feature_keys], dim=1)
+    logits = model.logits(batch.sparse_features, item_emb, cat_emb, side_emb, batch.dense_features)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    return loss, (loss.detach(), logits.detach(), batch.labels)

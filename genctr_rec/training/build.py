@@ -147,10 +147,11 @@ def inherited_table_lrs(cfg: RunConfig) -> dict[str, float]:
     return {prefix[len(TABLES_PREFIX) :].rstrip("."): rate for prefix in SHARED_TABLE_PREFIXES}
 
 
-def build_model(cfg: RunConfig, ctx: DistContext) -> BuiltModel:
-    """The stage's model with tables on ``meta``, fused optimizer registered, wrapped in DMP."""
+def build_model(cfg: RunConfig, ctx: DistContext, batch_forward: bool = False) -> BuiltModel:
+    """The stage's model with tables on ``meta``, fused optimizer registered, wrapped in DMP;
+    ``batch_forward``: the fine-tuning model TorchRec's pipelines call with the batch."""
     seed_everything(cfg.train.seed)
-    model = build_stage_model(cfg, torch.device("meta"))
+    model = build_stage_model(cfg, torch.device("meta"), batch_forward=batch_forward)
     embeddings = model.embeddings
     opt_name = cfg.train.resolved_embedding_optimizer(ctx.device)
     emb_lr = cfg.train.resolved_embedding_lr(ctx.device)
