@@ -17,12 +17,12 @@ import pyarrow as pa
 from genctr_rec.data.checks import (
     check_range,
     check_schema,
-    feature_column,
     missing_feature,
     scalar_column,
 )
 from genctr_rec.data.features import FeatureSpec
 from genctr_rec.data.jagged import lengths_to_offsets
+from genctr_rec.data.kinds import feature_column, kind_of
 from genctr_rec.data.schema import ITEMS_FILE, ITEMS_SCHEMA, DataFormatError, DatasetMeta
 from genctr_rec.data.stream import Jagged
 from genctr_rec.storage import location, open_parquet
@@ -113,7 +113,7 @@ def read_item_catalogue(
     position[np.concatenate(order)] = np.arange(seen)
     catalogue = ItemCatalogue(categories)
     for spec in specs:
-        if spec.kind == "ids":
+        if kind_of(spec).is_list:
             lengths = np.concatenate([np.diff(off) for off, _ in parts[spec.name]])
             values = np.concatenate([vals for _, vals in parts[spec.name]])
             starts = lengths_to_offsets(lengths)[:-1]

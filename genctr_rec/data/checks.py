@@ -17,7 +17,7 @@ from genctr_rec.data.jagged import list_parts
 from genctr_rec.data.schema import DataFormatError
 
 
-def _is_integer(t: pa.DataType) -> bool:
+def is_integer_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t)
 
 
@@ -42,13 +42,17 @@ def check_schema(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
         check_once(path, schema, field.name)
         actual = schema.field(field.name).type
         if pa.types.is_list(field.type):
-            ok = (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _is_integer(
+            ok = (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and is_integer_type(
                 actual.value_type
             )
         elif field.name == "label":
-            ok = _is_integer(actual) or pa.types.is_floating(actual) or pa.types.is_boolean(actual)
+            ok = (
+                is_integer_type(actual)
+                or pa.types.is_floating(actual)
+                or pa.types.is_boolean(actual)
+            )
         else:
-            ok = _is_integer(actual)
+            ok = is_integer_type(actual)
         if not ok:
             raise DataFormatError(path, f"expected {field.type}, found {actual}", field.name)
 
@@ -183,35 +187,3 @@ def missing_feature(path: Path, spec, file_columns: list[str]) -> DataFormatErro
         f"(file has: {', '.join(file_columns)})",
         spec.name,
     )
-
-
-def feature_column(
-    path: Path, table: pa.Table, spec, row0: int
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """A declared side feature's column, checked against its spec
-    (:class:`~genctr_rec.data.features.FeatureSpec`): ``id`` -> int64 ids in range, ``ids`` ->
-    (offsets, values) in range, ``dense`` -> finite float32."""
-    if spec.name not in table.column_names:
-        raise missing_feature(path, spec, table.column_names)
-    check_once(path, table.schema, spec.name)
-    actual = table.schema.field(spec.name).type
-    if spec.kind == "dense":
-        return dense_column(path, table, spec.name, row0)
-    if spec.kind == "id":
-        if not _is_integer(actual):
-            raise DataFormatError(
-                path, f"an id feature must be an integer, found {actual}", spec.name
-            )
-        values = scalar_column(path, table, spec.name, row0)
-        check_range(path, spec.name, values, spec.vocab_size, row0)
-        return values
-    if not (
-        (pa.types.is_list(actual) or pa.types.is_large_list(actual))
-        and _is_integer(actual.value_type)
-    ):
-        raise DataFormatError(
-            path, f"an ids feature must be a list of integers, found {actual}", spec.name
-        )
-    offsets, values = list_column(path, table, spec.name, row0)
-    check_range(path, spec.name, values, spec.vocab_size, row0, offsets)
-    return offsets, values

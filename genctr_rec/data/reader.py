@@ -27,7 +27,6 @@ from genctr_rec.data.checks import (
     check_oldest_first,
     check_range,
     check_same_lengths,
-    feature_column,
     label_column,
     list_column,
     scalar_column,
@@ -44,6 +43,7 @@ from genctr_rec.data.keys import (
     TARGET_CATEGORY,
     TARGET_ITEM,
 )
+from genctr_rec.data.kinds import feature_column, kind_of
 from genctr_rec.data.lookups import LookupStrides, TableLookups
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
@@ -364,7 +364,7 @@ class ImpressionReader(_Reader):
             check_range(path, USER_ID, scalars[USER_ID], np.iinfo(np.int64).max, row0)
             for spec in self.features.of("impression"):
                 column = feature_column(path, table, spec, row0)
-                if spec.kind == "ids":
+                if kind_of(spec).is_list:
                     offsets, vals = column
                     lists[spec.name] = Jagged(vals, offsets[:-1], np.diff(offsets))
                 else:

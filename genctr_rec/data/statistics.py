@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genctr_rec.data.catalogue import row_groups
-from genctr_rec.data.checks import feature_column
 from genctr_rec.data.features import USER_ID, FeatureSchema, FeatureSpec
+from genctr_rec.data.kinds import feature_column, kind_of
 from genctr_rec.data.schema import ITEMS_FILE, DatasetMeta, split_files
 from genctr_rec.storage import location
 
@@ -50,7 +50,7 @@ def dense_statistics(data_dir: str | Path, features: list[FeatureSpec]) -> dict[
     over train/, item ones over items.parquet. Reads those columns only."""
     stats = {}
     for spec in features:
-        if spec.kind != "dense":
+        if kind_of(spec).sparse:
             continue
         files = (
             split_files(data_dir, "train")

@@ -20,11 +20,11 @@ from genctr_rec.data.checks import (
     check_oldest_first,
     check_range,
     check_same_lengths,
-    feature_column,
     label_column,
     list_column,
     scalar_column,
 )
+from genctr_rec.data.kinds import feature_column
 from genctr_rec.data.schema import (
     HIST_TIMESTAMPS,
     IMPRESSION_SCHEMA,

@@ -32,7 +32,6 @@ item features come from the artifact's catalogue for each candidate.
 import dataclasses
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -46,7 +45,7 @@ import torch
 from genctr_rec.data.catalogue import ItemCatalogue
 from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.id_maps import ITEM as ITEM_SPACE
-from genctr_rec.data.jagged import lengths_to_offsets
+from genctr_rec.data.kinds import FieldError, int_array, kind_of
 from genctr_rec.data.reader import side_inputs
 from genctr_rec.data.stream import Jagged
 from genctr_rec.serving.artifact import Artifact, artifact_digest, load_artifact
@@ -56,13 +55,8 @@ logger = logging.getLogger(__name__)
 OOV_POLICIES = ("default", "reject", "skip_history")
 
 
-class RequestError(ValueError):
+class RequestError(FieldError):
     """A request the model cannot score; ``field`` says where (e.g. ``candidates[3].item_id``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass
@@ -134,14 +128,9 @@ class ContextCache:
 
 def _ids(values: Sequence[int | None] | None, name: str, expected: int | None = None) -> np.ndarray:
     try:
-        array = np.asarray(values if values is not None else [], dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise RequestError(name, f"must be a list of integers ({exc})") from exc
-    if array.ndim != 1:
-        raise RequestError(name, "must be a flat list of integers")
-    if expected is not None and len(array) != expected:
-        raise RequestError(name, f"has {len(array)} entries, expected {expected}")
-    return array
+        return int_array(values, name, expected)
+    except FieldError as exc:
+        raise RequestError(exc.field, exc.message) from exc.__cause__
 
 
 def _first_outside(array: np.ndarray, vocab: int) -> int | None:
@@ -156,7 +145,7 @@ def _with_default_item(catalogue: ItemCatalogue, schema: FeatureSchema | None) -
     scalars = {}
     for name, values in catalogue.scalars.items():
         spec = specs.get(name)
-        if spec is not None and spec.kind == "dense":
+        if spec is not None and not kind_of(spec).sparse:
             extra = schema.dense_stats.get(name, (0.0, 1.0))[0]
         else:
             extra = spec.vocab_size if spec is not None else 0
@@ -209,9 +198,7 @@ class Predictor:
         if oov not in OOV_POLICIES:
             raise ValueError(f"oov must be one of {OOV_POLICIES}, got {oov!r}")
         self.artifact = (
-            artifact
-            if isinstance(artifact, Artifact)
-            else load_artifact(artifact, artifact_sha256)
+            artifact if isinstance(artifact, Artifact) else load_artifact(artifact, artifact_sha256)
         )
         meta = self.artifact.metadata
         self.artifact_sha256 = artifact_digest(self.artifact.path)  # names its exact contents
@@ -363,19 +350,20 @@ class Predictor:
         if USER_ID in maps and request.user_id is not None and self.schema is not None:
             user = rows([request.user_id], USER_ID, "user_id", self.schema.num_users)
             changes["user_id"] = int(user[0])
-        raw_features = [f for f in self.schema.of("impression") if f.name in maps] if (
-            self.schema is not None
-        ) else []
+        raw_features = (
+            [f for f in self.schema.of("impression") if f.name in maps]
+            if (self.schema is not None)
+            else []
+        )
         if raw_features and request.features:
             features = dict(request.features)
             for spec in raw_features:
                 if spec.name not in features:
                     continue  # _side names what is missing
-                value = features[spec.name]
-                where = f"features.{spec.name}"
-                found = rows([value] if spec.kind == "id" else value, spec.name, where,
+                kind, where = kind_of(spec), f"features.{spec.name}"
+                found = rows(kind.as_ids(features[spec.name]), spec.name, where,
                              int(spec.vocab_size))  # fmt: skip
-                features[spec.name] = int(found[0]) if spec.kind == "id" else found.tolist()
+                features[spec.name] = kind.from_ids(found)
             changes["features"] = features
         return dataclasses.replace(request, **changes)
 
@@ -403,28 +391,23 @@ class Predictor:
             where = f"features.{name}"
             if name not in given:
                 raise RequestError(where, f"required ({spec.kind} feature of this model)")
-            value = given[name]
-            if spec.kind == "dense":
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise RequestError(where, f"must be a number, got {value!r}")
-                if not math.isfinite(value):
-                    raise RequestError(where, f"must be finite, got {value!r}")
-                values[name] = float(value)
-                continue
-            if spec.kind == "ids" and isinstance(value, list) and len(value) > self.max_feature_ids:
-                raise RequestError(
-                    where, f"{len(value)} ids; at most {self.max_feature_ids} are accepted"
-                )
-            array = _ids([value] if spec.kind == "id" else value, where)
-            bad = _first_outside(array, spec.vocab_size)
-            if bad is not None and self.oov == "default":
-                unknown = (array < 0) | (array >= spec.vocab_size)
-                self._unknown(where, int(unknown.sum()))
-                array = np.where(unknown, spec.vocab_size, array)
-            elif bad is not None:
-                at = where if spec.kind == "id" else f"{where}[{bad}]"
-                raise RequestError(at, f"{array[bad]} is outside [0, {spec.vocab_size})")
-            values[name] = array
+            kind = kind_of(spec)
+            try:
+                value = kind.request_value(given[name], where, self.max_feature_ids)
+            except FieldError as exc:
+                raise RequestError(exc.field, exc.message) from None
+            if kind.sparse:
+                bad = _first_outside(value, spec.vocab_size)
+                if bad is not None and self.oov == "default":
+                    unknown = (value < 0) | (value >= spec.vocab_size)
+                    self._unknown(where, int(unknown.sum()))
+                    value = np.where(unknown, spec.vocab_size, value)
+                elif bad is not None:
+                    raise RequestError(
+                        kind.outside_at(where, bad),
+                        f"{value[bad]} is outside [0, {spec.vocab_size})",
+                    )
+            values[name] = value
         return user_row, values
 
     def _check_against_catalogue(self, items: np.ndarray, cats: np.ndarray) -> None:
@@ -490,7 +473,7 @@ class Predictor:
         features: dict[str, object] = {}
         for spec in self.schema.of("impression") if self.schema is not None else []:
             value = self.ids_of(spec.name, first)
-            features[spec.name] = {"dense": 0.0, "id": value[0]}.get(spec.kind, value)
+            features[spec.name] = kind_of(spec).from_ids(value)
         return features
 
     def warm_up(self, rounds: int = 3, candidates: int = 100) -> float:
@@ -562,15 +545,8 @@ class Predictor:
             lists.update(item_lists)
         for spec in self.schema.of("impression"):  # impression features: the request's
             given = [r.impression[spec.name] for r in batch]
-            if spec.kind == "ids":
-                sizes = np.array([len(v) for v in given], dtype=np.int64)
-                flat = np.concatenate(given).astype(np.int64)
-                jag = Jagged(flat, lengths_to_offsets(sizes)[:-1], sizes)
-                lists[spec.name] = jag.rows(rows)
-            elif spec.kind == "id":
-                scalars[spec.name] = np.concatenate(given)[rows]
-            else:
-                scalars[spec.name] = np.asarray(given, dtype=np.float32)[rows]
+            kind = kind_of(spec)
+            (lists if kind.is_list else scalars)[spec.name] = kind.gather(given, rows)
         kjt, dense = side_inputs(self.schema, scalars, lists, n)
         return kjt.values(), kjt.lengths(), dense if dense is not None else torch.zeros(n, 0)
 
