@@ -29,6 +29,9 @@ The protocol, fixed before any result was seen (issue 25):
   fact, which favours the peers). On MovieLens only unless ``--synth-peers`` (the synthetic
   preset is larger; BST alone takes about 11 minutes a run on one core), and a slow peer can
   be held to some seeds (``--peer-seeds rechub_bst=0``): it is then paired on those only.
+* **Table 1's rows 2-4** (issue 25 item 4, added with the peers): PS alone, the decoder
+  without pre-training, the decoder with PS, under the default protocol; rows 6-8 need three
+  more pre-trainings a cut and seed and are not run here (``benchmarks/table1.py`` runs them).
 * **Calibration**: every run fits Platt scaling on its validation rows; both the raw and the
   calibrated test figures are reported (AUC is the same by construction).
 
@@ -49,7 +52,7 @@ import numpy as np
 from benchmarks.common import write_results
 from benchmarks.peers import PEER_LABELS, PEERS
 from benchmarks.table1 import metrics_of
-from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+from genctr_rec.config import TRANSFER_PREFIXES, ModelConfig, RunConfig, TrainConfig
 
 DAYS, WINDOW = 9, 9  # ten periods; every day trains on all ratings before its test period
 CUTS = [6, 7, 8]
@@ -65,6 +68,10 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "ps_mi_frozen": ("ps_mi", {"inherited_tables_lr": 0.0}),
 }
 LEVER_PROTOCOL = "patience"
+# Table 1's rows 2-4 (issue 25 item 4), under the default protocol: they need no other
+# pre-training than GenCTR's (rows 6-8 do: CS+SD, RS+CD, RS+SD)
+ROWS: dict[str, tuple[str, dict]] = {"ps": ("ps", {}), "decoder": ("decoder", {}),
+                                     "ps_decoder": ("ps_decoder", {})}  # fmt: skip
 # Student's t, 97.5 % quantile, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
@@ -98,7 +105,7 @@ def prepare(workdir: Path, cuts: list[int], synth: bool) -> dict[str, tuple[Path
 def _plan() -> list[tuple[str, str, str, dict]]:
     """(protocol, name, transfer, train overrides) of every fine-tuning run of a cut and seed."""
     runs = [(p, t, t, train) for p, train in PROTOCOLS.items() for t in TRANSFERS]
-    for name, (transfer, extra) in LEVERS.items():
+    for name, (transfer, extra) in {**LEVERS, **ROWS}.items():
         runs.append((LEVER_PROTOCOL, name, transfer, {**PROTOCOLS[LEVER_PROTOCOL], **extra}))
     return runs
 
@@ -131,7 +138,7 @@ def run_all(
                     TrainConfig(seed=seed, **train),
                     backbone=backbone,
                     transfer=transfer,
-                    init_from=str(pre) if transfer != "none" else None,
+                    init_from=str(pre) if transfer in TRANSFER_PREFIXES else None,
                 )
                 m = metrics_of(run) or finetune(cfg, run)
                 raw = m.get("test_uncalibrated", m["test"])
@@ -212,7 +219,9 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {"none": "backbone", "ps_mi": "GenCTR", "gpsd": "GPSD (PS, tables frozen)",
-              "ps_mi_frozen": "GenCTR, tables frozen", **PEER_LABELS}  # fmt: skip
+              "ps_mi_frozen": "GenCTR, tables frozen", "ps": "row 2: backbone + PS",
+              "decoder": "row 3: + decoder, no pre-training",
+              "ps_decoder": "row 4: + decoder, PS", **PEER_LABELS}  # fmt: skip
     peers = list(dict.fromkeys(r["transfer"] for r in rows if r["protocol"] == "peer"))
     shown = [(p, n) for p, n, _, _ in _plan()] + [("peer", n) for n in peers]
     for protocol, transfer in dict.fromkeys(shown):
@@ -254,6 +263,16 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
             for n in LEVERS
         ]
     )
+    claims += [
+        (f"{labels[n]} − backbone", (LEVER_PROTOCOL, n), (LEVER_PROTOCOL, "none")) for n in ROWS
+    ]
+    claims += [
+        (f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), (LEVER_PROTOCOL, n)) for n in ROWS
+    ]
+    claims.append(
+        ("row 4 − row 3 (PS helps a decoder)", (LEVER_PROTOCOL, "ps_decoder"),
+         (LEVER_PROTOCOL, "decoder"))
+    )  # fmt: skip
     claims += [(f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), ("peer", n)) for n in peers]
     if peers:
         claims.append(("GenCTR − best peer of each cut", (LEVER_PROTOCOL, "ps_mi"), ("peer", "")))
