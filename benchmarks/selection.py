@@ -1,6 +1,7 @@
 """Does the GenCTR gain hold on cuts nobody tuned to, and under which model selection?
 
     python -m benchmarks.selection [--cuts 6 7 8] [--seeds 0 1 2] [--workdir runs/selection]
+    python -m benchmarks.selection --backbone dcnv2_ta --runs none ps_mi --no-synth
 
 The protocol, fixed before any result was seen (issue 25):
 
@@ -119,7 +120,10 @@ def run_all(
     peers: list[str] = (),
     peer_seeds: dict[str, list[int]] | None = None,
     synth_peers: bool = False,
+    only: list[str] | None = None,
 ) -> list[dict]:
+    """Every run of the plan (or the runs named in ``only``, under the default protocol) and
+    of the peers, reusing finished ones; one row each."""
     from genctr_rec.training.finetune import finetune
     from genctr_rec.training.pretrain import pretrain
 
@@ -130,6 +134,8 @@ def run_all(
             cfg = RunConfig("pretrain", str(data), ModelConfig(), TrainConfig(seed=seed))
             metrics_of(pre) or pretrain(cfg, pre)
             for protocol, name, transfer, train in _plan():
+                if only and (name not in only or protocol != LEVER_PROTOCOL):
+                    continue
                 run = folder / f"ft-{backbone}-{name}-{protocol}-s{seed}"
                 cfg = RunConfig(
                     "finetune",
@@ -318,6 +324,12 @@ def main() -> None:
         action="store_true",
         help="train the peers on the synthetic data too (hours on 2 CPU cores)",
     )
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=None,
+        help="only these runs, default protocol (e.g. none ps_mi for another backbone)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     peer_seeds = {
@@ -332,20 +344,21 @@ def main() -> None:
         args.peers,
         peer_seeds,
         args.synth_peers,
+        args.runs,
     )
     ml = [f"ml-{c}" for c in args.cuts]
     table = markdown(
         [r for r in rows if r["cut"] in ml],
         ml,
         f"MovieLens-100k, rolling origin: days {args.cuts} of `--days {DAYS} --window {WINDOW}`"
-        f", seeds {args.seeds}, DNN; mean ± 95 % interval over cuts x seeds",
+        f", seeds {args.seeds}, {args.backbone}; mean ± 95 % interval over cuts x seeds",
     )
     if args.synth:
         table += "\n\n" + markdown(
             [r for r in rows if r["cut"] == "synth"],
             ["synth"],
-            f"synthetic, default preset (one split), seeds {args.seeds}, DNN; mean ± 95 % "
-            "interval over seeds",
+            f"synthetic, default preset (one split), seeds {args.seeds}, {args.backbone}; "
+            "mean ± 95 % interval over seeds",
         )
     payload = {
         "cuts": args.cuts,
@@ -353,9 +366,11 @@ def main() -> None:
         "protocols": PROTOCOLS,
         "peers": args.peers,
         "peer_seeds": peer_seeds,
+        "backbone": args.backbone,
         "rows": rows,
     }
-    print(write_results("selection", payload, table))
+    name = "selection" if args.backbone == "dnn" else f"selection_{args.backbone}"
+    print(write_results(name, payload, table))
 
 
 if __name__ == "__main__":
