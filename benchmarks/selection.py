@@ -30,9 +30,10 @@ The protocol, fixed before any result was seen (issue 25):
   fact, which favours the peers). On MovieLens only unless ``--synth-peers`` (the synthetic
   preset is larger; BST alone takes about 11 minutes a run on one core), and a slow peer can
   be held to some seeds (``--peer-seeds rechub_bst=0``): it is then paired on those only.
-* **Table 1's rows 2-4** (issue 25 item 4, added with the peers): PS alone, the decoder
-  without pre-training, the decoder with PS, under the default protocol; rows 6-8 need three
-  more pre-trainings a cut and seed and are not run here (``benchmarks/table1.py`` runs them).
+* **Table 1's rows 2-4 and 6-8** (issue 25 item 4, added with the peers): PS alone, the
+  decoder without pre-training, the decoder with PS, and GenCTR from the three other
+  pre-trainings (CS + SD, RS + CD, RS + SD: one more pre-training each a cut and seed), under
+  the default protocol.
 * **Calibration**: every run fits Platt scaling on its validation rows; both the raw and the
   calibrated test figures are reported (AUC is the same by construction).
 
@@ -52,7 +53,7 @@ import numpy as np
 
 from benchmarks.common import write_results
 from benchmarks.peers import PEER_LABELS, PEERS
-from benchmarks.table1 import metrics_of
+from benchmarks.table1 import VARIANTS, metrics_of
 from genctr_rec.config import TRANSFER_PREFIXES, ModelConfig, RunConfig, TrainConfig
 
 DAYS, WINDOW = 9, 9  # ten periods; every day trains on all ratings before its test period
@@ -72,7 +73,10 @@ LEVER_PROTOCOL = "patience"
 # Table 1's rows 2-4 (issue 25 item 4), under the default protocol: they need no other
 # pre-training than GenCTR's (rows 6-8 do: CS+SD, RS+CD, RS+SD)
 ROWS: dict[str, tuple[str, dict]] = {"ps": ("ps", {}), "decoder": ("decoder", {}),
-                                     "ps_decoder": ("ps_decoder", {})}  # fmt: skip
+                                     "ps_decoder": ("ps_decoder", {}), "cs_sd": ("ps_mi", {}),
+                                     "rs_cd": ("ps_mi", {}), "rs_sd": ("ps_mi", {})}  # fmt: skip
+# rows 6-8 fine-tune GenCTR from another pre-training (Table 1's variants: negatives, decoder)
+PRETRAINED_AS = {name: VARIANTS[name] for name in ("cs_sd", "rs_cd", "rs_sd")}
 # Student's t, 97.5 % quantile, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
@@ -125,17 +129,14 @@ def run_all(
     """Every run of the plan (or the runs named in ``only``, under the default protocol) and
     of the peers, reusing finished ones; one row each."""
     from genctr_rec.training.finetune import finetune
-    from genctr_rec.training.pretrain import pretrain
 
     rows = []
     for cut, (data, folder) in prepare(workdir, cuts, synth).items():
         for seed in seeds:
-            pre = folder / f"pretrain-s{seed}"
-            cfg = RunConfig("pretrain", str(data), ModelConfig(), TrainConfig(seed=seed))
-            metrics_of(pre) or pretrain(cfg, pre)
             for protocol, name, transfer, train in _plan():
                 if only and (name not in only or protocol != LEVER_PROTOCOL):
                     continue
+                pre = _pretrained(data, folder, seed, name)
                 run = folder / f"ft-{backbone}-{name}-{protocol}-s{seed}"
                 cfg = RunConfig(
                     "finetune",
@@ -170,6 +171,24 @@ def run_all(
                 rows.append(_peer_row(folder / f"peer-{peer}-s{seed}.json", peer, data, cut, seed))
                 print(json.dumps(rows[-1]))
     return rows
+
+
+def _pretrained(data: Path, folder: Path, seed: int, name: str) -> Path:
+    """The pre-training run ``name`` fine-tunes from (GenCTR's, CS + CD, unless a row of
+    Table 1 names another), trained once per cut and seed."""
+    from genctr_rec.training.pretrain import pretrain
+
+    negatives, decoder = PRETRAINED_AS.get(name, ("category", "conditional"))
+    pre = folder / (f"pretrain-{name}-s{seed}" if name in PRETRAINED_AS else f"pretrain-s{seed}")
+    cfg = RunConfig(
+        "pretrain",
+        str(data),
+        ModelConfig(decoder=decoder),
+        TrainConfig(seed=seed, negatives=negatives),
+    )
+    if metrics_of(pre) is None:
+        pretrain(cfg, pre)
+    return pre
 
 
 def _peer_row(path: Path, peer: str, data: Path, cut: str, seed: int) -> dict:
@@ -227,7 +246,9 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
     labels = {"none": "backbone", "ps_mi": "GenCTR", "gpsd": "GPSD (PS, tables frozen)",
               "ps_mi_frozen": "GenCTR, tables frozen", "ps": "row 2: backbone + PS",
               "decoder": "row 3: + decoder, no pre-training",
-              "ps_decoder": "row 4: + decoder, PS", **PEER_LABELS}  # fmt: skip
+              "ps_decoder": "row 4: + decoder, PS", "cs_sd": "row 6: GenCTR, CS + SD",
+              "rs_cd": "row 7: GenCTR, RS + CD", "rs_sd": "row 8: GenCTR, RS + SD",
+              **PEER_LABELS}  # fmt: skip
     peers = list(dict.fromkeys(r["transfer"] for r in rows if r["protocol"] == "peer"))
     shown = [(p, n) for p, n, _, _ in _plan()] + [("peer", n) for n in peers]
     for protocol, transfer in dict.fromkeys(shown):
@@ -279,6 +300,10 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
         ("row 4 − row 3 (PS helps a decoder)", (LEVER_PROTOCOL, "ps_decoder"),
          (LEVER_PROTOCOL, "decoder"))
     )  # fmt: skip
+    claims += [
+        ("row 7 − row 8 (CD beats SD, RS)", (LEVER_PROTOCOL, "rs_cd"), (LEVER_PROTOCOL, "rs_sd")),
+        ("row 6 − row 8 (CS beats RS, SD)", (LEVER_PROTOCOL, "cs_sd"), (LEVER_PROTOCOL, "rs_sd")),
+    ]
     claims += [(f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), ("peer", n)) for n in peers]
     if peers:
         claims.append(("GenCTR − best peer of each cut", (LEVER_PROTOCOL, "ps_mi"), ("peer", "")))
