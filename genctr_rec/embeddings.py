@@ -28,6 +28,7 @@ from torchrec import (
     EmbeddingCollection,
     EmbeddingConfig,
     KeyedJaggedTensor,
+    KeyedTensor,
     PoolingType,
 )
 
@@ -166,8 +167,13 @@ class SharedEmbeddings(nn.Module):
         if any(key in self.routed for key in self.feature_keys):
             (stride,) = _common_strides([b], kjt.values().device)
             kjt = pad_stride(kjt, stride)
-        pooled = self.tables[FEATURES_MODULE](kjt).to_dict()
-        return torch.cat([pooled[key][:b] for key in self.feature_keys], dim=1)
+        return self.side_rows(self.tables[FEATURES_MODULE](kjt), b)
+
+    def side_rows(self, pooled: KeyedTensor, rows: int) -> torch.Tensor:
+        """The features table's pooled output as [rows, len(keys) * dim] in
+        :attr:`feature_keys` order, without the padding bags past ``rows``."""
+        out = pooled.to_dict()
+        return torch.cat([out[key][:rows] for key in self.feature_keys], dim=1)
 
     def _pooled(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every id a bag of one; a sharded table's batch padded to the ranks' largest."""

@@ -12,11 +12,10 @@ hold, ``min(batch_size x ids per row, table rows)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torchrec import KeyedJaggedTensor
-from torchrec.streamable import Pipelineable
 
 from genctr_rec.data.keys import (
     CATEGORY_TABLE,
@@ -27,6 +26,7 @@ from genctr_rec.data.keys import (
     TARGET_CATEGORY,
     TARGET_ITEM,
 )
+from genctr_rec.data.pipelineable import FieldsPipelineable
 
 
 def pad_stride(kjt: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:
@@ -77,7 +77,7 @@ def _unique_bags(
 
 
 @dataclass
-class TableLookups(Pipelineable):
+class TableLookups(FieldsPipelineable):
     """One batch's input to each sharded table, and where each of the batch's ids finds its
     row in the output. ``item_rows`` indexes the target items, then the history's;
     ``category_rows`` the target categories, the query categories, then the history's."""
@@ -113,19 +113,3 @@ class TableLookups(Pipelineable):
         )
         features = None if side is None else pad_stride(side, strides.rows)
         return cls(items, item_rows, categories, category_rows, features)
-
-    def _map(self, fn) -> TableLookups:
-        return TableLookups(
-            *(None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self))
-        )
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> TableLookups:
-        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        for f in fields(self):
-            if (value := getattr(self, f.name)) is not None:
-                value.record_stream(stream)
-
-    def pin_memory(self) -> TableLookups:
-        return self._map(lambda t: t.pin_memory())

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from torchrec.streamable import Pipelineable
 
 from genctr_rec.data.catalogue import ItemCatalogue, read_item_catalogue
 from genctr_rec.data.checks import (
@@ -45,6 +44,7 @@ from genctr_rec.data.keys import (
 )
 from genctr_rec.data.kinds import feature_column, kind_of
 from genctr_rec.data.lookups import LookupStrides, TableLookups
+from genctr_rec.data.pipelineable import FieldsPipelineable
 from genctr_rec.data.schema import (
     IMPRESSION_SCHEMA,
     META_FILE,
@@ -85,7 +85,7 @@ def _decode_pairs(
 
 
 @dataclass
-class ImpressionBatch(Pipelineable):
+class ImpressionBatch(FieldsPipelineable):
     """One step of fine-tuning data. Implements TorchRec's ``Pipelineable`` protocol.
 
     ``side_features`` (keys :attr:`FeatureSchema.sparse_keys`: ``user_id``, then the declared
@@ -108,33 +108,9 @@ class ImpressionBatch(Pipelineable):
         """What a CTR model's forward takes: (sparse, side, dense)."""
         return self.sparse_features, self.side_features, self.dense_features
 
-    def _parts(self) -> tuple:
-        return (
-            self.sparse_features,
-            self.labels,
-            self.user_ids,
-            self.side_features,
-            self.dense_features,
-            self.lookups,
-        )
-
-    def _map(self, fn) -> ImpressionBatch:
-        return ImpressionBatch(*(None if t is None else fn(t) for t in self._parts()))
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> ImpressionBatch:
-        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        for part in self._parts():
-            if part is not None:
-                part.record_stream(stream)
-
-    def pin_memory(self) -> ImpressionBatch:
-        return self._map(lambda t: t.pin_memory())
-
 
 @dataclass
-class SequenceBatch(Pipelineable):
+class SequenceBatch(FieldsPipelineable):
     """One step of pre-training data: per-user click sequences, newest last."""
 
     sparse_features: KeyedJaggedTensor  # keys SEQUENCE_KEYS, one jagged row per user
@@ -143,19 +119,6 @@ class SequenceBatch(Pipelineable):
     @property
     def batch_size(self) -> int:
         return int(self.user_ids.numel())
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> SequenceBatch:
-        return SequenceBatch(
-            self.sparse_features.to(device=device, non_blocking=non_blocking),
-            self.user_ids.to(device=device, non_blocking=non_blocking),
-        )
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        self.sparse_features.record_stream(stream)
-        self.user_ids.record_stream(stream)
-
-    def pin_memory(self) -> SequenceBatch:
-        return SequenceBatch(self.sparse_features.pin_memory(), self.user_ids.pin_memory())
 
 
 def _jagged_kjt(

@@ -220,10 +220,7 @@ def _loss_and_outputs(
     lookups, b = batch.lookups, batch.labels.numel()
     item_emb = items.values()[lookups.item_rows]
     cat_emb = categories.values()[lookups.category_rows]
-    side_emb = None
-    if side is not None:
-        pooled = side.to_dict()
-        side_emb = torch.cat([pooled[key][:b] for key in model.embeddings.feature_keys], dim=1)
+    side_emb = None if side is None else model.embeddings.side_rows(side, b)
     logits = model.logits(batch.sparse_features, item_emb, cat_emb, side_emb, batch.dense_features)
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     return loss, (loss.detach(), logits.detach(), batch.labels)
