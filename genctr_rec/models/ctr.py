@@ -31,7 +31,7 @@ from genctr_rec.embeddings import (
 )
 from genctr_rec.models.backbones import build_backbone
 from genctr_rec.models.decoder import GenerativeDecoder
-from genctr_rec.models.inputs import DenseNorm, impression_input, input_width
+from genctr_rec.models.inputs import DenseNorm, candidate_logits, input_width
 from genctr_rec.models.jagged import mean_pool, to_padded
 
 
@@ -165,15 +165,6 @@ class CTRModel(nn.Module):
         b = features[TARGET_ITEM].values().numel()
         t_item, h_item = item_emb[:b], item_emb[b:]
         t_cat, q_cat, h_cat = cat_emb[:b], cat_emb[b : 2 * b], cat_emb[2 * b :]
-        x0 = impression_input(
-            t_item,
-            t_cat,
-            q_cat,
-            mean_pool(h_item, lengths),
-            mean_pool(h_cat, lengths),
-            side_emb,
-            self.dense_norm(dense) if self.dense_norm is not None and dense is not None else None,
-        )
         uses_history = self.backbone.uses_history
         layout = None if self.decoder is None else self.decoder.layout_for(h_item.device, "target")
         # one padded history of item + category sums serves the decoder and the backbone
@@ -186,11 +177,20 @@ class CTRModel(nn.Module):
         g = None
         if self.decoder is not None:
             g = self.decoder.target(h_item, h_cat, lengths, t_cat, history)
-        if uses_history:
-            return self.backbone(
-                x0, g, t_item, target=t_item + t_cat, history=history, lengths=lengths
-            )
-        return self.backbone(x0, g, t_item)
+        return candidate_logits(
+            self.backbone,
+            self.dense_norm,
+            t_item,
+            t_cat,
+            q_cat,
+            mean_pool(h_item, lengths),
+            mean_pool(h_cat, lengths),
+            side_emb,
+            dense,
+            g,
+            history,
+            lengths,
+        )
 
 
 class BatchCTRModel(CTRModel):

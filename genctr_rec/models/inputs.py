@@ -1,4 +1,5 @@
-"""The backbone's dense input ``x0``, assembled the same way in training and in serving.
+"""The per-candidate forward that training (``CTRModel``) and serving (``ScoreHead``) both run:
+the backbone's dense input ``x0``, then the backbone, so that the two cannot drift apart.
 
 ``x0 = [e(target item), e(target category), e(query category), mean e(history items),
 mean e(history categories), pooled side features (user, declared id / ids), dense features]``.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from genctr_rec.models.backbones import Backbone
 
 BASE_FIELDS = 5  # target item, target category, query category, pooled history items / cats
 
@@ -56,3 +59,38 @@ def impression_input(
     if dense is not None:
         parts.append(dense)
     return torch.cat(parts, dim=1)
+
+
+def candidate_logits(
+    backbone: Backbone,
+    dense_norm: DenseNorm | None,
+    target_item: torch.Tensor,
+    target_cat: torch.Tensor,
+    query_cat: torch.Tensor,
+    history_items: torch.Tensor,
+    history_cats: torch.Tensor,
+    side: torch.Tensor | None,
+    dense: torch.Tensor | None,
+    context: torch.Tensor | None,
+    history: torch.Tensor | None,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Click logits [B], one per candidate row: ``x0`` (:func:`impression_input`, ``dense``
+    raw and standardised here), then the backbone with g(s, c) ``context`` (None without model
+    integration) and, for a backbone that reads it, the padded history of item + category rows
+    ``history`` [B, L, D] with ``lengths`` [B]. Training calls it per impression, serving per
+    candidate after pooling each request's history once."""
+    dense_in = dense_norm(dense) if dense_norm is not None and dense is not None else None
+    x0 = impression_input(
+        target_item, target_cat, query_cat, history_items, history_cats, side, dense_in
+    )
+    if backbone.uses_history:
+        return backbone(
+            x0,
+            context,
+            target_item,
+            target=target_item + target_cat,
+            history=history,
+            lengths=lengths,
+        )
+    return backbone(x0, context, target_item)

@@ -32,7 +32,7 @@ from genctr_rec.data.features import FeatureSchema
 from genctr_rec.embeddings import CATEGORY_TABLE, FEATURES_MODULE, ITEM_TABLE, TABLES
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.decoder import GenerativeDecoder
-from genctr_rec.models.inputs import impression_input
+from genctr_rec.models.inputs import candidate_logits
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 BITS = {"none": 32, "int8": 8, "int4": 4}
@@ -170,7 +170,8 @@ class ContextNet(nn.Module):
 
 
 class ScoreHead(nn.Module):
-    """The backbone on per-candidate inputs; history pooling is done once per request."""
+    """Training's per-candidate forward (:func:`~genctr_rec.models.inputs.candidate_logits`)
+    on a request batch: each request's history is pooled once, then gathered per candidate."""
 
     def __init__(
         self,
@@ -202,26 +203,21 @@ class ScoreHead(nn.Module):
         rows [N] (each candidate's request); g [N, D or 0]; side [N, F * D]; dense
         [N, num_dense] -> logits [N]."""
         count = lengths.clamp(min=1).to(hist_items.dtype).unsqueeze(1)
-        x0 = impression_input(
+        history = (hist_items + hist_cats)[rows] if self.backbone.uses_history else None
+        return candidate_logits(
+            self.backbone,
+            self.dense_norm,
             target_items,
             target_cats,
             query_cats[rows],
             (hist_items.sum(1) / count)[rows],
             (hist_cats.sum(1) / count)[rows],
             side if self.num_side else None,
-            self.dense_norm(dense) if self.dense_norm is not None else None,
+            dense,
+            g if self.uses_context else None,
+            history,
+            lengths[rows],
         )
-        context = g if self.uses_context else None
-        if self.backbone.uses_history:
-            return self.backbone(
-                x0,
-                context,
-                target_items,
-                target=target_items + target_cats,
-                history=(hist_items + hist_cats)[rows],
-                lengths=lengths[rows],
-            )
-        return self.backbone(x0, context, target_items)
 
 
 class ServingModel(nn.Module):
