@@ -35,7 +35,8 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,17 @@ OOV_POLICIES = ("default", "reject", "skip_history")
 
 class RequestError(FieldError):
     """A request the model cannot score; ``field`` says where (e.g. ``candidates[3].item_id``)."""
+
+
+@contextmanager
+def _as_request_error() -> Iterator[None]:
+    """A value check of ``data/kinds.py`` (a :class:`FieldError`) as this request's error."""
+    try:
+        yield
+    except RequestError:
+        raise
+    except FieldError as exc:
+        raise RequestError(exc.field, exc.message) from exc.__cause__
 
 
 @dataclass
@@ -127,10 +139,8 @@ class ContextCache:
 
 
 def _ids(values: Sequence[int | None] | None, name: str, expected: int | None = None) -> np.ndarray:
-    try:
+    with _as_request_error():
         return int_array(values, name, expected)
-    except FieldError as exc:
-        raise RequestError(exc.field, exc.message) from exc.__cause__
 
 
 def _first_outside(array: np.ndarray, vocab: int) -> int | None:
@@ -392,10 +402,8 @@ class Predictor:
             if name not in given:
                 raise RequestError(where, f"required ({spec.kind} feature of this model)")
             kind = kind_of(spec)
-            try:
+            with _as_request_error():
                 value = kind.request_value(given[name], where, self.max_feature_ids)
-            except FieldError as exc:
-                raise RequestError(exc.field, exc.message) from None
             if kind.sparse:
                 bad = _first_outside(value, spec.vocab_size)
                 if bad is not None and self.oov == "default":
