@@ -1,6 +1,8 @@
 # Two entry points for a newcomer (see README): `make pipeline` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for `make test` (CI's machine has 2 cores; 0 runs the suite serially)
+TEST_WORKERS ?= 2
 
 .PHONY: install install-dev pipeline test lint bench-reader clean
 install:
@@ -13,7 +15,7 @@ pipeline: install
 
 test: install-dev
 	$(VENV)/bin/ruff check genctr_rec tests benchmarks launchers
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 lint: install-dev
 	$(VENV)/bin/ruff check genctr_rec tests benchmarks launchers

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from genctr_rec.data.synth import SynthConfig, generate
 from tests.helpers import write_dataset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite on as many pytest-xdist workers as cores: one thread a worker
+    # (and for the processes it starts), so that the workers share the cores instead of
+    # oversubscribing them with each one's OpenMP pool
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture()
