@@ -1,8 +1,9 @@
 """The CTR backbones of the paper's Table 1: DNN, DCN V2, DCN V2 with target attention.
 
-Every backbone is a :class:`Backbone`: it takes the impression's dense input ``x0`` (built once
-by :func:`genctr_rec.models.inputs.impression_input`), declares through ``uses_history``
-whether it also reads the padded history, and ends in a ``ContextHead`` (``layers.py``)
+Every backbone is a :class:`Backbone`: it takes the impression's dense input ``x0`` (built by
+:func:`genctr_rec.models.inputs.candidate_logits`, the per-candidate forward that training and
+serving share), declares through ``uses_history`` whether it also reads the padded history,
+and ends in a ``ContextHead`` (``layers.py``)
 where GenCTR's g(s, c) (model integration) joins **before the final layer**, as the paper
 places it. ``forward`` returns logits [B]. Adding a backbone is one class and its
 registration (:func:`register_backbone`; ``docs/contributing.md``).
