@@ -2,6 +2,7 @@
 
     python -m benchmarks.selection [--cuts 6 7 8] [--seeds 0 1 2] [--workdir runs/selection]
     python -m benchmarks.selection --backbone dcnv2_ta --runs none ps_mi --no-synth
+    python -m benchmarks.selection --ids-only --runs none ps_mi --peers --no-synth
 
 The protocol, fixed before any result was seen (issue 25):
 
@@ -34,6 +35,10 @@ The protocol, fixed before any result was seen (issue 25):
   decoder without pre-training, the decoder with PS, and GenCTR from the three other
   pre-trainings (CS + SD, RS + CD, RS + SD: one more pre-training each a cut and seed), under
   the default protocol.
+* **Ids only** (``--ids-only``, added after the runs above): the same pairs with the model
+  reading no user or side features (``ModelConfig(side_features=False)``; the pre-training is
+  the same), for the issue's "with and without side features"; results in
+  ``selection[_<backbone>]_ids_only``.
 * **Calibration**: every run fits Platt scaling on its validation rows; both the raw and the
   calibrated test figures are reported (AUC is the same by construction).
 
@@ -125,6 +130,7 @@ def run_all(
     peer_seeds: dict[str, list[int]] | None = None,
     synth_peers: bool = False,
     only: list[str] | None = None,
+    side_features: bool = True,
 ) -> list[dict]:
     """Every run of the plan (or the runs named in ``only``, under the default protocol) and
     of the peers, reusing finished ones; one row each."""
@@ -137,11 +143,12 @@ def run_all(
                 if only and (name not in only or protocol != LEVER_PROTOCOL):
                     continue
                 pre = _pretrained(data, folder, seed, name)
-                run = folder / f"ft-{backbone}-{name}-{protocol}-s{seed}"
+                reads = "" if side_features else "-ids"
+                run = folder / f"ft-{backbone}{reads}-{name}-{protocol}-s{seed}"
                 cfg = RunConfig(
                     "finetune",
                     str(data),
-                    ModelConfig(),
+                    ModelConfig(side_features=side_features),
                     TrainConfig(seed=seed, **train),
                     backbone=backbone,
                     transfer=transfer,
@@ -350,6 +357,11 @@ def main() -> None:
         help="train the peers on the synthetic data too (hours on 2 CPU cores)",
     )
     parser.add_argument(
+        "--ids-only",
+        action="store_true",
+        help="our models read no user or side features (the peers keep theirs: add --peers)",
+    )
+    parser.add_argument(
         "--runs",
         nargs="*",
         default=None,
@@ -370,19 +382,21 @@ def main() -> None:
         peer_seeds,
         args.synth_peers,
         args.runs,
+        not args.ids_only,
     )
+    reads = ", ids only (no user or side features)" if args.ids_only else ""
     ml = [f"ml-{c}" for c in args.cuts]
     table = markdown(
         [r for r in rows if r["cut"] in ml],
         ml,
         f"MovieLens-100k, rolling origin: days {args.cuts} of `--days {DAYS} --window {WINDOW}`"
-        f", seeds {args.seeds}, {args.backbone}; mean ± 95 % interval over cuts x seeds",
+        f", seeds {args.seeds}, {args.backbone}{reads}; mean ± 95 % interval over cuts x seeds",
     )
     if args.synth:
         table += "\n\n" + markdown(
             [r for r in rows if r["cut"] == "synth"],
             ["synth"],
-            f"synthetic, default preset (one split), seeds {args.seeds}, {args.backbone}; "
+            f"synthetic, default preset (one split), seeds {args.seeds}, {args.backbone}{reads}; "
             "mean ± 95 % interval over seeds",
         )
     payload = {
@@ -392,9 +406,11 @@ def main() -> None:
         "peers": args.peers,
         "peer_seeds": peer_seeds,
         "backbone": args.backbone,
+        "side_features": not args.ids_only,
         "rows": rows,
     }
     name = "selection" if args.backbone == "dnn" else f"selection_{args.backbone}"
+    name += "_ids_only" if args.ids_only else ""
     print(write_results(name, payload, table))
 
 
