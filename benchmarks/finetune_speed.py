@@ -69,19 +69,18 @@ CONFIGS: dict[str, tuple[str, str, bool, bool, bool]] = {
 
 def run_as_05() -> None:
     """0.5's step: TorchRec's cross network (B matrix-vector products per expert), target
-    attention and g(s, c) projecting every history token (g through SDPA), DDP around the
-    dense part even in one process, Adam looping over tensors. Same outputs as today's."""
+    attention projecting every history token, DDP around the dense part even in one process,
+    Adam looping over tensors (g(s, c) through SDPA is a flag: ``--decoder-kernel sdpa``).
+    Same outputs as today's; 0.5's forms of those layers live on only here."""
     from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
     from torchrec.modules.crossnet import LowRankMixtureCrossNet
 
-    import genctr_rec.models.decoder as decoder
     import genctr_rec.models.layers as layers
     import genctr_rec.training.build as build
     import genctr_rec.training.sharding as sharding
 
     layers.CrossNet.forward = LowRankMixtureCrossNet.forward
     layers.TargetAttention.forward = layers.TargetAttention.forward_projected
-    decoder._Block.one_query = decoder._Block.one_query_sdpa
     sharding.DataParallelWhenDistributed.wrap = DefaultDataParallelWrapper.wrap
     build.FUSED_ADAM = False
 
@@ -92,9 +91,10 @@ def _one_run(
     """Child process: one fine-tuning run; prints its per-epoch examples/s as JSON."""
     from genctr_rec.cli import main
 
+    args = ["finetune", "--data", data, "--out", out, "--backbone", backbone]
     if old:
         run_as_05()
-    args = ["finetune", "--data", data, "--out", out, "--backbone", backbone]
+        args += ["--decoder-kernel", "sdpa"]
     args += ["--transfer", transfer, "--epochs", str(EPOCHS), "--patience", "0"]
     if transfer != "none":
         args += ["--init-from", pre]

@@ -28,6 +28,7 @@ NEGATIVES = ("category", "random")
 LOOKUPS = ("pooled", "sequence")
 CONTEXT_FUSIONS = ("concat", "residual", "product")
 DECODER_LAYOUTS = ("auto", "padded", "groups", "packed")
+DECODER_KERNELS = ("projection_free", "sdpa")  # how g(s, c) attends with one query a row
 # bf16 autocast pays on CUDA from this history cap: the crossover against fp32 lies between the
 # caps 200 and 500 (benchmarks/results/decoder_cost_cuda.md)
 BF16_MIN_HISTORY = 320
@@ -74,6 +75,10 @@ class ModelConfig:
             ``packed`` (one sequence, FlexAttention on CUDA; on CPU a dense mask quadratic in
             the batch's total length, for small batches) or ``auto``, the fastest measured on
             the device (``models.decoder.choose_layout``). Same outputs every way.
+        decoder_kernel: how the padded and grouped layouts attend with one query a row
+            (g(s, c)): ``projection_free`` (the query folded into the key projection, the
+            memory never projected) or ``sdpa``, the reference (the memory projected, then
+            SDPA): same outputs, for checking a new layout or kernel against.
     """
 
     dim: int = 16
@@ -86,6 +91,7 @@ class ModelConfig:
     context_fusion: str = "product"
     context_dropout: float = 0.0
     decoder_layout: str = "auto"
+    decoder_kernel: str = "projection_free"
 
 
 @dataclass

@@ -26,6 +26,7 @@ def decoder_for(cfg: RunConfig) -> GenerativeDecoder:
         num_heads=m.num_heads,
         conditional=m.decoder == "conditional",
         layout=m.decoder_layout,
+        kernel=m.decoder_kernel,
     )
 
 

@@ -86,3 +86,17 @@ def test_one_query_decoder_equals_the_sdpa_block(heads: int, layers: int, condit
         lambda: decoder.forward_target_summed(history, lengths, targets),
         reference,
     )
+
+
+def test_the_reference_kernel_is_a_flag() -> None:
+    """``--decoder-kernel sdpa`` reaches the decoder the run builds (the reference path, chosen
+    without patching a class), and an unknown kernel is refused."""
+    from genctr_rec.cli import _run_config, build_parser
+    from genctr_rec.factory import decoder_for
+
+    argv = ["finetune", "--data", "d", "--out", "o", "--decoder-kernel", "sdpa"]
+    cfg = _run_config(build_parser().parse_args(argv), "finetune")
+    assert cfg.model.decoder_kernel == "sdpa"
+    assert decoder_for(cfg).kernel == "sdpa"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv[:-1] + ["flash"])

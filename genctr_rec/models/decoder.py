@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genctr_rec.config import DECODER_KERNELS as ONE_QUERY_KERNELS
 from genctr_rec.config import DECODER_LAYOUTS as LAYOUTS
 from genctr_rec.models.jagged import length_groups, row_positions, to_padded
 from genctr_rec.models.packed import PackedLayout, flex_attention_available, packed_attention
@@ -32,7 +33,6 @@ PACKED_MIN_HISTORY = 768
 # Under bf16, padded attention (SDPA's fused kernels) is fast enough that packing pays only at
 # the longest caps measured (4000), not at 1000.
 PACKED_MIN_HISTORY_BF16 = 2048
-ONE_QUERY_KERNELS = ("projection_free", "sdpa")  # GenerativeDecoder(kernel=...)
 
 
 def choose_layout(
