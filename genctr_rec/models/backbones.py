@@ -3,10 +3,10 @@
 Every backbone is a :class:`Backbone`: it takes the impression's dense input ``x0`` (built by
 :func:`genctr_rec.models.inputs.candidate_logits`, the per-candidate forward that training and
 serving share), declares through ``uses_history`` whether it also reads the padded history,
-and ends in a ``ContextHead`` (``layers.py``)
-where GenCTR's g(s, c) (model integration) joins **before the final layer**, as the paper
-places it. ``forward`` returns logits [B]. Adding a backbone is one class and its
-registration (:func:`register_backbone`; ``docs/contributing.md``).
+and ends in a ``ContextHead`` (``layers.py``) where GenCTR's g(s, c) (model integration) joins
+**before the final layer**, as the paper places it. ``forward`` returns logits [B]. Adding a
+backbone is one class and its registration (:func:`register_backbone`;
+``docs/contributing.md``).
 """
 
 from __future__ import annotations

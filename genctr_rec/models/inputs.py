@@ -41,26 +41,6 @@ class DenseNorm(nn.Module):
         return ((dense - self.mean) / self.std).clamp(-self.clip, self.clip)
 
 
-def impression_input(
-    target_item: torch.Tensor,
-    target_cat: torch.Tensor,
-    query_cat: torch.Tensor,
-    history_items: torch.Tensor,
-    history_cats: torch.Tensor,
-    side: torch.Tensor | None,
-    dense: torch.Tensor | None,
-) -> torch.Tensor:
-    """``x0`` [B, input_width]: every argument has one row per impression (the histories
-    already mean-pooled); ``side`` [B, F * dim] and ``dense`` [B, num_dense] (standardised) may
-    be None."""
-    parts = [target_item, target_cat, query_cat, history_items, history_cats]
-    if side is not None:
-        parts.append(side)
-    if dense is not None:
-        parts.append(dense)
-    return torch.cat(parts, dim=1)
-
-
 def candidate_logits(
     backbone: Backbone,
     dense_norm: DenseNorm | None,
@@ -75,15 +55,19 @@ def candidate_logits(
     history: torch.Tensor | None,
     lengths: torch.Tensor,
 ) -> torch.Tensor:
-    """Click logits [B], one per candidate row: ``x0`` (:func:`impression_input`, ``dense``
-    raw and standardised here), then the backbone with g(s, c) ``context`` (None without model
+    """Click logits [B], one per candidate row: ``x0`` (the module docstring; every argument
+    one row per candidate, the histories already mean-pooled, ``side`` [B, F * dim] or None,
+    ``dense`` [B, num_dense] raw, standardised here, read only by a model with a
+    ``dense_norm``), then the backbone with g(s, c) ``context`` (None without model
     integration) and, for a backbone that reads it, the padded history of item + category rows
     ``history`` [B, L, D] with ``lengths`` [B]. Training calls it per impression, serving per
     candidate after pooling each request's history once."""
-    dense_in = dense_norm(dense) if dense_norm is not None and dense is not None else None
-    x0 = impression_input(
-        target_item, target_cat, query_cat, history_items, history_cats, side, dense_in
-    )
+    parts = [target_item, target_cat, query_cat, history_items, history_cats]
+    if side is not None:
+        parts.append(side)
+    if dense_norm is not None and dense is not None:
+        parts.append(dense_norm(dense))
+    x0 = torch.cat(parts, dim=1)
     if backbone.uses_history:
         return backbone(
             x0,
