@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
-from genctr_rec.data.schema import META_FILE
+from genctr_rec.data.schema import META_FILE, DatasetMeta
 from genctr_rec.data.synth import SynthConfig, generate
 from genctr_rec.data.validate import validate_dataset
 from genctr_rec.storage import write_json
 
 logger = logging.getLogger(__name__)
+
+METRICS = ("auc", "gauc", "logloss", "calibration")  # the summary table's columns
 
 
 def prepare_data(workdir: Path, preset: str) -> Path:
@@ -99,8 +101,12 @@ def run_pipeline(
     ]
     for name, label in (("backbone", "backbone alone"), ("genctr", "GenCTR (PS+MI, CS+CD)")):
         r = results[name]
-        cells = [_figure(r[key], ".4f") for key in ("auc", "gauc", "logloss", "calibration")]
+        cells = [_figure(r[key], ".4f") for key in METRICS]
         rows.append(f"| {label} | {' | '.join(cells)} |")
+    oracle = DatasetMeta.read(data).extra.get("oracle_test")
+    if oracle:  # what a model could reach at best: a simulated world knows its click rates
+        cells = [_figure(oracle["without_position"][key], ".4f") for key in METRICS]
+        rows.append(f"| ceiling: true click rates (position unread) | {' | '.join(cells)} |")
     print("\n".join(rows))
     print(
         f"pre-training next-item HR@10 (100 random negatives): "

@@ -74,6 +74,22 @@ def test_history_in_the_ads_category_predicts_clicks(toy_synth: Path) -> None:
     assert ctr_match > 1.8 * ctr_other, (ctr_match, ctr_other)
 
 
+def test_the_oracle_scores_the_test_split_by_the_true_click_probability(
+    toy_synth: Path, tmp_path: Path
+) -> None:
+    """meta.json carries the ceiling: the test split scored by the simulator's own click
+    probabilities. Those are calibrated, and a weaker planted style signal lowers the ceiling."""
+    oracle = DatasetMeta.read(toy_synth).extra["oracle_test"]
+    true, blind = oracle["true_ctr"], oracle["without_position"]
+    assert 0.95 < true["calibration"] < 1.05 and 0.95 < blind["calibration"] < 1.05
+    assert 0.65 < blind["auc"] < true["auc"] < 0.95  # the position is worth reading
+    weak = SynthConfig.preset("toy")
+    weak.style_weight = 0.0
+    generate(weak, tmp_path / "weak")
+    weaker = DatasetMeta.read(tmp_path / "weak").extra["oracle_test"]["true_ctr"]
+    assert weaker["auc"] < true["auc"] - 0.02
+
+
 def test_sequences_hold_only_pre_test_clicks(toy_synth: Path) -> None:
     seq = pq.read_table(toy_synth / "sequences")
     test = pq.read_table(toy_synth / "test")

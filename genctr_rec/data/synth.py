@@ -369,6 +369,10 @@ def _simulate_chunk(
     ev_time = np.zeros((n, S, G + A), dtype=np.int64)
     ev_valid = np.zeros((n, S, G + A), dtype=bool)
     imp = {k: np.zeros((n, S, A), dtype=np.int64) for k in ("item", "cat", "query", "label", "pos")}
+    # the true click probability, and its mean over the ad positions (the ceiling of a model
+    # that, like the default features, does not read the position)
+    imp["prob"] = np.zeros((n, S, A), dtype=np.float64)
+    imp["blind"] = np.zeros((n, S, A), dtype=np.float64)
 
     for s in range(S):
         day = session_day[:, s]
@@ -429,7 +433,11 @@ def _simulate_chunk(
         )
         if side is not None:
             logit = logit + side.logit(user_side, ad_item, ad_cat)
-        label = rng.random((n, A)) < 1.0 / (1.0 + np.exp(-logit))
+        prob = 1.0 / (1.0 + np.exp(-logit))
+        label = rng.random((n, A)) < prob
+        imp["prob"][:, s] = prob
+        unplaced = logit - pos_bias[None, :]
+        imp["blind"][:, s] = np.mean([1.0 / (1.0 + np.exp(-(unplaced + b))) for b in pos_bias], 0)
         imp["item"][:, s], imp["cat"][:, s], imp["query"][:, s] = ad_item, ad_cat, query[:, None]
         imp["label"][:, s], imp["pos"][:, s] = label, np.arange(A)[None, :]
         ev_item[:, s, G:], ev_cat[:, s, G:] = ad_item, ad_cat
@@ -459,6 +467,8 @@ def _simulate_chunk(
         "category_id": imp["cat"][imp_active],
         "query_category_id": imp["query"][imp_active],
         "label": imp["label"][imp_active],
+        "click_prob": imp["prob"][imp_active],
+        "position_blind_prob": imp["blind"][imp_active],
         "position": imp["pos"][imp_active],
         "hist_end": ends,
         "hist_user_start": user_click_start[users],
@@ -648,6 +658,26 @@ def generate_days(
         return _simulate(cfg, splits)
 
 
+TRUTH_COLUMNS = ("click_prob", "position_blind_prob", "label", "user_id")
+
+
+def _oracle(truth: list[dict[str, np.ndarray]]) -> dict | None:
+    """The test split's metrics when every row is scored by its true click probability, and by
+    its mean over the ad positions: the ceilings a model can reach in expectation, with and
+    without reading the position (not a declared feature), so that a target above them is
+    seen to be out of reach."""
+    if not truth:
+        return None
+    from genctr_rec.metrics import ctr_metrics
+
+    rows = {k: np.concatenate([t[k] for t in truth]) for k in TRUTH_COLUMNS}
+    out = {}
+    for name, column in (("true_ctr", "click_prob"), ("without_position", "position_blind_prob")):
+        found = ctr_metrics(rows[column], rows["label"], rows["user_id"])
+        out[name] = {k: found[k] for k in ("auc", "gauc", "logloss", "calibration")}
+    return out
+
+
 def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
     """Simulate every user once and write each split's rows; returns each split's metadata."""
     import pyarrow.parquet as pq
@@ -657,6 +687,7 @@ def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
     side = _SideFeatures(cfg) if cfg.side_features else None
     impression_schema = IMPRESSION_SIDE_SCHEMA if side is not None else IMPRESSION_WRITE_SCHEMA
     counts = [{"train": 0, "test": 0, "sequences": 0, "clicks": 0} for _ in splits]
+    truths: list[list[dict[str, np.ndarray]]] = [[] for _ in splits]  # test rows' truth
     writers = []
     for split in splits:
         n = split.num_items
@@ -687,7 +718,7 @@ def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
             n = min(cfg.users_per_chunk, cfg.num_users - first)
             chunk_rng = np.random.default_rng([cfg.seed, first])
             imp, clicks = _simulate_chunk(cfg, catalogue, chunk_rng, first, n, side)
-            for split, writer, count in zip(splits, writers, counts, strict=True):
+            for split, writer, count, truth in zip(splits, writers, counts, truths, strict=True):
                 ts = imp["timestamp"]
                 is_train = (ts >= split.train_from) & (ts < split.test_from)
                 is_test = (ts >= split.test_from) & (ts < split.test_until)
@@ -696,6 +727,8 @@ def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
                         table = _impression_table(imp, clicks, mask, cfg.max_history)
                         writer[part].write(_as_raw(table) if cfg.raw_ids else table)
                         count[part] += int(mask.sum())
+                if is_test.any():
+                    truth.append({k: imp[k][is_test] for k in TRUTH_COLUMNS})
                 seq = _sequence_table(clicks, split.test_from)
                 writer["sequences"].write(_as_raw(seq) if cfg.raw_ids else seq)
                 count["sequences"] += seq.num_rows
@@ -707,7 +740,7 @@ def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
             for part in writer.values():
                 part.close()
     metas = []
-    for split, count in zip(splits, counts, strict=True):
+    for split, count, truth in zip(splits, counts, truths, strict=True):
         meta = DatasetMeta(
             num_items=split.num_items,
             num_categories=cfg.num_categories,
@@ -720,6 +753,7 @@ def _simulate(cfg: SynthConfig, splits: list[DatasetCut]) -> list[DatasetMeta]:
                 "synth_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                 "split_time": split.test_from,
                 "rows": count,
+                "oracle_test": _oracle(truth),
                 **split.extra,
             },
         )
