@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from genctr_rec.data.synth import SynthConfig, generate
-from tests.helpers import write_dataset
+from tests.helpers import warning_record, write_dataset
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs the suite on as many pytest-xdist workers as cores: one thread a worker
@@ -42,12 +47,35 @@ def small_dataset(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data")
 
 
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
+    """``build(folder)`` for a read-only session fixture, run once for the whole suite.
+
+    Under pytest-xdist every worker holds its own session, and would train and export the
+    shared runs again (a CPU minute each): the first worker to ask builds them in the folder
+    all workers share, under a file lock, and records what ``build`` returned (JSON); the others
+    wait on the lock and read it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(factory.mktemp(name))
+    from filelock import FileLock
+
+    folder = factory.getbasetemp().parent / name
+    record = folder / "built.json"
+    with FileLock(f"{folder}.lock"):
+        if not record.is_file():
+            folder.mkdir(exist_ok=True)
+            record.write_text(json.dumps(build(folder), default=str))
+    return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def toy_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The simulator's toy preset, generated once per session (read-only for tests)."""
-    out = tmp_path_factory.mktemp("synth") / "toy"
-    generate(SynthConfig.preset("toy"), out)
-    return out
+    """The simulator's toy preset, generated once per suite (read-only for tests)."""
+
+    def build(folder: Path) -> str:
+        generate(SynthConfig.preset("toy"), folder / "toy")
+        return str(folder / "toy")
+
+    return Path(built_once(tmp_path_factory, "synth", build))
 
 
 @pytest.fixture(scope="session")
@@ -56,22 +84,29 @@ def toy_pretrained(tmp_path_factory: pytest.TempPathFactory, toy_synth: Path) ->
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.training.pretrain import pretrain
 
-    run = tmp_path_factory.mktemp("runs") / "pre"
-    cfg = RunConfig(
-        "pretrain", str(toy_synth), ModelConfig(), TrainConfig(epochs=1, batch_size=64, seed=3)
-    )
-    pretrain(cfg, run)
-    return run
+    def build(folder: Path) -> str:
+        cfg = RunConfig(
+            "pretrain", str(toy_synth), ModelConfig(), TrainConfig(epochs=1, batch_size=64, seed=3)
+        )
+        pretrain(cfg, folder / "pre")
+        return str(folder / "pre")
+
+    return Path(built_once(tmp_path_factory, "runs", build))
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, toy_synth: Path, toy_pretrained: Path) -> dict[str, Path]:
     """Fine-tuned toy runs for export and serving: GenCTR (DNN, PS + MI, dim 16, with the toy
     data's user and side features) and a backbone alone (DCN V2 + TA, dim 64, ids only)."""
+    build = partial(_finetune_runs, toy_synth=toy_synth, toy_pretrained=toy_pretrained)
+    built = built_once(tmp_path_factory, "finetuned", build)
+    return {name: Path(path) for name, path in built.items()}
+
+
+def _finetune_runs(root: Path, toy_synth: Path, toy_pretrained: Path) -> dict[str, str]:
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.training.finetune import finetune
 
-    root = tmp_path_factory.mktemp("finetuned")
     specs = {
         "genctr": RunConfig(
             "finetune",
@@ -92,7 +127,7 @@ def runs(tmp_path_factory, toy_synth: Path, toy_pretrained: Path) -> dict[str, P
     }
     for name, cfg in specs.items():
         finetune(cfg, root / name)
-    return {name: root / name for name in specs}
+    return {name: str(root / name) for name in specs}
 
 
 @pytest.fixture(scope="session")
@@ -100,16 +135,18 @@ def artifacts(tmp_path_factory, runs: dict[str, Path]) -> dict[str, dict]:
     """Each run exported fp32 and int8: {"genctr-int8": {"path": ..., "meta": ...}, ...}.
     ``genctr-none`` is the default artifact (torch.export, compiled by AOTInductor: about a
     minute); the others keep their exported programs uncompiled (seconds), which serve the
-    same scores. ``genctr-none`` also records every warning its export raised."""
-    import warnings
+    same scores. Each also records the warnings its export raised (``warning_record``)."""
+    built = built_once(tmp_path_factory, "artifacts", partial(_export_runs, runs=runs))
+    return {name: {**art, "path": Path(art["path"])} for name, art in built.items()}
 
+
+def _export_runs(root: Path, runs: dict[str, Path]) -> dict[str, dict]:
     # torch's own TorchScript classes, defined when Inductor first imports this module: their
     # deprecation notices belong to torch's import, not to our export
     import torch.utils.mkldnn  # noqa: F401
 
     from genctr_rec.serving.export import export_run
 
-    root = tmp_path_factory.mktemp("artifacts")
     out = {}
     for name, run in runs.items():
         for quantize in ("none", "int8"):
@@ -118,5 +155,9 @@ def artifacts(tmp_path_factory, runs: dict[str, Path]) -> dict[str, dict]:
             with warnings.catch_warnings(record=True) as raised:
                 warnings.simplefilter("always")
                 meta = export_run(run, path, quantize, compile_aoti="aoti" if default else "none")
-            out[f"{name}-{quantize}"] = {"path": path, "meta": meta, "warnings": list(raised)}
+            out[f"{name}-{quantize}"] = {
+                "path": str(path),
+                "meta": meta,
+                "warnings": [warning_record(w) for w in raised],
+            }
     return out

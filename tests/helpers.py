@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -152,3 +154,14 @@ def grow_catalogue(source: Path, target: Path, new_items: int, new_categories: i
     pq.write_table(grown, target / "items.parquet")
     (target / "meta.json").write_text(json.dumps(meta))
     return target
+
+
+def warning_record(w: warnings.WarningMessage) -> dict[str, Any]:
+    """A raised warning as plain data (what ``built_once`` can hand to another worker)."""
+    return {
+        "category": w.category.__name__,
+        "deprecation": issubclass(w.category, DeprecationWarning | FutureWarning),
+        "message": str(w.message),
+        "filename": w.filename,
+        "lineno": w.lineno,
+    }

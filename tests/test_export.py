@@ -27,6 +27,7 @@ from genctr_rec.serving import ArtifactError
 from genctr_rec.serving.artifact import load_artifact
 from genctr_rec.serving.export import export_run, load_trained
 from genctr_rec.serving.predictor import Predictor, Request
+from tests.helpers import warning_record
 
 
 @pytest.mark.parametrize("name", ["genctr", "ta64"])
@@ -152,14 +153,14 @@ def test_export_from_a_run_trained_elsewhere(runs: dict[str, Path], tmp_path: Pa
 FORMAT_APIS = re.compile(r"torch\.jit|TorchScript|torch\.ao\.quantization|torch\.export")
 
 
-def _deprecations(raised: list[warnings.WarningMessage]) -> list[str]:
-    """Deprecation notices among ``raised`` that concern us: raised at a call of ours (the
-    warning's location is our code), or about an API of a format we write or read."""
+def _deprecations(raised: list[dict]) -> list[str]:
+    """Deprecation notices among ``raised`` (conftest.warning_record) that concern us: raised at
+    a call of ours (the warning's location is our code), or about an API of a format we write or
+    read."""
     return [
-        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        f"{w['category']}: {w['message']} ({w['filename']}:{w['lineno']})"
         for w in raised
-        if issubclass(w.category, DeprecationWarning | FutureWarning)
-        and ("genctr_rec" in w.filename or FORMAT_APIS.search(str(w.message)))
+        if w["deprecation"] and ("genctr_rec" in w["filename"] or FORMAT_APIS.search(w["message"]))
     ]
 
 
@@ -175,12 +176,12 @@ def test_the_default_artifact_is_compiled_and_deprecates_nothing(artifacts: dict
         predictor = Predictor(art["path"])
         scores = predictor.score(Request([1, 2, 3], None, 4, [5, 6], features=FEATURES))
     assert predictor.model.kind == "aoti" and scores.shape == (2,)
-    assert _deprecations(raised) == []
+    assert _deprecations([warning_record(w) for w in raised]) == []
     legacy = artifacts["genctr-none"]["path"].parent / "deprecated-torchscript"
     with warnings.catch_warnings(record=True) as raised:
         warnings.simplefilter("always")
         export_run(art["meta"]["run"], legacy, fmt="torchscript")
-    assert any("torch.jit" in notice for notice in _deprecations(raised))
+    assert any("torch.jit" in n for n in _deprecations([warning_record(w) for w in raised]))
 
 
 FEATURES = {"user_segment": 1, "user_activity": 12.0, "user_interests": [3]}

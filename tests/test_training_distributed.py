@@ -221,7 +221,7 @@ def test_commands_under_torchrun_learn(tmp_path: Path) -> None:
     """pretrain -> finetune (GenCTR) -> evaluate on two ranks: pre-training loss falls, test AUC
     is well above chance, and evaluate reproduces the fine-tuning run's metrics."""
     data = tmp_path / "data"
-    generate(SynthConfig(num_users=2500, num_items=1500, num_categories=30), data)
+    generate(SynthConfig(num_users=1200, num_items=1500, num_categories=30), data)
     torchrun(
         ["pretrain", "--data", str(data), "--out", str(tmp_path / "pre"), "--epochs", "3"], tmp_path
     )
