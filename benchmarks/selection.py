@@ -26,6 +26,9 @@ The protocol, fixed before any result was seen (issue 25):
 * **Inherited tables at a tenth of the rate** (``ps_mi`` with ``--inherited-tables-lr 0.005``,
   the other tables' 0.05 / 10; added after the frozen runs, which helped the synthetic data
   and hurt MovieLens: one value between the two, fixed before its runs, one decade down).
+* **The decoder's learning rate and dropout** (``ps_mi`` with ``--decoder-lr 1e-4``, and
+  ``context_dropout=0.2`` on g(s, c): the values ``benchmarks/transfer_levers.py`` measured on
+  one split; added after the runs above, run on these cuts unchanged).
 * **Peers** (issue 25 item 5, added after the runs above, same cuts and seeds): DeepCTR-Torch's
   DIN and DCNMix, torch-rechub's DIN, BST and DCN V2 (``benchmarks/peers.py``: same features,
   embedding width and validation rows; one validation an epoch, patience 2). A peer is trained
@@ -77,6 +80,9 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "gpsd": ("ps", {"inherited_tables_lr": 0.0}),
     "ps_mi_frozen": ("ps_mi", {"inherited_tables_lr": 0.0}),
     "ps_mi_tenth": ("ps_mi", {"inherited_tables_lr": 0.005}),
+    # the two levers of benchmarks/transfer_levers.py at the values measured there (one split)
+    "ps_mi_declr": ("ps_mi", {"decoder_lr": 1e-4}),
+    "ps_mi_drop": ("ps_mi", {"context_dropout": 0.2}),
 }
 LEVER_PROTOCOL = "patience"
 # Table 1's rows 2-4 (issue 25 item 4), under the default protocol: they need no other
@@ -136,8 +142,14 @@ def oracle_line(ceilings: dict) -> str:
     )
 
 
+def _fields(config: type, overrides: dict) -> dict:
+    """The overrides that are fields of ``config`` (a lever may set model and training flags)."""
+    return {k: v for k, v in overrides.items() if k in config.__dataclass_fields__}
+
+
 def _plan() -> list[tuple[str, str, str, dict]]:
-    """(protocol, name, transfer, train overrides) of every fine-tuning run of a cut and seed."""
+    """(protocol, name, transfer, model and train overrides) of every fine-tuning run of a cut
+    and seed."""
     runs = [(p, t, t, train) for p, train in PROTOCOLS.items() for t in TRANSFERS]
     for name, (transfer, extra) in {**LEVERS, **ROWS}.items():
         runs.append((LEVER_PROTOCOL, name, transfer, {**PROTOCOLS[LEVER_PROTOCOL], **extra}))
@@ -163,7 +175,7 @@ def run_all(
     rows = []
     for cut, (data, folder) in prepare(workdir, cuts, synth).items():
         for seed in seeds:
-            for protocol, name, transfer, train in _plan():
+            for protocol, name, transfer, overrides in _plan():
                 if only and (name not in only or protocol != LEVER_PROTOCOL):
                     continue
                 pre = _pretrained(data, folder, seed, name)
@@ -172,8 +184,8 @@ def run_all(
                 cfg = RunConfig(
                     "finetune",
                     str(data),
-                    ModelConfig(side_features=side_features),
-                    TrainConfig(seed=seed, **train),
+                    ModelConfig(side_features=side_features, **_fields(ModelConfig, overrides)),
+                    TrainConfig(seed=seed, **_fields(TrainConfig, overrides)),
                     backbone=backbone,
                     transfer=transfer,
                     init_from=str(pre) if transfer in TRANSFER_PREFIXES else None,
@@ -276,7 +288,9 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
     ]
     labels = {"none": "backbone", "ps_mi": "GenCTR", "gpsd": "GPSD (PS, tables frozen)",
               "ps_mi_frozen": "GenCTR, tables frozen",
-              "ps_mi_tenth": "GenCTR, tables at a tenth of the rate", "ps": "row 2: backbone + PS",
+              "ps_mi_tenth": "GenCTR, tables at a tenth of the rate",
+              "ps_mi_declr": "GenCTR, decoder at Adam 1e-4",
+              "ps_mi_drop": "GenCTR, dropout 0.2 on g", "ps": "row 2: backbone + PS",
               "decoder": "row 3: + decoder, no pre-training",
               "ps_decoder": "row 4: + decoder, PS", "cs_sd": "row 6: GenCTR, CS + SD",
               "rs_cd": "row 7: GenCTR, RS + CD", "rs_sd": "row 8: GenCTR, RS + SD",
