@@ -26,6 +26,10 @@ The protocol, fixed before any result was seen (issue 25):
 * **Inherited tables at a tenth of the rate** (``ps_mi`` with ``--inherited-tables-lr 0.005``,
   the other tables' 0.05 / 10; added after the frozen runs, which helped the synthetic data
   and hurt MovieLens: one value between the two, fixed before its runs, one decade down).
+* **The inherited tables' rate picked on validation** (added after the two runs above): per
+  cut and seed, whichever of GenCTR, its tables at a tenth and frozen validated best,
+  computed from those runs (``picked_on_validation``: a small search a user can run, judged on
+  test only after the pick).
 * **The decoder's learning rate and dropout** (``ps_mi`` with ``--decoder-lr 1e-4``, and
   ``context_dropout=0.2`` on g(s, c): the values ``benchmarks/transfer_levers.py`` measured on
   one split; added after the runs above, run on these cuts unchanged).
@@ -85,6 +89,9 @@ LEVERS: dict[str, tuple[str, dict]] = {
     "ps_mi_drop": ("ps_mi", {"context_dropout": 0.2}),
 }
 LEVER_PROTOCOL = "patience"
+# the inherited tables' rate chosen per run on validation among the default, a tenth and frozen
+# (computed from those three runs, no run of its own; added after their results)
+RATE_CANDIDATES = ("ps_mi", "ps_mi_tenth", "ps_mi_frozen")
 # Table 1's rows 2-4 (issue 25 item 4), under the default protocol: they need no other
 # pre-training than GenCTR's (rows 6-8 do: CS+SD, RS+CD, RS+SD)
 ROWS: dict[str, tuple[str, dict]] = {"ps": ("ps", {}), "decoder": ("decoder", {}),
@@ -140,6 +147,22 @@ def oracle_line(ceilings: dict) -> str:
         f"ad's position (not a declared feature: no model here reads it) AUC "
         f"{blind['auc']:.4f}, LogLoss {blind['logloss']:.4f}."
     )
+
+
+def picked_on_validation(rows: list[dict], name: str, candidates: tuple[str, ...]) -> list[dict]:
+    """Per cut and seed, the candidate run whose selected checkpoint validated best, as a row
+    named ``name``: what a user who tried each candidate and kept the best on validation (never
+    on test) would ship. Needs every candidate of that cut and seed."""
+    runs: dict[tuple[str, int], dict[str, dict]] = {}
+    for r in rows:
+        if r["protocol"] == LEVER_PROTOCOL and r["transfer"] in candidates:
+            runs.setdefault((r["cut"], r["seed"]), {})[r["transfer"]] = r
+    picked = []
+    for found in runs.values():
+        if len(found) == len(candidates) and all(r["valid_auc"] for r in found.values()):
+            best = max(found.values(), key=lambda r: r["valid_auc"])
+            picked.append({**best, "transfer": name, "picked": best["transfer"]})
+    return picked
 
 
 def _fields(config: type, overrides: dict) -> dict:
@@ -205,6 +228,7 @@ def run_all(
                     "epochs_run": len(m["epoch_loss"]),
                     "selected_epoch": (m.get("selected") or {}).get("epoch", 0) + 1,
                     "train_seconds": m.get("train_seconds"),
+                    "valid_auc": (m.get("selected") or {}).get("auc"),
                 }
                 rows.append(row)
                 print(json.dumps(row))
@@ -289,6 +313,7 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
     labels = {"none": "backbone", "ps_mi": "GenCTR", "gpsd": "GPSD (PS, tables frozen)",
               "ps_mi_frozen": "GenCTR, tables frozen",
               "ps_mi_tenth": "GenCTR, tables at a tenth of the rate",
+              "rate_by_valid": "GenCTR, tables' rate picked on validation (0.05, 0.005, 0)",
               "ps_mi_declr": "GenCTR, decoder at Adam 1e-4",
               "ps_mi_drop": "GenCTR, dropout 0.2 on g", "ps": "row 2: backbone + PS",
               "decoder": "row 3: + decoder, no pre-training",
@@ -296,7 +321,8 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
               "rs_cd": "row 7: GenCTR, RS + CD", "rs_sd": "row 8: GenCTR, RS + SD",
               **PEER_LABELS}  # fmt: skip
     peers = list(dict.fromkeys(r["transfer"] for r in rows if r["protocol"] == "peer"))
-    shown = [(p, n) for p, n, _, _ in _plan()] + [("peer", n) for n in peers]
+    shown = [(p, n) for p, n, _, _ in _plan()] + [(LEVER_PROTOCOL, "rate_by_valid")]
+    shown += [("peer", n) for n in peers]
     for protocol, transfer in dict.fromkeys(shown):
         sel = [r for r in rows if r["protocol"] == protocol and r["transfer"] == transfer]
         if not sel:
@@ -309,6 +335,10 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
             f"| {_shown(col['raw_calibration'], 3)} | {np.mean(col['epochs_run']):.1f} "
             f"| {np.mean(col['selected_epoch']):.1f} |"
         )
+    picks = [r["picked"] for r in rows if r["transfer"] == "rate_by_valid"]
+    if picks:
+        counts = ", ".join(f"{labels[n]} {picks.count(n)}" for n in RATE_CANDIDATES)
+        lines += ["", f"The tables' rate picked on validation chose: {counts}."]
     lines += [
         "",
         "Paired per cut and seed (same data, same seed):",
@@ -336,6 +366,12 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
             for n in LEVERS
         ]
     )
+    claims += [
+        (f"{labels['rate_by_valid']} − GenCTR", (LEVER_PROTOCOL, "rate_by_valid"),
+         (LEVER_PROTOCOL, "ps_mi")),
+        (f"{labels['rate_by_valid']} − backbone", (LEVER_PROTOCOL, "rate_by_valid"),
+         (LEVER_PROTOCOL, "none")),
+    ]  # fmt: skip
     claims += [
         (f"{labels[n]} − backbone", (LEVER_PROTOCOL, n), (LEVER_PROTOCOL, "none")) for n in ROWS
     ]
@@ -423,6 +459,7 @@ def main() -> None:
         args.runs,
         not args.ids_only,
     )
+    rows += picked_on_validation(rows, "rate_by_valid", RATE_CANDIDATES)
     reads = ", ids only (no user or side features)" if args.ids_only else ""
     ml = [f"ml-{c}" for c in args.cuts]
     table = markdown(
