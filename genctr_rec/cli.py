@@ -210,6 +210,7 @@ STAGE_ONLY = {
         "compile",
         "select_on",
         "calibrate",
+        "refit",
         "inherited_tables_lr",
     },
 }

@@ -125,6 +125,11 @@ class TrainConfig:
             rows after selection (``RUN/calibration.json``); test figures, ``genctr evaluate``
             and the exported artifact apply it. AUC is unchanged (a > 0), LogLoss and
             calibration improve where the scores were off. ``none`` keeps raw scores.
+        refit: fine-tuning: choose the training length on validation (a run of its own in
+            ``RUN/selection``), then train again from the same start on every train/ row, the
+            validation slice (the newest rows) included, for as many epochs; the run keeps that
+            model, uncalibrated (no held-out rows remain). Needs validation carved out of
+            train/ (``--valid-fraction`` above 0, no valid/ split).
         embedding_optimizer: fused optimizer of the tables; ``auto`` = Adam on CUDA, row-wise
             Adagrad on CPU (fbgemm's CPU kernels have no Adam).
         embedding_lr: learning rate of the fused optimizer (``None``: 1e-3 for Adam, 0.05 for
@@ -174,6 +179,7 @@ class TrainConfig:
     lr_decay: float = 1.0
     select_on: str = "auc"
     calibrate: str = "platt"
+    refit: bool = False
     embedding_optimizer: str = "auto"
     embedding_lr: float | None = None
     inherited_tables_lr: float | None = None
@@ -208,9 +214,7 @@ class TrainConfig:
         if self.select_on not in SELECT_ON:
             raise ConfigError(f"--select-on must be one of {SELECT_ON}, got {self.select_on!r}")
         if self.calibrate not in CALIBRATIONS:
-            raise ConfigError(
-                f"--calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}"
-            )
+            raise ConfigError(f"--calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}")
         for name in ("patience", "eval_every", "steps", "min_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")

@@ -222,3 +222,36 @@ def test_inherited_tables_can_be_frozen(toy_synth: Path, toy_pretrained: Path, t
             same = all(torch.equal(before[k], after[k]) for k in before)
             assert same == (rate == 0.0), (name, rate)
         assert Calibration.of_run(run).method == "none"
+
+
+def test_refit_trains_every_row_for_the_selected_length(
+    toy_synth: Path, tmp_path: Path, capsys
+) -> None:
+    """``--refit``: RUN/selection chooses the length on validation; RUN then trains every
+    train/ row (the validation slice included) for as many epochs and keeps that model, which
+    ``genctr evaluate`` scores as metrics.json says. Without a slice to give back it refuses."""
+    from genctr_rec.cli import main
+    from genctr_rec.training.evaluate import evaluate_run
+    from genctr_rec.training.finetune import train_rows
+
+    out = tmp_path / "run"
+    flags = ["--data", str(toy_synth), "--backbone", "dnn", "--batch-size", "256"]
+    assert main(["finetune", *flags, "--epochs", "2", "--out", str(out), "--refit"]) == 0
+    chosen = json.loads((out / "selection" / "metrics.json").read_text())["selected"]
+    final = json.loads((out / "metrics.json").read_text())
+    total = train_rows(toy_synth)
+    assert 0 < chosen["rows"] < total  # the selection run held the newest rows out
+    steps = round(chosen["step"] * total / (total - chosen["rows"]))
+    assert final["refit"]["steps"] == steps and final["refit"]["rows"] == total
+    assert final["stopped"] == {"reason": "max_steps", "step": steps}
+    assert final["validation_split"] == "none" and final["selected"] is None
+    # one epoch over every row is longer than one over the rows the selection trained on: the
+    # refit's epoch count tells which rows its reader had
+    per_epoch = -(-total // 256)
+    assert len(final["epoch_loss"]) == -(-steps // per_epoch)
+    assert evaluate_run(None, out)["auc"] == pytest.approx(final["test"]["auc"], abs=1e-6)
+    assert final["test"]["auc"] != pytest.approx(final["refit"]["selection_test"]["auc"], abs=1e-6)
+
+    again = ["finetune", *flags, "--out", str(tmp_path / "x"), "--refit", "--valid-fraction", "0"]
+    assert main(again) == 2
+    assert "--refit" in capsys.readouterr().err

@@ -16,10 +16,16 @@ of them once ``min_epochs`` epochs are complete. The kept model becomes the run'
 ``checkpoint/``; Platt scaling is fitted on the validation rows (``RUN/calibration.json``), and
 the test figures describe the calibrated scores (``metrics.json``'s ``test_uncalibrated``, the
 raw ones).
+
+With ``refit``, that run is ``RUN/selection``: its selected length, in epochs, is trained again
+from the same start on every train/ row (the validation slice, the newest rows, included), and
+``RUN`` keeps that model (``metrics.json``'s ``refit`` says how it was chosen).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,13 +36,13 @@ from genctr_rec.calibration import Calibration
 from genctr_rec.checkpoint import load_model
 from genctr_rec.config import TRANSFER_PREFIXES, TRANSFERS, ConfigError, RunConfig
 from genctr_rec.data.reader import ImpressionReader
-from genctr_rec.data.schema import DatasetMeta
+from genctr_rec.data.schema import DatasetMeta, split_files
 from genctr_rec.data.splits import ValidationSplit
 from genctr_rec.data.statistics import resolve_features
 from genctr_rec.distributed import DistContext, init_distributed
 from genctr_rec.factory import feature_schema
 from genctr_rec.logs import as_json
-from genctr_rec.storage import location
+from genctr_rec.storage import location, open_parquet
 from genctr_rec.training.build import build_model
 from genctr_rec.training.compiled import compile_dense_step
 from genctr_rec.training.evaluate import (
@@ -110,14 +116,83 @@ def finetune(
     split = ValidationSplit.for_dataset(cfg.data, cfg.train.valid_fraction)
     ctx = init_distributed()
     check_overrides(cfg.train.sharding)
+    if cfg.train.refit and split.boundary is None:
+        raise ConfigError(
+            "--refit trains the validation rows once their length is chosen: it needs them "
+            "carved out of train/ (--valid-fraction above 0, and no valid/ split)"
+        )
     with open_run(cfg, out, ctx):
         if maps is not None:
             write_view(cfg, DatasetMeta.read(cfg.data), maps, out, ctx)
+        if cfg.train.refit:
+            return _refit(cfg, out, ctx, split, stop_after_steps)
         return _train_and_test(cfg, out, ctx, split, stop_after_steps)
 
 
-def _train_and_test(
+REFIT_SELECTION = "selection"  # RUN/selection: the run that chose a refit's length
+
+
+def train_rows(data: str | Path, split: str = "train") -> int:
+    """Rows of a dataset's training split (from the Parquet footers)."""
+    return sum(open_parquet(p).metadata.num_rows for p in split_files(location(data), split))
+
+
+def refit_steps(selected: dict[str, Any], total_rows: int) -> int:
+    """The selected model's steps (``selected``: metrics.json's, trained on ``total_rows`` less
+    its validation rows) as steps over all ``total_rows``: the same length in epochs."""
+    return max(1, round(selected["step"] * total_rows / (total_rows - selected["rows"])))
+
+
+def _refit(
     cfg: RunConfig, out: Path, ctx: DistContext, split: ValidationSplit, stop_after_steps: int
+) -> dict[str, Any] | None:
+    """Select on validation in ``RUN/selection``, then train every train/ row for the selected
+    length in epochs, from the same start, in ``RUN``."""
+    first = out / REFIT_SELECTION
+    done = first / "metrics.json"
+    selecting = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False))
+    if done.is_file():  # chosen before a restart
+        chosen = json.loads(done.read_text())
+    else:
+        chosen = finetune(selecting, first, stop_after_steps)
+    if chosen is None:  # stopped on request; rerunning the command resumes it
+        return None
+    if chosen.get("selected") is None:
+        raise ConfigError(f"--refit: {first} selected no model to take the length from")
+    total = train_rows(cfg.data, split.train_split)
+    held_out = chosen["selected"]["rows"]
+    steps = refit_steps(chosen["selected"], total)
+    again = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, valid_fraction=0.0, steps=steps, calibrate="none")
+    )
+    logger.info(
+        "refit: the selected %d steps on %d rows are %d steps on all %d train/ rows",
+        chosen["selected"]["step"], total - held_out, steps, total,
+    )  # fmt: skip
+    refit = {
+        "selection_run": REFIT_SELECTION,
+        "selected": chosen["selected"],
+        "steps": steps,
+        "rows": total,
+        "selection_test": chosen["test"],
+    }
+    return _train_and_test(
+        again,
+        out,
+        ctx,
+        ValidationSplit(split.train_split, None),
+        stop_after_steps,
+        {"refit": refit},
+    )
+
+
+def _train_and_test(
+    cfg: RunConfig,
+    out: Path,
+    ctx: DistContext,
+    split: ValidationSplit,
+    stop_after_steps: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     features = feature_schema(cfg)
     built = build_model(cfg, ctx)
@@ -202,6 +277,7 @@ def _train_and_test(
         "calibration": calibration.to_json(),
         "test": test,
         "test_uncalibrated": raw,
+        **(extra or {}),
     }
     metrics = driver.finish(test, details)
     logger.info("finetune done: %s", as_json(test))
