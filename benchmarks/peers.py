@@ -255,9 +255,12 @@ def train_peer(
     patience: int = 2,
     batch_size: int = 1024,
     valid_fraction: float = 0.1,
+    refit_epochs: int = 0,
 ) -> dict[str, Any]:
     """Train one peer; returns test metrics of the best validation epoch, the epochs run and
-    the training examples/s."""
+    the training examples/s. ``refit_epochs``: instead, train every train/ row (the validation
+    slice too) for that many epochs and test the last model (``genctr finetune --refit``'s
+    second half, given the epochs a selected run chose)."""
     import torch
 
     if name not in PEERS:
@@ -299,6 +302,20 @@ def train_peer(
         def predict(x):
             return model.predict(x, 4096).ravel().astype(np.float64)
 
+    if refit_epochs:
+        every = np.arange(len(train["label"]))
+        x_all = _inputs(train, names, every)
+        start = time.perf_counter()
+        for _ in range(refit_epochs):
+            fit(x_all, train["label"][every])
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": refit_epochs,
+            "test": ctr_metrics(predict(_inputs(test, names, np.arange(len(test["label"])))),
+                                test["label"], test["users"]),
+            "epochs_run": refit_epochs,
+            "examples_per_s": len(every) * refit_epochs / max(seconds, 1e-9),
+        }  # fmt: skip
     x_fit = _inputs(train, names, fit_rows)
     x_valid = _inputs(train, names, valid_rows)
     x_test = _inputs(test, names, np.arange(len(test["label"])))

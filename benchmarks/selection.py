@@ -33,6 +33,9 @@ The protocol, fixed before any result was seen (issue 25):
 * **Transfer levers** (issue 25 item 2), under ``patience`` only: GPSD's frozen sparse
   transfer (``--transfer ps --inherited-tables-lr 0``) and GenCTR with its inherited tables
   frozen (``ps_mi`` with the same flag).
+* **Peers refit** (``--refit-peers``, with the refit): a peer's selected number of epochs
+  trained again on every train/ row, paired with GenCTR's refit, so that the refit is compared
+  with refit peers only.
 * **Inherited tables at a tenth of the rate** (``ps_mi`` with ``--inherited-tables-lr 0.005``,
   the other tables' 0.05 / 10; added after the frozen runs, which helped the synthetic data
   and hurt MovieLens: one value between the two, fixed before its runs, one decade down).
@@ -206,16 +209,18 @@ def run_all(
     synth_peers: bool = False,
     only: list[str] | None = None,
     side_features: bool = True,
+    protocols: list[str] = (LEVER_PROTOCOL,),
+    refit_peers: list[str] = (),
 ) -> list[dict]:
-    """Every run of the plan (or the runs named in ``only``, under the default protocol) and
-    of the peers, reusing finished ones; one row each."""
+    """Every run of the plan (or the runs named in ``only``, under ``protocols``) and of the
+    peers (those in ``refit_peers`` refit too), reusing finished ones; one row each."""
     from genctr_rec.training.finetune import finetune, refit_steps, train_rows
 
     rows = []
     for cut, (data, folder) in prepare(workdir, cuts, synth).items():
         for seed in seeds:
             for protocol, name, transfer, overrides in _plan():
-                if only and (name not in only or protocol != LEVER_PROTOCOL):
+                if only and (name not in only or protocol not in protocols):
                     continue
                 pre = _pretrained(data, folder, seed, name)
                 reads = "" if side_features else "-ids"
@@ -259,8 +264,13 @@ def run_all(
             for peer in peers if cut != "synth" or synth_peers else ():
                 if seed not in (peer_seeds or {}).get(peer, [seed]):
                     continue
-                rows.append(_peer_row(folder / f"peer-{peer}-s{seed}.json", peer, data, cut, seed))
+                selected = folder / f"peer-{peer}-s{seed}.json"
+                rows.append(_peer_row(selected, peer, data, cut, seed))
                 print(json.dumps(rows[-1]))
+                if peer in refit_peers:
+                    refit = folder / f"peer-{peer}-refit-s{seed}.json"
+                    rows.append(_peer_row(refit, peer, data, cut, seed, refit_of=selected))
+                    print(json.dumps(rows[-1]))
     return rows
 
 
@@ -282,19 +292,23 @@ def _pretrained(data: Path, folder: Path, seed: int, name: str) -> Path:
     return pre
 
 
-def _peer_row(path: Path, peer: str, data: Path, cut: str, seed: int) -> dict:
-    """One peer's run as a row of the table, trained once and kept beside our runs."""
+def _peer_row(
+    path: Path, peer: str, data: Path, cut: str, seed: int, refit_of: Path | None = None
+) -> dict:
+    """One peer's run as a row of the table, trained once and kept beside our runs;
+    ``refit_of``: the selected run whose epochs a refit trains on every row."""
     from benchmarks.peers import train_peer
     from genctr_rec.storage import write_json
 
     if not path.is_file():
-        write_json(path, train_peer(peer, data, seed))
+        epochs = json.loads(refit_of.read_text())["epoch"] if refit_of else 0
+        write_json(path, train_peer(peer, data, seed, refit_epochs=epochs))
     m = json.loads(path.read_text())
     test = m["test"]
     return {
         "cut": cut,
         "seed": seed,
-        "protocol": "peer",
+        "protocol": "peer_refit" if refit_of else "peer",
         "transfer": peer,
         "auc": test["auc"],
         "logloss": test["logloss"],
@@ -307,11 +321,13 @@ def _peer_row(path: Path, peer: str, data: Path, cut: str, seed: int) -> dict:
     }
 
 
-def _best_peer(rows: list[dict], peers: list[str]) -> dict[tuple[str, int], dict]:
+def _best_peer(
+    rows: list[dict], peers: list[str], protocol: str = "peer"
+) -> dict[tuple[str, int], dict]:
     """{(cut, seed): row} of the peer with the highest mean test AUC on each cut."""
     out = {}
     for cut in dict.fromkeys(r["cut"] for r in rows):
-        of_cut = [r for r in rows if r["cut"] == cut and r["protocol"] == "peer"]
+        of_cut = [r for r in rows if r["cut"] == cut and r["protocol"] == protocol]
         if not of_cut:
             continue
         best = max(
@@ -346,7 +362,8 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
               **PEER_LABELS}  # fmt: skip
     peers = list(dict.fromkeys(r["transfer"] for r in rows if r["protocol"] == "peer"))
     shown = [(p, n) for p, n, _, _ in _plan()] + [(LEVER_PROTOCOL, "rate_by_valid")]
-    shown += [("peer", n) for n in peers]
+    refit = list(dict.fromkeys(r["transfer"] for r in rows if r["protocol"] == "peer_refit"))
+    shown += [("peer", n) for n in peers] + [("peer_refit", n) for n in refit]
     for protocol, transfer in dict.fromkeys(shown):
         sel = [r for r in rows if r["protocol"] == protocol and r["transfer"] == transfer]
         if not sel:
@@ -425,8 +442,14 @@ def markdown(rows: list[dict], cuts: list[str], title: str) -> str:
     claims += [(f"GenCTR − {labels[n]}", (LEVER_PROTOCOL, "ps_mi"), ("peer", n)) for n in peers]
     if peers:
         claims.append(("GenCTR − best peer of each cut", (LEVER_PROTOCOL, "ps_mi"), ("peer", "")))
+    claims += [(f"GenCTR refit − {labels[n]} refit", ("refit", "ps_mi"), ("peer_refit", n))
+               for n in refit]  # fmt: skip
+    if refit:
+        claims.append(("GenCTR refit − best refit peer of each cut", ("refit", "ps_mi"),
+                       ("peer_refit", "")))  # fmt: skip
     for name, a, b in claims:
-        left, right = pick(*a), (pick(*b) if b[1] else _best_peer(rows, peers))
+        best_of = refit if b[0] == "peer_refit" else peers
+        left, right = pick(*a), (pick(*b) if b[1] else _best_peer(rows, best_of, b[0]))
         keys = sorted(set(left) & set(right))
         if not keys:
             continue
@@ -473,6 +496,18 @@ def main() -> None:
         help="our models read no user or side features (the peers keep theirs: add --peers)",
     )
     parser.add_argument(
+        "--protocols",
+        nargs="*",
+        default=[LEVER_PROTOCOL],
+        help="with --runs: under these protocols (e.g. patience refit)",
+    )
+    parser.add_argument(
+        "--refit-peers",
+        nargs="*",
+        default=[],
+        help="peers also refit: their selected epochs trained on every row (none by default)",
+    )
+    parser.add_argument(
         "--runs",
         nargs="*",
         default=None,
@@ -494,6 +529,8 @@ def main() -> None:
         args.synth_peers,
         args.runs,
         not args.ids_only,
+        args.protocols,
+        args.refit_peers,
     )
     rows += picked_on_validation(rows, "rate_by_valid", RATE_CANDIDATES)
     reads = ", ids only (no user or side features)" if args.ids_only else ""
