@@ -153,8 +153,9 @@ def _refit(
     selecting = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, refit=False))
     if done.is_file():  # chosen before a restart
         chosen = json.loads(done.read_text())
-    else:
-        chosen = finetune(selecting, first, stop_after_steps)
+    else:  # this run's data, features, split and id maps: resolved once, in finetune()
+        with open_run(selecting, first, ctx):
+            chosen = _train_and_test(selecting, first, ctx, split, stop_after_steps)
     if chosen is None:  # stopped on request; rerunning the command resumes it
         return None
     if chosen.get("selected") is None:
