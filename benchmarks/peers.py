@@ -302,23 +302,21 @@ def train_peer(
         def predict(x):
             return model.predict(x, 4096).ravel().astype(np.float64)
 
+    x_test = _inputs(test, names, np.arange(len(test["label"])))
     if refit_epochs:
-        every = np.arange(len(train["label"]))
-        x_all = _inputs(train, names, every)
+        x_all = _inputs(train, names, np.arange(len(train["label"])))
         start = time.perf_counter()
         for _ in range(refit_epochs):
-            fit(x_all, train["label"][every])
+            fit(x_all, train["label"])
         seconds = time.perf_counter() - start
         return {
             "epoch": refit_epochs,
-            "test": ctr_metrics(predict(_inputs(test, names, np.arange(len(test["label"])))),
-                                test["label"], test["users"]),
+            "test": ctr_metrics(predict(x_test), test["label"], test["users"]),
             "epochs_run": refit_epochs,
-            "examples_per_s": len(every) * refit_epochs / max(seconds, 1e-9),
-        }  # fmt: skip
+            "examples_per_s": len(train["label"]) * refit_epochs / max(seconds, 1e-9),
+        }
     x_fit = _inputs(train, names, fit_rows)
     x_valid = _inputs(train, names, valid_rows)
-    x_test = _inputs(test, names, np.arange(len(test["label"])))
     best: dict[str, Any] | None = None
     bad, seconds, epochs = 0, 0.0, 0
     for epoch in range(max_epochs):

@@ -154,7 +154,7 @@ FORMAT_APIS = re.compile(r"torch\.jit|TorchScript|torch\.ao\.quantization|torch\
 
 
 def _deprecations(raised: list[dict]) -> list[str]:
-    """Deprecation notices among ``raised`` (conftest.warning_record) that concern us: raised at
+    """Deprecation notices among ``raised`` (helpers.warning_record) that concern us: raised at
     a call of ours (the warning's location is our code), or about an API of a format we write or
     read."""
     return [
