@@ -4,6 +4,7 @@ test figures, ``genctr evaluate`` and the exported artifact."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -251,6 +252,22 @@ def test_refit_trains_every_row_for_the_selected_length(
     assert len(final["epoch_loss"]) == -(-steps // per_epoch)
     assert evaluate_run(None, out)["auc"] == pytest.approx(final["test"]["auc"], abs=1e-6)
     assert final["test"]["auc"] != pytest.approx(final["refit"]["selection_test"]["auc"], abs=1e-6)
+
+    # stopped twice while it selects (a preemption: RUN/selection has no metrics.json yet), the
+    # same command resumes it to the same refit; the refit half resumes as every run does
+    from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
+    from genctr_rec.training.finetune import finetune
+
+    train = TrainConfig(epochs=2, batch_size=256, refit=True)
+    cfg = RunConfig("finetune", str(toy_synth), ModelConfig(), train, backbone="dnn")
+    stopped = tmp_path / "stopped"
+    selecting = json.loads((out / "selection" / "metrics.json").read_text())["stopped"]["step"]
+    for stop in (chosen["step"] // 2, selecting - 1):
+        assert finetune(copy.deepcopy(cfg), stopped, stop_after_steps=stop) is None
+        assert not (stopped / "selection" / "metrics.json").exists()
+    resumed = finetune(copy.deepcopy(cfg), stopped)
+    assert resumed["refit"] == final["refit"]
+    assert resumed["test"]["auc"] == pytest.approx(final["test"]["auc"], abs=1e-9)
 
     again = ["finetune", *flags, "--out", str(tmp_path / "x"), "--refit", "--valid-fraction", "0"]
     assert main(again) == 2
