@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,25 @@ def artifacts(tmp_path_factory, runs: dict[str, Path]) -> dict[str, dict]:
     return {name: {**art, "path": Path(art["path"])} for name, art in built.items()}
 
 
+# Inductor's cache directory while the shared artifacts export, beside them: export compiles in
+# a private cache and must leave it empty (test_a_second_model_compiles_right_beside_the_first)
+INDUCTOR = "inductor-cache"
+
+
+@contextlib.contextmanager
+def inductor_cache(directory: Path) -> Iterator[None]:
+    """``TORCHINDUCTOR_CACHE_DIR`` set to ``directory`` for the block (a job's shared cache)."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
 def _export_runs(root: Path, runs: dict[str, Path]) -> dict[str, dict]:
     # torch's own TorchScript classes, defined when Inductor first imports this module: their
     # deprecation notices belong to torch's import, not to our export
@@ -152,7 +172,7 @@ def _export_runs(root: Path, runs: dict[str, Path]) -> dict[str, dict]:
         for quantize in ("none", "int8"):
             path = root / f"{name}-{quantize}"
             default = name == "genctr" and quantize == "none"
-            with warnings.catch_warnings(record=True) as raised:
+            with warnings.catch_warnings(record=True) as raised, inductor_cache(root / INDUCTOR):
                 warnings.simplefilter("always")
                 meta = export_run(run, path, quantize, compile_aoti="aoti" if default else "none")
             out[f"{name}-{quantize}"] = {

@@ -287,12 +287,16 @@ def test_another_cpu_serves_the_exported_programs_or_recompiles(
 
 
 @pytest.mark.slow
-def test_a_second_model_compiles_right_beside_the_first(runs, tmp_path: Path) -> None:
+def test_a_second_model_compiles_right_beside_the_first(artifacts, tmp_path: Path) -> None:
     """Two models of the same code with other table sizes, exported one after the other with
     one Inductor cache directory (what a daily job or a test suite followed by `make pipeline`
     does): torch 2.13's AOTInductor reused a stale piece of the first compilation, and the
     second artifact's compiled g(s, c) indexed its 31-row category table as 21 rows and
-    aborted the process. Each export now compiles in a private cache."""
+    aborted the process. Each export now compiles in a private cache.
+
+    The first model is the suite's default artifact, compiled with ``TORCHINDUCTOR_CACHE_DIR``
+    set to ``inductor-cache`` beside it (``conftest.INDUCTOR``): its compilation must have left
+    nothing there, and the second compiles in a fresh process with that directory set."""
     import dataclasses
     import os
     import subprocess
@@ -301,7 +305,12 @@ def test_a_second_model_compiles_right_beside_the_first(runs, tmp_path: Path) ->
     from genctr_rec.config import ModelConfig, RunConfig, TrainConfig
     from genctr_rec.data.synth import SynthConfig, generate
     from genctr_rec.training.finetune import finetune
+    from tests.conftest import INDUCTOR
 
+    first = artifacts["genctr-none"]
+    assert first["meta"]["model"]["compiled"] == "aoti"
+    shared = first["path"].parent / INDUCTOR
+    assert not shared.exists() or not any(shared.rglob("*.so")), "export used the job's cache"
     data = tmp_path / "data"
     generate(dataclasses.replace(SynthConfig.preset("toy"), num_categories=30), data)
     other = tmp_path / "run"
@@ -314,16 +323,15 @@ def test_a_second_model_compiles_right_beside_the_first(runs, tmp_path: Path) ->
         transfer="decoder",  # g(s, c) from scratch: the contexts program is compiled
     )
     finetune(cfg, other)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    for run, out in ((runs["genctr"], tmp_path / "first"), (other, tmp_path / "second")):
-        done = subprocess.run(
-            [sys.executable, "-m", "genctr_rec.cli", "export", "--run", str(run), "--out", out],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        meta = json.loads((out / "artifact.json").read_text())
-        assert meta["model"]["compiled"] == "aoti"
-        assert meta["parity"]["max_abs_diff"] <= 1e-5
+    out = tmp_path / "second"
+    done = subprocess.run(
+        [sys.executable, "-m", "genctr_rec.cli", "export", "--run", str(other), "--out", out],
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(shared)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads((out / "artifact.json").read_text())
+    assert meta["model"]["compiled"] == "aoti"
+    assert meta["parity"]["max_abs_diff"] <= 1e-5
