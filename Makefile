@@ -15,7 +15,7 @@ pipeline: install
 
 test: install-dev
 	$(VENV)/bin/ruff check genctr_rec tests benchmarks launchers
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install-dev
 	$(VENV)/bin/ruff check genctr_rec tests benchmarks launchers

@@ -22,9 +22,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
-# The slowest modules (pytest's --durations on CI's 2-core machine, 2026-12-07) run first, so
+# Modules longest first (pytest --durations, serially on CI's 2-core machine, 2026-12-07), so
 # that the two workers of `make test` end together instead of one of them running a long module
-# collected last while the other idles; the order within a module is kept.
+# collected last while the other idles: `--dist loadscope` hands a worker the next module as it
+# runs out, in this order (the Makefile turns off xdist's own reordering, by test count). The
+# first builds the shared runs and artifacts while the second needs none of them. The rest, each
+# under 15 s, keep their order; so do the tests within a module.
 HEAVIEST_FIRST = (
     "test_export.py",
     "test_checkpoint.py",
@@ -34,6 +37,17 @@ HEAVIEST_FIRST = (
     "test_launchers.py",
     "test_method.py",
     "test_model_swap.py",
+    "test_compiled.py",
+    "test_server.py",
+    "test_server_robustness.py",
+    "test_server_workers.py",
+    "test_raw_ids.py",
+    "test_reader.py",
+    "test_cluster_plans.py",
+    "test_packed.py",
+    "test_security.py",
+    "test_cli.py",
+    "test_contributing.py",
 )
 
 
