@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -673,5 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_distributed(wait_for_others=finished)
 
 
+def run() -> None:
+    """The ``genctr`` command (and ``python -m genctr_rec.cli``): :func:`main` as a process.
+
+    The process ends right after, so the interpreter's final garbage collection over the
+    millions of objects torch and TorchRec create at import is wasted work (about a second of
+    CPU per command, every torchrun rank included): they are frozen out of it first. Everything
+    the command writes is closed by then; ``main`` stays a plain function for in-process use."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
