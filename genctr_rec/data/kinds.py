@@ -24,7 +24,7 @@ from genctr_rec.data.checks import (
     missing_feature,
     scalar_column,
 )
-from genctr_rec.data.features import FEATURE_KINDS, FeatureSpec
+from genctr_rec.data.features import FEATURE_KINDS, FeatureSchema, FeatureSpec
 from genctr_rec.data.jagged import lengths_to_offsets
 from genctr_rec.data.schema import DataFormatError
 from genctr_rec.data.stream import Jagged
@@ -187,3 +187,25 @@ def feature_column(
         raise missing_feature(path, spec, table.column_names)
     check_once(path, table.schema, spec.name)
     return kind_of(spec).column(path, table, spec, row0)
+
+
+def side_arrays(
+    schema: FeatureSchema, scalars: dict[str, np.ndarray], lists: dict[str, Jagged], n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A model's side inputs for ``n`` rows from per-row columns, for training batches and
+    serving requests alike (serving takes these arrays without TorchRec): the side features'
+    values and lengths, key-major in ``schema.sparse_keys`` order (``user_id`` and ``id``
+    features one value a row, ``ids`` features their lists, empty bags allowed), and the dense
+    features [n, D] (None without dense features)."""
+    values, lengths = [], []
+    for key in schema.sparse_keys:
+        if key in lists:
+            jag = lists[key]
+            values.append(jag.values[jag.flat_index()])
+            lengths.append(jag.lengths.astype(np.int32))
+        else:
+            values.append(np.asarray(scalars[key], dtype=np.int64))
+            lengths.append(np.ones(n, dtype=np.int32))
+    names = schema.dense_names
+    dense = np.stack([scalars[k] for k in names], axis=1).astype(np.float32) if names else None
+    return np.concatenate(values).astype(np.int64, copy=False), np.concatenate(lengths), dense

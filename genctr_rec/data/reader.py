@@ -42,7 +42,7 @@ from genctr_rec.data.keys import (
     TARGET_CATEGORY,
     TARGET_ITEM,
 )
-from genctr_rec.data.kinds import feature_column, kind_of
+from genctr_rec.data.kinds import feature_column, kind_of, side_arrays
 from genctr_rec.data.lookups import LookupStrides, TableLookups
 from genctr_rec.data.pipelineable import FieldsPipelineable
 from genctr_rec.data.schema import (
@@ -215,31 +215,13 @@ class _Reader:
 def side_inputs(
     schema: FeatureSchema, scalars: dict[str, np.ndarray], lists: dict[str, Jagged], n: int
 ) -> tuple[KeyedJaggedTensor, torch.Tensor | None]:
-    """A model's side inputs for ``n`` rows, from per-row columns (training batches and serving
-    requests alike): the side-feature KJT (``user_id`` and ``id`` features one value a row,
-    ``ids`` features their lists, empty bags allowed) and the dense features [n, D] (None
-    without dense features)."""
-    values, lengths = [], []
-    for key in schema.sparse_keys:
-        if key in lists:
-            jag = lists[key]
-            values.append(jag.values[jag.flat_index()])
-            lengths.append(jag.lengths.astype(np.int32))
-        else:
-            values.append(np.asarray(scalars[key], dtype=np.int64))
-            lengths.append(np.ones(n, dtype=np.int32))
+    """A training batch's side inputs for ``n`` rows: :func:`side_arrays` as the side-feature
+    KJT the sharded tables take and the dense features [n, D] (None without them)."""
+    values, lengths, dense = side_arrays(schema, scalars, lists, n)
     kjt = KeyedJaggedTensor(
-        keys=schema.sparse_keys,
-        values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-        lengths=torch.from_numpy(np.concatenate(lengths)),
+        keys=schema.sparse_keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
     )
-    names = schema.dense_names
-    dense = (
-        torch.from_numpy(np.stack([scalars[k] for k in names], axis=1).astype(np.float32))
-        if names
-        else None
-    )
-    return kjt, dense
+    return kjt, None if dense is None else torch.from_numpy(dense)
 
 
 class ImpressionReader(_Reader):

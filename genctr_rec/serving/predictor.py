@@ -46,8 +46,7 @@ import torch
 from genctr_rec.data.catalogue import ItemCatalogue
 from genctr_rec.data.features import USER_ID, FeatureSchema
 from genctr_rec.data.id_maps import ITEM as ITEM_SPACE
-from genctr_rec.data.kinds import FieldError, int_array, kind_of
-from genctr_rec.data.reader import side_inputs
+from genctr_rec.data.kinds import FieldError, int_array, kind_of, side_arrays
 from genctr_rec.data.stream import Jagged
 from genctr_rec.serving.artifact import Artifact, artifact_digest, load_artifact
 from genctr_rec.serving.model import RequestTensors
@@ -555,8 +554,12 @@ class Predictor:
             given = [r.impression[spec.name] for r in batch]
             kind = kind_of(spec)
             (lists if kind.is_list else scalars)[spec.name] = kind.gather(given, rows)
-        kjt, dense = side_inputs(self.schema, scalars, lists, n)
-        return kjt.values(), kjt.lengths(), dense if dense is not None else torch.zeros(n, 0)
+        values, lengths, dense = side_arrays(self.schema, scalars, lists, n)
+        return (
+            torch.from_numpy(values),
+            torch.from_numpy(lengths),
+            torch.from_numpy(dense) if dense is not None else torch.zeros(n, 0),
+        )
 
     @torch.inference_mode()
     def score_prepared(self, batch: Sequence[PreparedRequest]) -> list[np.ndarray]:
