@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,10 +32,16 @@ from genctr_rec.serving.versions import PIN_FILE, ModelSource, version_key
 from tests.serving import as_request, score_body, start_server, stop_server
 
 
-def publish(artifact: Path, models: Path, version: str) -> Path:
-    """Copy an artifact in as ``version`` the way an export does: whole, by one rename."""
+def publish(
+    artifact: Path, models: Path, version: str, spoil: Callable[[Path], None] | None = None
+) -> Path:
+    """Copy an artifact in as ``version`` the way an export does: whole, by one rename.
+    ``spoil`` damages the copy before it appears (a server polling the folder must never see
+    the intact version in between, or it would rightly serve it)."""
     staging = models / f".{version}.tmp"
     shutil.copytree(artifact, staging)
+    if spoil is not None:
+        spoil(staging)
     os.replace(staging, models / version)
     return models / version
 
@@ -89,7 +96,7 @@ def test_pin_is_checked_and_rolls_back_every_server(tmp_path: Path, artifacts, c
     models.mkdir()
     publish(artifacts["genctr-none"]["path"], models, "v1")
     publish(artifacts["genctr-int8"]["path"], models, "v2")
-    damage_bytes(publish(artifacts["genctr-none"]["path"], models, "v3"))
+    publish(artifacts["genctr-none"]["path"], models, "v3", damage_bytes)
     assert main(["models", "pin", str(models), "v1"]) == 0
     assert json.loads(capsys.readouterr().out)["serving"] == "v1"
     assert ModelSource(str(models)).target() == "v1"
@@ -119,14 +126,14 @@ def test_watcher_swaps_checked_versions_and_refuses_bad_ones(tmp_path: Path, art
     assert not asyncio.run(check())  # nothing new
     publish(int8, models, "v2")
     assert asyncio.run(check()) and watcher.current.version == "v2" and watcher.swaps == 1
-    damage_bytes(publish(fp32, models, "v3"))
+    publish(fp32, models, "v3", damage_bytes)
     assert not asyncio.run(check()) and watcher.current.version == "v2"
     assert "damaged artifact" in watcher.refused["v3"]
     assert not asyncio.run(check())  # not tried again while unchanged
     shutil.rmtree(models / "v3")
     publish(int8, models, "v3")  # exported again (a new manifest)
     assert asyncio.run(check()) and watcher.current.version == "v3" and "v3" not in watcher.refused
-    poison_weights(publish(fp32, models, "v4"))
+    publish(fp32, models, "v4", poison_weights)
     assert not asyncio.run(check()) and watcher.current.version == "v3"
     assert "probe scores are not probabilities" in watcher.refused["v4"]
     text = app.metrics.render()[0].decode()  # what GET /metrics answers
@@ -191,7 +198,7 @@ def test_soak_across_five_swaps_and_a_damaged_version(tmp_path: Path, artifacts)
             for version, artifact in schedule:
                 time.sleep(1.5)
                 if artifact is None:  # damaged: must never serve
-                    damage_bytes(publish(fp32, models, version))
+                    publish(fp32, models, version, damage_bytes)
                     continue
                 kind[version] = "int8" if artifact == int8 else "fp32"
                 publish(artifact, models, version)
