@@ -678,9 +678,10 @@ def run() -> None:
     """The ``genctr`` command (and ``python -m genctr_rec.cli``): :func:`main` as a process.
 
     The process ends right after, so the interpreter's final garbage collection over the
-    millions of objects torch and TorchRec create at import is wasted work (about a second of
-    CPU per command, every torchrun rank included): they are frozen out of it first. Everything
-    the command writes is closed by then; ``main`` stays a plain function for in-process use."""
+    objects torch and TorchRec create at import is wasted work, paid by every command and every
+    torchrun rank (benchmarks/results/process_exit.md): they are frozen out of it first.
+    Everything the command writes is closed by then; ``main`` stays a plain function for
+    in-process use."""
     code = main()
     gc.freeze()
     sys.exit(code)
