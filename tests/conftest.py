@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -160,26 +159,13 @@ def artifacts(tmp_path_factory, runs: dict[str, Path]) -> dict[str, dict]:
 INDUCTOR = "inductor-cache"
 
 
-@contextlib.contextmanager
-def inductor_cache(directory: Path) -> Iterator[None]:
-    """``TORCHINDUCTOR_CACHE_DIR`` set to ``directory`` for the block (a job's shared cache)."""
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-
-
 def _export_runs(root: Path, runs: dict[str, Path]) -> dict[str, dict]:
     # torch's own TorchScript classes, defined when Inductor first imports this module: their
     # deprecation notices belong to torch's import, not to our export
     import torch.utils.mkldnn  # noqa: F401
 
     from genctr_rec.serving.export import export_run
+    from genctr_rec.serving.exported import inductor_cache
 
     out = {}
     for name, run in runs.items():

@@ -127,16 +127,23 @@ def private_inductor_cache() -> Iterator[None]:
     could have read wrong rows silently. A private directory costs the cache's speed-up (the
     compilation is a one-time export step) and rules that out; export's parity gate checks
     the result either way."""
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="genctr-inductor-") as directory:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
-        try:
+        with inductor_cache(directory):
             yield
-        finally:
-            if previous is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+@contextlib.contextmanager
+def inductor_cache(directory: str | Path) -> Iterator[None]:
+    """Inductor's caches in ``directory`` (``TORCHINDUCTOR_CACHE_DIR``) for the block."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def write_package(
