@@ -193,10 +193,11 @@ def side_arrays(
     schema: FeatureSchema, scalars: dict[str, np.ndarray], lists: dict[str, Jagged], n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A model's side inputs for ``n`` rows from per-row columns, for training batches and
-    serving requests alike (serving takes these arrays without TorchRec): the side features'
-    values and lengths, key-major in ``schema.sparse_keys`` order (``user_id`` and ``id``
-    features one value a row, ``ids`` features their lists, empty bags allowed), and the dense
-    features [n, D] (None without dense features)."""
+    serving requests alike (serving hands them to the exported model as plain tensors, training
+    wraps them in the KJT its sharded tables take): the side features' values and lengths,
+    key-major in ``schema.sparse_keys`` order (``user_id`` and ``id`` features one value a row,
+    ``ids`` features their lists, empty bags allowed), and the dense features [n, D] (None
+    without dense features)."""
     values, lengths = [], []
     for key in schema.sparse_keys:
         if key in lists:
