@@ -57,7 +57,8 @@ from genctr_rec.serving.exported import (
     load_package,
     write_package,
 )
-from genctr_rec.serving.model import RequestTensors, build_serving_model
+from genctr_rec.serving.model import build_serving_model
+from genctr_rec.serving.requests import RequestTensors
 from genctr_rec.storage import check_replaceable, location
 
 logger = logging.getLogger(__name__)

@@ -24,12 +24,15 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.export import Dim, ExportedProgram
 
-from genctr_rec.serving.model import ServingModel, compose_contexts
+from genctr_rec.serving.requests import compose_contexts
+
+if TYPE_CHECKING:
+    from genctr_rec.serving.model import ServingModel
 
 logger = logging.getLogger(__name__)
 PACKAGE_FILE = "model.pt2"

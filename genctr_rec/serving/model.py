@@ -23,7 +23,6 @@ dequantised in place, compiles into the same kernel as the model around it.
 """
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,39 +32,10 @@ from genctr_rec.embeddings import CATEGORY_TABLE, FEATURES_MODULE, ITEM_TABLE, T
 from genctr_rec.models.ctr import CTRModel
 from genctr_rec.models.decoder import GenerativeDecoder
 from genctr_rec.models.inputs import candidate_logits
+from genctr_rec.serving.requests import unique_pairs
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 BITS = {"none": 32, "int8": 8, "int4": 4}
-
-
-@dataclass
-class RequestTensors:
-    """A batch of requests as the ServingModel takes them (see ``serving/model.py``)."""
-
-    hist_items: torch.Tensor
-    hist_cats: torch.Tensor
-    hist_lengths: torch.Tensor
-    query_cats: torch.Tensor
-    cand_items: torch.Tensor
-    cand_cats: torch.Tensor
-    cand_rows: torch.Tensor
-    side_values: torch.Tensor  # per candidate, key-major: user_id, then declared sparse features
-    side_lengths: torch.Tensor  # [num_keys * N]
-    dense: torch.Tensor  # [N, num_dense]
-
-    def args(self) -> tuple[torch.Tensor, ...]:
-        return (
-            self.hist_items,
-            self.hist_cats,
-            self.hist_lengths,
-            self.query_cats,
-            self.cand_items,
-            self.cand_cats,
-            self.cand_rows,
-            self.side_values,
-            self.side_lengths,
-            self.dense,
-        )
 
 
 class RowTable(nn.Module):
@@ -330,35 +300,6 @@ class ServingModel(nn.Module):
     @property
     def model_integration(self) -> bool:
         return self.context.decoder is not None
-
-
-def unique_pairs(
-    cand_rows: torch.Tensor, cand_cats: torch.Tensor, num_categories: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct (request, category) pairs of the candidates: their rows [U], categories [U],
-    and each candidate's pair [N] (g(s, c) depends on nothing else)."""
-    pairs, inverse = torch.unique(cand_rows * num_categories + cand_cats, return_inverse=True)
-    rows = torch.div(pairs, num_categories, rounding_mode="floor")
-    return rows, pairs % num_categories, inverse
-
-
-def compose_contexts(
-    contexts,
-    model_integration: bool,
-    hist_items: torch.Tensor,
-    hist_cats: torch.Tensor,
-    hist_lengths: torch.Tensor,
-    cand_rows: torch.Tensor,
-    cand_cats: torch.Tensor,
-    num_categories: int,
-    cand_items: torch.Tensor,
-) -> torch.Tensor:
-    """g(s, c) per candidate [N, D] through ``contexts`` (an exported or compiled entry
-    point), once per distinct (request, candidate category); [N, 0] without integration."""
-    if not model_integration:
-        return torch.zeros(cand_items.shape[0], 0)
-    rows, cats, inverse = unique_pairs(cand_rows, cand_cats, num_categories)
-    return contexts(hist_items, hist_cats, hist_lengths, rows, cats)[inverse]
 
 
 def with_default_row(trained: torch.Tensor, add: bool = True) -> torch.Tensor:

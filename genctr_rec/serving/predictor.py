@@ -49,7 +49,7 @@ from genctr_rec.data.id_maps import ITEM as ITEM_SPACE
 from genctr_rec.data.kinds import FieldError, int_array, kind_of, side_arrays
 from genctr_rec.data.stream import Jagged
 from genctr_rec.serving.artifact import Artifact, artifact_digest, load_artifact
-from genctr_rec.serving.model import RequestTensors
+from genctr_rec.serving.requests import RequestTensors
 
 logger = logging.getLogger(__name__)
 OOV_POLICIES = ("default", "reject", "skip_history")
