@@ -542,7 +542,7 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
         "models pin), else the newest, swapped in without a pause as new ones arrive",
     )
     _add_serve_options(srv)
-    srv.set_defaults(func=_serve)
+    srv.set_defaults(func=_serve, uses_torchrec=False)  # an exported artifact: torch alone
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -581,7 +581,7 @@ def _add_models_command(sub: argparse._SubParsersAction) -> None:
         command.add_argument("models", help="directory of versions MODELS/<version>/" + URL_NOTE)
         if name == "pin":
             command.add_argument("version", help="a complete version under MODELS")
-        command.set_defaults(func=_models)
+        command.set_defaults(func=_models, uses_torchrec=False)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -641,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finished = False
     try:
-        check_stack()
+        check_stack(load_torchrec=getattr(args, "uses_torchrec", True))
         for name in URL_ARGUMENTS:  # a wrong key or bucket: one line before any work
             check_reachable(getattr(args, name, None) or "")
         code = args.func(args)

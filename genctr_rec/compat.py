@@ -42,8 +42,12 @@ def installed_stack() -> dict[str, str | None]:
     }
 
 
-def check_stack() -> dict[str, str | None]:
-    """Raise :class:`StackError` with an install hint unless the stack loads together."""
+def check_stack(load_torchrec: bool = True) -> dict[str, str | None]:
+    """Raise :class:`StackError` with an install hint unless the stack loads together.
+
+    ``load_torchrec=False`` (serving an exported artifact, managing model versions) checks the
+    installed versions and that torch loads, without importing fbgemm and TorchRec: those
+    commands never use them, and a serving process would pay their import and memory."""
     versions = installed_stack()
     torch_version = versions["torch"]
     if torch_version is None:
@@ -72,11 +76,13 @@ def check_stack() -> dict[str, str | None]:
             f"{INSTALL_HINT}"
         )
     try:
-        import fbgemm_gpu  # noqa: F401
         import torch
-        import torchrec  # noqa: F401
 
-        torch.ops.fbgemm.asynchronous_complete_cumsum  # noqa: B018 - raises if ops missing
+        if load_torchrec:
+            import fbgemm_gpu  # noqa: F401
+            import torchrec  # noqa: F401
+
+            torch.ops.fbgemm.asynchronous_complete_cumsum  # noqa: B018 - raises if ops missing
     except (ImportError, OSError, AttributeError, RuntimeError) as exc:
         raise StackError(
             f"the stack is installed but does not load: {exc}. {INSTALL_HINT}"

@@ -53,6 +53,25 @@ def test_unknown_ids_are_scored_and_counted_by_default(artifacts: dict) -> None:
         stop_server(proc)
 
 
+def test_the_service_holds_neither_torchrec_nor_fbgemm(artifacts: dict) -> None:
+    """`genctr serve` on the default artifact (AOTInductor-compiled) answers as the predictor
+    without TorchRec or fbgemm_gpu in the process: serving needs torch and the exported model
+    alone, and each worker would otherwise import and map the training stack."""
+    path = artifacts["genctr-none"]["path"]
+    proc, url = start_server(path)
+    try:
+        body = score_body(np.random.default_rng(3), 20, 5)
+        response = httpx.post(f"{url}/score", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        expected = Predictor(path).score(as_request(body))
+        np.testing.assert_allclose(response.json()["scores"], expected, atol=1e-6)
+        libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch_cpu" in libraries  # the maps are the server's
+        assert "fbgemm_gpu" not in libraries
+    finally:
+        stop_server(proc)
+
+
 def test_scores_equal_the_predictor(server) -> None:
     url, path = server
     predictor = Predictor(path)
