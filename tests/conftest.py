@@ -164,15 +164,18 @@ def _export_runs(root: Path, runs: dict[str, Path]) -> dict[str, dict]:
     # deprecation notices belong to torch's import, not to our export
     import torch.utils.mkldnn  # noqa: F401
 
+    from genctr_rec.environ import environment
     from genctr_rec.serving.export import export_run
-    from genctr_rec.serving.exported import inductor_cache
+    from genctr_rec.serving.exported import INDUCTOR_CACHE
 
+    shared = str(root / INDUCTOR)  # a job's own cache directory, which export must not use
     out = {}
     for name, run in runs.items():
         for quantize in ("none", "int8"):
             path = root / f"{name}-{quantize}"
             default = name == "genctr" and quantize == "none"
-            with warnings.catch_warnings(record=True) as raised, inductor_cache(root / INDUCTOR):
+            cache = environment({INDUCTOR_CACHE: shared})
+            with warnings.catch_warnings(record=True) as raised, cache:
                 warnings.simplefilter("always")
                 meta = export_run(run, path, quantize, compile_aoti="aoti" if default else "none")
             out[f"{name}-{quantize}"] = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.export import Dim, ExportedProgram
 
+from genctr_rec.environ import environment
 from genctr_rec.serving.requests import compose_contexts
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PACKAGE_FILE = "model.pt2"
+INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR"  # where Inductor keeps its caches
 SCORE_INPUTS = (
     "hist_items", "hist_cats", "hist_lengths", "query_cats", "cand_items", "cand_cats",
     "cand_rows", "side_values", "side_lengths", "dense", "g",
@@ -131,22 +132,8 @@ def private_inductor_cache() -> Iterator[None]:
     compilation is a one-time export step) and rules that out; export's parity gate checks
     the result either way."""
     with tempfile.TemporaryDirectory(prefix="genctr-inductor-") as directory:
-        with inductor_cache(directory):
+        with environment({INDUCTOR_CACHE: directory}):
             yield
-
-
-@contextlib.contextmanager
-def inductor_cache(directory: str | Path) -> Iterator[None]:
-    """Inductor's caches in ``directory`` (``TORCHINDUCTOR_CACHE_DIR``) for the block."""
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def write_package(

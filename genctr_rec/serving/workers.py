@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from genctr_rec.environ import environment
+
 logger = logging.getLogger(__name__)
 
 WORKER_OPTIONS = "GENCTR_SERVE_WORKER"
@@ -126,10 +128,8 @@ def serve_workers(options: WorkerOptions, config: Any) -> None:
             super().handle_term()
 
     with tempfile.TemporaryDirectory(prefix="genctr-metrics-") as metrics_dir:
-        saved = {k: os.environ.get(k) for k in (METRICS_DIR, WORKER_OPTIONS)}
-        os.environ[METRICS_DIR] = metrics_dir  # read by each spawned worker's prometheus_client
-        os.environ[WORKER_OPTIONS] = json.dumps(asdict(options))
-        try:
+        # read by each spawned worker: its prometheus_client, and the options it serves with
+        with environment({METRICS_DIR: metrics_dir, WORKER_OPTIONS: json.dumps(asdict(options))}):
             from genctr_rec.serving.http import uvicorn_config
 
             server_config = uvicorn_config(FACTORY, config, factory=True, workers=config.workers)
@@ -138,11 +138,5 @@ def serve_workers(options: WorkerOptions, config: Any) -> None:
                 "serving on http://%s:%d with %d workers", config.host, config.port, config.workers
             )
             supervisor.run()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         raise WorkerFailedToStart("a worker could not start (its error is logged above)")
