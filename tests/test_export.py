@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from genctr_rec.calibration import Calibration
 from genctr_rec.checkpoint import write_manifest
 from genctr_rec.cli import main
+from genctr_rec.compat import StackError
 from genctr_rec.config import ConfigError
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.reader import ImpressionReader
@@ -240,9 +242,9 @@ def _rewrite(art: Path, change) -> None:
     write_manifest(art)
 
 
-def test_a_010_artifact_still_loads_with_one_warning(runs, tmp_path, caplog) -> None:
+def test_a_010_artifact_still_loads_with_one_warning(runs, tmp_path, caplog, monkeypatch) -> None:
     """genctr-rec 0.10 wrote TorchScript (format 3, no "model" entry): it loads, says how to
-    rewrite it, and scores as before."""
+    rewrite it, and scores as before; with fbgemm broken it is refused in one line."""
     art = tmp_path / "old"
     export_run(runs["genctr"], art, fmt="torchscript")
 
@@ -257,6 +259,11 @@ def test_a_010_artifact_still_loads_with_one_warning(runs, tmp_path, caplog) -> 
     assert len(notes) == 1 and "genctr export" in notes[0]
     assert predictor.model.kind == "torchscript"
     assert predictor.score(_requests()[1]).shape == (3,)
+    # the one artifact kind that needs fbgemm: with it broken, the stack check's one line
+    # (a serving process skips that import at start-up, so the load itself must check)
+    monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)  # `import fbgemm_gpu` now fails
+    with pytest.raises(StackError, match="the stack is installed but does not load"):
+        Predictor(art)
 
 
 def test_another_cpu_serves_the_exported_programs_or_recompiles(

@@ -37,6 +37,7 @@ from genctr_rec.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from genctr_rec.compat import check_stack
 from genctr_rec.data.catalogue import ItemCatalogue
 from genctr_rec.data.features import FeatureSchema
 from genctr_rec.data.id_maps import IdMap, IdMaps
@@ -235,6 +236,9 @@ def load_artifact(
     if metadata.get("model", {}).get("format") == "torch.export":
         model = load_package(path / metadata["model"]["file"], metadata, compiled)
     else:  # formats 2 and 3, and --format torchscript
+        # the one artifact kind that needs TorchRec and fbgemm: a broken install is refused
+        # by the stack check's one line, as training's is, not by an ImportError traceback
+        check_stack(load_torchrec=True)
         from genctr_rec.serving.torchscript import load_legacy
 
         model = load_legacy(path / LEGACY_MODEL_FILE, metadata)
