@@ -6,9 +6,11 @@ import datetime as _dt
 import importlib.metadata as metadata
 import os
 import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from benchmarks.plots import PLOTTERS, RESULTS, plot
 from genctr_rec.storage import write_bytes, write_json
@@ -26,6 +28,22 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_timed(
+    command: list[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    output: IO[bytes] | int = subprocess.DEVNULL,
+) -> tuple[float, float, int]:
+    """Run ``command`` to its end with stdout and stderr to ``output``: its wall seconds, CPU
+    seconds (user + system, from ``wait4``: the process and every descendant it reaped, never
+    this process's own children) and exit code."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)  # reaped here, with the child's own rusage
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_utime + usage.ru_stime, proc.returncode
 
 
 def machine() -> dict[str, Any]:

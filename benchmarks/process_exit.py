@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import run_timed, write_results
 from genctr_rec.data.synth import SynthConfig, generate
 
 ENDINGS = {
@@ -40,19 +38,10 @@ BASELINE = "main, then sys.exit"
 def run_one(code: str, args: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds (user + system) of ``python -c CODE ARGS``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)  # reaped here, with the child's own rusage
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`genctr {' '.join(args)}` exited {proc.returncode}")
-    return wall, usage.ru_utime + usage.ru_stime
+    wall, cpu, exit_code = run_timed([sys.executable, "-c", code, *args], env=env)
+    if exit_code != 0:
+        raise RuntimeError(f"`genctr {' '.join(args)}` exited {exit_code}")
+    return wall, cpu
 
 
 def main() -> None:

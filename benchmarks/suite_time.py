@@ -21,28 +21,21 @@ import re
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import write_results
+from benchmarks.common import run_timed, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"^=*\s*(?P<counts>\d+ \w+.*?) in (?P<seconds>[\d.]+)s\b")
 
 
 def timed(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
-    """Run ``command`` to its end; its wall and CPU seconds (``wait4``: the command and the
-    processes it reaped), exit code, and output kept in ``log``."""
-    start = time.perf_counter()
+    """Run ``command`` to its end, its output kept in ``log``: wall and CPU seconds (the
+    command and the processes it reaped) and exit code."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return {
-        "wall_s": time.perf_counter() - start,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "exit_code": os.waitstatus_to_exitcode(status),
-    }
+        wall, cpu, exit_code = run_timed(command, cwd, env, out)
+    return {"wall_s": wall, "cpu_s": cpu, "exit_code": exit_code}
 
 
 def pytest_summary(log: Path) -> dict[str, Any]:
